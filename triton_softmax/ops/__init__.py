@@ -1,0 +1,6 @@
+"""Registered torch ops (namespace ``triton_softmax``): one file per op.
+
+Importing this package registers ``torch.ops.triton_softmax.*``.
+"""
+
+from triton_softmax.ops import cross_entropy, softmax  # noqa: F401  (registers the ops)

@@ -1,0 +1,627 @@
+"""Cross-entropy over rows of logits: Triton kernels, launchers, torch ops.
+
+For a row x of C logits, lse = log sum_j exp(x_j), log p_j = x_j - lse, and a weighted target
+distribution r_j = w_j * q_j (w = class weights, 1 without them):
+
+    loss  = sum_j r_j (lse - x_j)  +  z_loss * lse**2
+    dloss/dx_k = p_k * (S + 2 * z_loss * lse) - r_k,        S = sum_j r_j  ("target mass")
+
+Class-index targets t with label smoothing eps have q_j = (1 - eps) [j == t] + eps / C, which is
+torch's weighted label-smoothing formula: (1 - eps) w_t (lse - x_t) + eps/C sum_j w_j (lse - x_j).
+Probability targets q (soft or one-hot labels) take q_j = (1 - eps) q_j + eps / C.
+Rows whose class index equals ``ignore_index`` cost 0 and get a zero gradient.
+
+Forward streams each row once with the online log-sum-exp (arXiv 1805.02867, Alg. 3), keeping
+beside the running max m and sum d the sums A = sum r_j (x_j - m) and S = sum r_j, rescaled
+when m grows, so the smoothing term never subtracts two large numbers. It writes the per-row
+loss, lse and S. Backward recomputes p from the saved lse: softmax is never stored.
+
+Bytes moved per row of C logits of s bytes (class-index targets, floor = forward + backward):
+    forward:  read C*s                         (+ C*s for probability targets)
+    backward: read C*s, write C*s              (+ C*s for probability targets)
+
+Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
+    torch.ops.triton_softmax.cross_entropy(logits, target, weight, ignore_index,
+                                           label_smoothing, z_loss, inplace_backward)
+        -> (loss [M], lse [M], target_mass [M]), fp32 (fp64 for fp64 logits)
+    torch.ops.triton_softmax.cross_entropy_backward(...)  -> grad_logits (out of place)
+    torch.ops.triton_softmax.cross_entropy_backward_(...) -> writes grad_logits into logits
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_softmax.ops._common import (
+    accumulator_dtype,
+    as_rows,
+    check_floating,
+    kernel_path,
+    num_warps_for,
+    row_tiles,
+    triton_accumulator_dtype,
+)
+
+#: Logits are streamed in blocks of at most this many classes.
+MAX_BLOCK_CLASSES = 4096
+
+
+# --------------------------------------------------------------------------------------
+# Kernels. Each program handles BLOCK_M rows of [n_rows, n_classes] logits with unit column
+# stride. Row offsets are int64. A class index outside [0, C) that is not ignore_index is
+# never dereferenced: its row gets a NaN loss and NaN gradient.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_index_target(
+    target_ptr,
+    weight_ptr,
+    rows,
+    row_mask,
+    target_stride,
+    n_classes,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Per row: target index (clamped), whether it counts, whether it is bad, w_t."""
+    target = tl.load(target_ptr + rows.to(tl.int64) * target_stride, mask=row_mask, other=0)
+    counted = row_mask & (target != ignore_index)
+    in_range = (target >= 0) & (target < n_classes)
+    safe_target = tl.where(in_range, target, 0)
+    if HAS_WEIGHT:
+        w_target = tl.load(weight_ptr + safe_target, mask=counted & in_range, other=0.0)
+        w_target = w_target.to(ACC_DTYPE)
+    else:
+        w_target = tl.where(counted, 1.0, 0.0).to(ACC_DTYPE)
+    return safe_target, counted, counted & ~in_range, w_target
+
+
+@triton.jit
+def _target_block(
+    target_rows,
+    weight_ptr,
+    c,
+    mask,
+    n_classes,
+    label_smoothing,
+    TARGET_IS_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """r_j = w_j * q_j on one [BLOCK_M, BLOCK_N] block, without the (1 - eps) [j == t] part
+    of class-index targets (each row adds that through its own target logit)."""
+    smooth = label_smoothing / n_classes
+    if TARGET_IS_INDEX:
+        r = tl.where(mask, smooth, 0.0).to(ACC_DTYPE)
+    else:
+        q = tl.load(target_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        r = tl.where(mask, q * (1.0 - label_smoothing) + smooth, 0.0)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + c, mask=c < n_classes, other=0.0).to(ACC_DTYPE)
+        r = r * w[None, :]
+    return r
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(
+    loss_ptr,
+    lse_ptr,
+    target_mass_ptr,
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    logits_row_stride,
+    target_row_stride,
+    n_rows,
+    n_classes,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    # meta-parameters
+    TARGET_IS_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
+    target_rows = target_ptr + rows.to(tl.int64)[:, None] * target_row_stride
+    cols = tl.arange(0, BLOCK_N)
+    # Without smoothing, class-index targets need only the target logit: skip A and S.
+    TRACK_TARGET_SUMS: tl.constexpr = HAS_SMOOTHING or not TARGET_IS_INDEX
+
+    m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max
+    m_shift = tl.zeros([BLOCK_M], ACC_DTYPE)  # m, or 0 while the row has seen only -inf
+    d = tl.zeros([BLOCK_M], ACC_DTYPE)  # sum exp(x - m_shift)
+    a = tl.zeros([BLOCK_M], ACC_DTYPE)  # sum r_j (x_j - m_shift)
+    s = tl.zeros([BLOCK_M], ACC_DTYPE)  # sum r_j
+    for start in range(0, n_classes, BLOCK_N):
+        c = start + cols
+        mask = row_mask[:, None] & (c[None, :] < n_classes)
+        x = tl.load(logits_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_new_shift) + tl.sum(tl.exp(x - m_new_shift[:, None]), axis=1)
+        if TRACK_TARGET_SUMS:
+            r = _target_block(
+                target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
+                TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+            )  # fmt: skip
+            a += s * (m_shift - m_new_shift)
+            a += tl.sum(tl.where(mask, r * (x - m_new_shift[:, None]), 0.0), axis=1)
+            s += tl.sum(r, axis=1)
+        m = m_new
+        m_shift = m_new_shift
+    # An all -inf row: m = -inf, d = 0, lse = -inf, and the loss is NaN, as in torch.
+    lse = m + tl.log(d)
+    if TRACK_TARGET_SUMS:
+        loss = s * (lse - m_shift) - a
+    else:
+        loss = tl.zeros([BLOCK_M], ACC_DTYPE)
+
+    if TARGET_IS_INDEX:
+        safe_target, counted, bad, w_target = _load_index_target(
+            target_ptr, weight_ptr, rows, row_mask, target_row_stride,
+            n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
+        )  # fmt: skip
+        x_target = tl.load(
+            logits_ptr + rows.to(tl.int64) * logits_row_stride + safe_target,
+            mask=counted & ~bad,
+            other=0.0,
+        ).to(ACC_DTYPE)
+        hot = (1.0 - label_smoothing) * w_target
+        loss += hot * (lse - x_target)
+        s += hot
+        loss += z_loss * lse * lse
+        loss = tl.where(counted, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+        s = tl.where(counted, s, 0.0)
+    else:
+        loss += z_loss * lse * lse
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(target_mass_ptr + rows, s, mask=row_mask)
+
+
+@triton.jit
+def _cross_entropy_backward_kernel(
+    grad_logits_ptr,
+    grad_loss_ptr,
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    lse_ptr,
+    target_mass_ptr,
+    grad_logits_row_stride,
+    grad_loss_stride,
+    logits_row_stride,
+    target_row_stride,
+    n_rows,
+    n_classes,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    # meta-parameters
+    TARGET_IS_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # dx_k = g * (p_k * (S + 2 z lse) - r_k), one read of the logits and one write. The true
+    # class's p_t - 1 is formed in ACC_DTYPE before the cast, so bf16 keeps it at p = 0.999.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
+    target_rows = target_ptr + rows.to(tl.int64)[:, None] * target_row_stride
+    grad_rows = grad_logits_ptr + rows.to(tl.int64)[:, None] * grad_logits_row_stride
+    cols = tl.arange(0, BLOCK_N)
+
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    p_coef = tl.load(target_mass_ptr + rows, mask=row_mask, other=0.0) + 2.0 * z_loss * lse
+    g = tl.load(grad_loss_ptr + rows.to(tl.int64) * grad_loss_stride, mask=row_mask, other=0.0)
+    g = g.to(ACC_DTYPE)
+    if TARGET_IS_INDEX:
+        safe_target, counted, bad, w_target = _load_index_target(
+            target_ptr, weight_ptr, rows, row_mask, target_row_stride,
+            n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
+        )  # fmt: skip
+        hot = (1.0 - label_smoothing) * w_target
+        # Ignored rows get exactly 0, even when g is inf (mean over an all-ignored batch).
+        g = tl.where(counted, g, 0.0)
+        g = tl.where(bad, float("nan"), g)
+    else:
+        counted = row_mask
+
+    for start in range(0, n_classes, BLOCK_N):
+        c = start + cols
+        mask = row_mask[:, None] & (c[None, :] < n_classes)
+        x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        p = tl.exp(x - lse[:, None])
+        grad = p * p_coef[:, None]
+        if TARGET_IS_INDEX:
+            grad -= tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
+            if HAS_SMOOTHING:
+                grad -= _target_block(
+                    target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
+                    TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+                )  # fmt: skip
+        else:
+            grad -= _target_block(
+                target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
+                TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+            )  # fmt: skip
+        grad = tl.where(counted[:, None], grad * g[:, None], 0.0)
+        tl.store(grad_rows + c[None, :], grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers: validate, allocate, pick tiles, launch (or take the plain-torch path).
+# --------------------------------------------------------------------------------------
+
+
+def _check_operands(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> bool:
+    """Validate the op's 2-D operands; return whether targets are class indices."""
+    check_floating(logits, "cross_entropy input")
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy op expects 2-D logits [M, C], got {tuple(logits.shape)}")
+    n_rows, n_classes = logits.shape
+    if n_classes == 0:
+        raise ValueError("cross_entropy needs at least one class, got logits of shape (M, 0)")
+    if target.dtype == torch.int64:
+        if target.shape != (n_rows,):
+            raise ValueError(
+                f"class-index target must have shape ({n_rows},) for logits "
+                f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
+        is_index = True
+    elif target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"probability target must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        is_index = False
+    else:
+        raise TypeError(
+            f"cross_entropy target must be int64 class indices or floating probabilities, "
+            f"got {target.dtype}"
+        )
+    if weight is not None:
+        check_floating(weight, "cross_entropy weight")
+        if weight.shape != (n_classes,):
+            raise ValueError(
+                f"weight must have shape ({n_classes},) for {n_classes} classes, "
+                f"got {tuple(weight.shape)}"
+            )
+    return is_index
+
+
+def check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first class index outside [0, C) that is not ignore_index.
+
+    Reads the targets on the host: free for CPU tensors, a device synchronisation otherwise.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(
+            f"target {value} is out of bounds for {n_classes} classes "
+            f"(expected 0 <= target < {n_classes} or target == ignore_index={ignore_index})"
+        )
+
+
+def _tiles(n_classes: int, block_n: int | None) -> tuple[int, int]:
+    return row_tiles(n_classes, MAX_BLOCK_CLASSES, block_n)
+
+
+def _target_weights(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch path: r = w * q as [M, C] and the mask of rows that count."""
+    acc = accumulator_dtype(logits.dtype)
+    n_rows, n_classes = logits.shape
+    w = torch.ones(n_classes, dtype=acc, device=logits.device) if weight is None else weight
+    w = w.to(acc)
+    if target.dtype == torch.int64:
+        counted = target != ignore_index
+        hot = torch.nn.functional.one_hot(target.clamp(0, n_classes - 1), n_classes).to(acc)
+        q = hot * (1.0 - label_smoothing) + label_smoothing / n_classes
+        return q * w * counted[:, None], counted
+    q = target.to(acc) * (1.0 - label_smoothing) + label_smoothing / n_classes
+    return q * w, torch.ones(n_rows, dtype=torch.bool, device=logits.device)
+
+
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    *,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of 2-D logits.
+
+    Args:
+        logits: [M, C] floating.
+        target: [M] int64 class indices, or [M, C] floating probabilities.
+        weight: [C] class weights or None.
+        ignore_index: class index whose rows cost 0 (class-index targets only).
+        label_smoothing: eps in [0, 1].
+        z_loss: coefficient of lse**2 added per counted row.
+        block_n: override the class block (a power of two; tests use it).
+    Returns:
+        (loss, lse, target_mass), each [M] in fp32 (fp64 for fp64 logits).
+    """
+    is_index = _check_operands(logits, target, weight)
+    n_rows, n_classes = logits.shape
+    acc = accumulator_dtype(logits.dtype)
+    loss, lse, target_mass = (
+        torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3)
+    )
+    if n_rows == 0:
+        return loss, lse, target_mass
+    if is_index and target.device.type == "cpu":
+        check_class_indices(target, n_classes, ignore_index)
+
+    if kernel_path(logits) == "torch":
+        x = logits.to(acc)
+        lse.copy_(torch.logsumexp(x, dim=-1))
+        r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
+        # sum_j r_j (lse - x_j), with 0 * inf = NaN where torch has it (probability targets);
+        # class-index rows without smoothing take only their target logit, as torch does.
+        if is_index and label_smoothing == 0.0:
+            picked = x.gather(1, target.clamp(0, n_classes - 1)[:, None]).squeeze(1)
+            per_row = r.sum(1) * (lse - picked)
+        else:
+            per_row = (r * (lse[:, None] - x)).sum(1)
+        per_row = per_row + z_loss * lse * lse
+        loss.copy_(torch.where(counted, per_row, 0.0))
+        target_mass.copy_(r.sum(1))
+        return loss, lse, target_mass
+
+    rows = as_rows(logits)
+    target_rows = target if is_index else as_rows(target)
+    block_m, block_n = _tiles(n_classes, block_n)
+    _cross_entropy_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+        loss,
+        lse,
+        target_mass,
+        rows,
+        target_rows,
+        rows if weight is None else weight.contiguous(),
+        rows.stride(0),
+        target_rows.stride(0),
+        n_rows,
+        n_classes,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        TARGET_IS_INDEX=is_index,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m * block_n),
+    )
+    return loss, lse, target_mass
+
+
+def cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    target_mass: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    *,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Gradient of the per-row losses with respect to the logits.
+
+    Args:
+        grad_loss: [M] upstream gradient of the per-row losses (any stride, 0 included).
+        logits, target, weight, ignore_index, label_smoothing, z_loss: as in the forward.
+        lse, target_mass: [M], saved by the forward.
+        out: [M, C] tensor to write into (``logits`` itself for the in-place mode);
+            a new tensor when None.
+        block_n: override the class block (a power of two; tests use it).
+    Returns:
+        ``out``, holding dloss/dlogits in the logits' dtype.
+    """
+    is_index = _check_operands(logits, target, weight)
+    n_rows, n_classes = logits.shape
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    elif out.shape != logits.shape or out.stride(-1) != 1:
+        raise ValueError("out must have the logits' shape and unit column stride")
+    if n_rows == 0:
+        return out
+
+    if kernel_path(logits) == "torch":
+        acc = accumulator_dtype(logits.dtype)
+        r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
+        p = torch.exp(logits.to(acc) - lse[:, None])
+        grad = p * (target_mass + 2.0 * z_loss * lse)[:, None] - r
+        g = grad_loss.to(acc)[:, None]
+        out.copy_(torch.where(counted[:, None], grad * g, 0.0))
+        return out
+
+    rows = as_rows(logits)
+    target_rows = target if is_index else as_rows(target)
+    block_m, block_n = _tiles(n_classes, block_n)
+    _cross_entropy_backward_kernel[(triton.cdiv(n_rows, block_m),)](
+        out,
+        grad_loss,
+        rows,
+        target_rows,
+        rows if weight is None else weight.contiguous(),
+        lse,
+        target_mass,
+        out.stride(0),
+        grad_loss.stride(0),
+        rows.stride(0),
+        target_rows.stride(0),
+        n_rows,
+        n_classes,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        TARGET_IS_INDEX=is_index,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m * block_n),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Registered ops: schema, fake implementation, autograd.
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy", mutates_args=())
+def cross_entropy_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse, target_mass) of 2-D logits; see the module docstring.
+
+    ``inplace_backward`` makes the backward write the gradient into ``logits``' memory.
+    """
+    return cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, z_loss)
+
+
+@cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward):
+    _check_operands(logits, target, weight)
+    acc = accumulator_dtype(logits.dtype)
+    return tuple(logits.new_empty(logits.shape[0], dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    target_mass: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """dloss/dlogits as a new tensor."""
+    return cross_entropy_backward(
+        grad_loss, logits, target, weight, lse, target_mass, ignore_index, label_smoothing, z_loss
+    )
+
+
+@cross_entropy_backward_op.register_fake
+def _(grad_loss, logits, target, weight, lse, target_mass, ignore_index, label_smoothing, z_loss):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy_backward_", mutates_args=("logits",))
+def cross_entropy_backward_inplace_op(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    target_mass: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> None:
+    """dloss/dlogits written over ``logits``. Declared as mutating ``logits``, so autograd
+    bumps its version counter: any other use of those logits saved for backward raises
+    instead of silently reading the gradient."""
+    if logits.stride(-1) != 1:
+        raise ValueError("in-place cross_entropy backward needs logits with unit column stride")
+    cross_entropy_backward(
+        grad_loss,
+        logits,
+        target,
+        weight,
+        lse,
+        target_mass,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        out=logits,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward = inputs
+    _, lse, target_mass = output
+    ctx.save_for_backward(logits, target, weight, lse, target_mass)
+    ctx.options = (ignore_index, label_smoothing, z_loss, inplace_backward)
+    ctx.mark_non_differentiable(target_mass)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_lse, _grad_target_mass):
+    logits, target, weight, lse, target_mass = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+
+    grad_target = None
+    if ctx.needs_input_grad[1]:
+        # Probability targets only: d/dq_j of -sum_j w_j q'_j log p_j.
+        w = 1.0 if weight is None else weight.to(lse.dtype)
+        log_p = logits.to(lse.dtype) - lse[:, None]
+        grad_target = (-(1.0 - label_smoothing) * w * log_p * grad_loss[:, None]).to(target.dtype)
+
+    # d lse / d logits = softmax, needed only when the caller differentiates the returned lse.
+    extra = None
+    if grad_lse is not None:
+        extra = torch.softmax(logits.to(lse.dtype), dim=-1) * grad_lse[:, None]
+
+    options = (ignore_index, label_smoothing, z_loss)
+    if inplace_backward:
+        cross_entropy_backward_inplace_op(
+            grad_loss, logits, target, weight, lse, target_mass, *options
+        )
+        grad_logits = logits
+    else:
+        grad_logits = cross_entropy_backward_op(
+            grad_loss, logits, target, weight, lse, target_mass, *options
+        )
+    if extra is not None:
+        grad_logits = grad_logits + extra.to(grad_logits.dtype)
+    return grad_logits, grad_target, None, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,313 @@
+"""Softmax and log-softmax over the last dimension: Triton kernels, launchers, torch ops.
+
+Forward is the block-wise online softmax (Milakov & Gimelshein, arXiv 1805.02867, Alg. 3):
+one pass keeps a running max ``m`` and a running sum ``d`` rescaled by ``exp(m_old - m_new)``
+whenever the max grows, a second pass writes ``exp(x - m) / d`` (or ``x - m - log d``).
+A row that fits one block is read once instead.
+
+Bytes moved per row of N elements of s bytes (the floor is the single-block case):
+    forward, one block:   read N*s, write N*s
+    forward, streamed:    read 2*N*s, write N*s
+    backward:             read y and dy (2*N*s), write dx (N*s); streamed rows read y, dy twice
+
+Registered ops (each over the last dim, output in the input's dtype):
+    torch.ops.triton_softmax.softmax(x)
+    torch.ops.triton_softmax.log_softmax(x)
+    torch.ops.triton_softmax.softmax_backward(y, grad_y, log)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_softmax.ops._common import (
+    accumulator_dtype,
+    as_rows,
+    check_floating,
+    kernel_path,
+    num_warps_for,
+    row_tiles,
+    triton_accumulator_dtype,
+)
+
+#: Rows up to this many elements are held in one block and read once.
+MAX_SINGLE_BLOCK_COLS = 8192
+#: Longer rows are streamed in blocks of this many elements.
+STREAM_BLOCK_COLS = 4096
+
+
+# --------------------------------------------------------------------------------------
+# Kernels. Each program handles BLOCK_M rows of an [n_rows, n_cols] matrix with unit column
+# stride; row offsets are int64 so tensors over 2**31 elements do not wrap.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_forward_kernel(
+    out_ptr,
+    in_ptr,
+    out_row_stride,
+    in_row_stride,
+    n_rows,
+    n_cols,
+    # meta-parameters
+    LOG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    in_rows = in_ptr + rows.to(tl.int64)[:, None] * in_row_stride
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride
+    cols = tl.arange(0, BLOCK_N)
+
+    if SINGLE_BLOCK:
+        # The whole row is in registers: read once, write once.
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(in_rows + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        # A row of all -inf gives m = -inf and x - m = NaN, as torch does.
+        shifted = x - tl.max(x, axis=1)[:, None]
+        exps = tl.exp(shifted)
+        total = tl.sum(exps, axis=1)
+        if LOG:
+            y = shifted - tl.log(total)[:, None]
+        else:
+            y = exps / total[:, None]
+        tl.store(out_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: running max m and running sum d of exp(x - m).
+        m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+        d = tl.zeros([BLOCK_M], ACC_DTYPE)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_cols)
+            x = tl.load(in_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            # While a row has seen only -inf, m_new is -inf and exp(m - m_new) would be
+            # exp(-inf + inf) = NaN: shift by 0 instead (d is still 0 then).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
+            m = m_new
+        # Pass 2: write. An all -inf row has m = -inf, d = 0 and yields NaN, as torch does.
+        log_total = tl.log(d)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_cols)
+            x = tl.load(in_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            shifted = x - m[:, None]
+            if LOG:
+                y = shifted - log_total[:, None]
+            else:
+                y = tl.exp(shifted - log_total[:, None])
+            tl.store(out_rows + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_backward_kernel(
+    grad_x_ptr,
+    y_ptr,
+    grad_y_ptr,
+    grad_x_row_stride,
+    y_row_stride,
+    grad_y_row_stride,
+    n_rows,
+    n_cols,
+    # meta-parameters
+    LOG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # softmax:      dx = y * (dy - sum(y * dy))
+    # log-softmax:  dx = dy - exp(y) * sum(dy)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)[:, None]
+    y_rows = y_ptr + rows64 * y_row_stride
+    grad_y_rows = grad_y_ptr + rows64 * grad_y_row_stride
+    grad_x_rows = grad_x_ptr + rows64 * grad_x_row_stride
+    cols = tl.arange(0, BLOCK_N)
+
+    if SINGLE_BLOCK:
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        y = tl.load(y_rows + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        dy = tl.load(grad_y_rows + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        if LOG:
+            dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
+        else:
+            dx = y * (dy - tl.sum(y * dy, axis=1)[:, None])
+        tl.store(grad_x_rows + cols[None, :], dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    else:
+        total = tl.zeros([BLOCK_M], ACC_DTYPE)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_cols)
+            dy = tl.load(grad_y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            if LOG:
+                total += tl.sum(dy, axis=1)
+            else:
+                y = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+                total += tl.sum(y * dy, axis=1)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_cols)
+            y = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            dy = tl.load(grad_y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            if LOG:
+                dx = dy - tl.exp(y) * total[:, None]
+            else:
+                dx = y * (dy - total[:, None])
+            tl.store(grad_x_rows + c[None, :], dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers: validate, flatten to rows, allocate, pick tiles, launch (or take the torch path).
+# --------------------------------------------------------------------------------------
+
+
+def _tiles(n_cols: int, block_n: int | None) -> tuple[int, int, bool]:
+    block_m, block_n = row_tiles(
+        n_cols,
+        MAX_SINGLE_BLOCK_COLS if n_cols <= MAX_SINGLE_BLOCK_COLS else STREAM_BLOCK_COLS,
+        block_n,
+    )
+    return block_m, block_n, n_cols <= block_n
+
+
+def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -> torch.Tensor:
+    """Softmax (or log-softmax when ``log``) of ``x`` over its last dimension.
+
+    Args:
+        x: floating tensor of shape (..., N), any strides.
+        log: compute log-softmax instead of softmax.
+        block_n: override the column block (a power of two; tests use it).
+    Returns:
+        A contiguous tensor of ``x``'s shape and dtype.
+    """
+    check_floating(x, "softmax input")
+    if x.dim() == 0:
+        raise ValueError("softmax op needs at least one dimension; the functional API takes 0-d")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    if kernel_path(x) == "torch":
+        acc = x.to(accumulator_dtype(x.dtype))
+        out.copy_(torch.log_softmax(acc, -1) if log else torch.softmax(acc, -1))
+        return out
+    rows, out_rows = as_rows(x), out.view(-1, x.shape[-1])
+    n_rows, n_cols = rows.shape
+    block_m, block_n, single = _tiles(n_cols, block_n)
+    _softmax_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+        out_rows,
+        rows,
+        out_rows.stride(0),
+        rows.stride(0),
+        n_rows,
+        n_cols,
+        LOG=log,
+        ACC_DTYPE=triton_accumulator_dtype(x.dtype),
+        SINGLE_BLOCK=single,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m * block_n),
+    )
+    return out
+
+
+def softmax_backward(
+    y: torch.Tensor, grad_y: torch.Tensor, log: bool, *, block_n: int | None = None
+) -> torch.Tensor:
+    """Input gradient of softmax (or log-softmax) from its output ``y`` and ``grad_y``.
+
+    Returns a contiguous tensor of ``y``'s shape and dtype.
+    """
+    check_floating(y, "softmax output")
+    if grad_y.shape != y.shape:
+        raise ValueError(f"grad shape {tuple(grad_y.shape)} != output shape {tuple(y.shape)}")
+    grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if y.numel() == 0:
+        return grad_x
+    if kernel_path(y) == "torch":
+        acc = accumulator_dtype(y.dtype)
+        y_acc, dy = y.to(acc), grad_y.to(acc)
+        if log:
+            grad_x.copy_(dy - y_acc.exp() * dy.sum(-1, keepdim=True))
+        else:
+            grad_x.copy_(y_acc * (dy - (y_acc * dy).sum(-1, keepdim=True)))
+        return grad_x
+    y_rows, dy_rows = as_rows(y), as_rows(grad_y.to(y.dtype))
+    grad_x_rows = grad_x.view(-1, y.shape[-1])
+    n_rows, n_cols = y_rows.shape
+    block_m, block_n, single = _tiles(n_cols, block_n)
+    _softmax_backward_kernel[(triton.cdiv(n_rows, block_m),)](
+        grad_x_rows,
+        y_rows,
+        dy_rows,
+        grad_x_rows.stride(0),
+        y_rows.stride(0),
+        dy_rows.stride(0),
+        n_rows,
+        n_cols,
+        LOG=log,
+        ACC_DTYPE=triton_accumulator_dtype(y.dtype),
+        SINGLE_BLOCK=single,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m * block_n),
+    )
+    return grad_x
+
+
+# --------------------------------------------------------------------------------------
+# Registered ops: schema, fake implementation (shapes only), autograd.
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("triton_softmax::softmax", mutates_args=())
+def softmax_op(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of ``x``."""
+    return softmax_forward(x, log=False)
+
+
+@torch.library.custom_op("triton_softmax::log_softmax", mutates_args=())
+def log_softmax_op(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dimension of ``x``."""
+    return softmax_forward(x, log=True)
+
+
+@torch.library.custom_op("triton_softmax::softmax_backward", mutates_args=())
+def softmax_backward_op(y: torch.Tensor, grad_y: torch.Tensor, log: bool) -> torch.Tensor:
+    """Input gradient of (log-)softmax over the last dimension."""
+    return softmax_backward(y, grad_y, log)
+
+
+def _fake_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+softmax_op.register_fake(_fake_like)
+log_softmax_op.register_fake(_fake_like)
+softmax_backward_op.register_fake(lambda y, grad_y, log: _fake_like(y))
+
+
+def _save_output(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output)
+
+
+def _softmax_grad(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    return softmax_backward_op(y, grad_y, False)
+
+
+def _log_softmax_grad(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    return softmax_backward_op(y, grad_y, True)
+
+
+softmax_op.register_autograd(_softmax_grad, setup_context=_save_output)
+log_softmax_op.register_autograd(_log_softmax_grad, setup_context=_save_output)
