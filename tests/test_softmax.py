@@ -1,0 +1,252 @@
+"""Softmax and log-softmax against torch in float64, through the functional API and the ops."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, TOLERANCES
+
+import triton_softmax as ts
+from triton_softmax.ops import softmax as softmax_ops
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+FUNCS = {"softmax": (ts.softmax, torch.softmax), "log_softmax": (ts.log_softmax, torch.log_softmax)}
+
+
+def _check(ours_fn, torch_fn, x: torch.Tensor, dim: int = -1) -> None:
+    """Output and x.grad against torch in float64 on the same (rounded) input."""
+    tol = TOLERANCES[x.dtype]
+    x_ours = x.detach().clone().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    y = ours_fn(x_ours, dim=dim)
+    y_ref = torch_fn(x_ref, dim)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), y_ref, **tol, equal_nan=True)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad.to(y.dtype))
+    y_ref.backward(grad)
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, **tol, equal_nan=True)
+
+
+# Shapes through the real launch configuration: MAX_SINGLE_BLOCK_COLS = 8192, streamed blocks
+# of 4096, and up to TILE_ELEMENTS // BLOCK_N rows per program.
+SHAPES = [
+    (1, 1),  # smallest row
+    (3, 5),  # short rows, one partial program
+    (129, 33),  # BLOCK_N = 64, 64 rows per program: 3 programs, the last holding one row
+    (2, 8192),  # longest row read in one block
+    (2, 8193),  # first streamed length: three blocks, the last with one element
+    (1, 70_000),  # longer than 65 536, where a peer errors
+]
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_torch_fp32(name, shape):
+    ours, ref = FUNCS[name]
+    _check(ours, ref, torch.randn(shape, device=DEVICE) * 3)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 100), (2, 9000)], ids=str)
+def test_matches_torch_per_dtype(name, dtype, shape):
+    ours, ref = FUNCS[name]
+    _check(ours, ref, (torch.randn(shape, device=DEVICE) * 3).to(dtype))
+
+
+# Block boundaries of the streamed path, reached on short rows by forcing BLOCK_N = 16.
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("n_cols", [1, 15, 16, 17, 31, 32, 33, 100])
+def test_block_boundaries(log, n_cols):
+    x = torch.randn(5, n_cols, device=DEVICE, dtype=torch.float64) * 4
+    y = softmax_ops.softmax_forward(x, log, block_n=16)
+    ref = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+    torch.testing.assert_close(y, ref, **TOLERANCES[torch.float64])
+    dy = torch.randn_like(x)
+    dx = softmax_ops.softmax_backward(y, dy, log, block_n=16)
+    x_ref = x.clone().requires_grad_()
+    (torch.log_softmax if log else torch.softmax)(x_ref, -1).backward(dy)
+    torch.testing.assert_close(dx, x_ref.grad, **TOLERANCES[torch.float64])
+
+
+def test_worked_examples():
+    expected = torch.tensor([0.0900, 0.2447, 0.6652])
+    for row in ([1.0, 2.0, 3.0], [1000.0, 1001.0, 1002.0]):
+        y = ts.softmax(torch.tensor(row, device=DEVICE), dim=0)
+        torch.testing.assert_close(y.cpu(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("dim", [0, 1, 2, -1, -3])
+def test_any_dim(name, dim):
+    ours, ref = FUNCS[name]
+    _check(ours, ref, torch.randn(4, 5, 6, device=DEVICE), dim=dim)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_zero_and_one_dim(name):
+    ours, ref = FUNCS[name]
+    _check(ours, ref, torch.tensor(2.5, device=DEVICE), dim=0)
+    _check(ours, ref, torch.randn(9, device=DEVICE), dim=0)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_implicit_dim_follows_torch(name):
+    ours = FUNCS[name][0]
+    for shape in [(5,), (3, 4), (2, 3, 4), (2, 3, 4, 5)]:
+        x = torch.randn(shape, device=DEVICE)
+        with pytest.warns(UserWarning, match="Implicit dimension"):
+            y = ours(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(y, getattr(F, name)(x))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_non_contiguous(name):
+    ours, ref = FUNCS[name]
+    base = torch.randn(40, 30, device=DEVICE)
+    _check(ours, ref, base.t())  # column stride 40
+    _check(ours, ref, base[::3, 1::2])  # strided rows and columns
+    _check(ours, ref, base.t(), dim=0)
+    expanded = torch.randn(1, 17, device=DEVICE).expand(6, 17)  # row stride 0
+    _check(ours, ref, expanded)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,), (2, 0, 4)], ids=str)
+def test_empty(name, shape):
+    ours, ref = FUNCS[name]
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    y = ours(x, dim=-1)
+    assert y.shape == ref(x, -1).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("block_n", [None, 16])  # one-block and streamed paths
+@pytest.mark.parametrize("log", [False, True])
+def test_minus_inf(block_n, log):
+    inf = float("inf")
+    x = torch.randn(4, 40, device=DEVICE, dtype=torch.float64)
+    x[0] = -inf  # all -inf: NaN, as torch
+    x[1, :20] = -inf  # the first block(s) all -inf, then finite values
+    x[2, ::2] = -inf  # scattered
+    x[3, -1] = -inf  # last element only
+    y = softmax_ops.softmax_forward(x, log, block_n=block_n)
+    ref = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+    torch.testing.assert_close(y, ref, equal_nan=True)
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_huge_offsets(name):
+    ours, ref = FUNCS[name]
+    _check(ours, ref, torch.randn(6, 50, device=DEVICE) + 1e4)
+    _check(ours, ref, torch.randn(6, 50, device=DEVICE) - 1e4)
+
+
+def test_invariants():
+    x = torch.randn(20, 300, device=DEVICE)
+    y = ts.softmax(x, dim=-1)
+    torch.testing.assert_close(y.sum(-1), torch.ones(20, device=DEVICE))
+    assert (y >= 0).all()
+    torch.testing.assert_close(ts.softmax(x + 123.0, dim=-1), y)
+    torch.testing.assert_close(ts.log_softmax(x, dim=-1).exp(), y)
+
+
+def test_dtype_argument():
+    x = torch.randint(-5, 5, (4, 6), device=DEVICE)
+    for name, (ours, _) in FUNCS.items():
+        y = ours(x, dim=1, dtype=torch.float64)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, getattr(F, name)(x, dim=1, dtype=torch.float64))
+    y = ts.softmax(torch.randn(3, 4, device=DEVICE), dim=1, dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_floating_input_raises(dtype):
+    x = torch.zeros(3, 4, device=DEVICE, dtype=dtype)
+    with pytest.raises(TypeError, match=str(dtype).removeprefix("torch.")):
+        ts.softmax(x, dim=-1)
+    with pytest.raises(TypeError, match=str(dtype).removeprefix("torch.")):
+        ts.log_softmax(x, dim=-1)
+
+
+def test_bad_dim_raises():
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        ts.softmax(torch.randn(3, 4, device=DEVICE), dim=2)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_gradcheck_fp64(name):
+    fn = FUNCS[name][0]
+    x = torch.randn(3, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, dim=-1), (x,))
+    assert torch.autograd.gradcheck(lambda t: fn(t, dim=0), (x,))
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_opcheck(name):
+    op = getattr(torch.ops.triton_softmax, name).default
+    x = torch.randn(5, 19, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(op, (x,))
+    y = op(x).detach()
+    bwd = torch.ops.triton_softmax.softmax_backward.default
+    torch.library.opcheck(bwd, (y, torch.randn_like(y), name == "log_softmax"))
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    def f(x):
+        return ts.softmax(x, dim=-1) * ts.log_softmax(x, dim=0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = compiled(x)
+    torch.testing.assert_close(out, f(x_ref))
+    out.sum().backward()
+    f(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_modules():
+    x = torch.randn(3, 4, 5, device=DEVICE)
+    torch.testing.assert_close(ts.Softmax(dim=1)(x), torch.nn.Softmax(dim=1)(x))
+    torch.testing.assert_close(ts.LogSoftmax(dim=-1)(x), torch.nn.LogSoftmax(dim=-1)(x))
+    assert repr(ts.Softmax(dim=1)) == "Softmax(dim=1)"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the torch path serves CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_torch_path_matches_kernels(monkeypatch, dtype):
+    x = (torch.randn(9, 77) * 3).to(dtype)
+    dy = torch.randn_like(x)
+    for log in (False, True):
+        y_kernel = softmax_ops.softmax_forward(x, log)
+        dx_kernel = softmax_ops.softmax_backward(y_kernel, dy, log)
+        with monkeypatch.context() as m:
+            m.setattr(softmax_ops, "kernel_path", lambda _: "torch")
+            y_torch = softmax_ops.softmax_forward(x, log)
+            dx_torch = softmax_ops.softmax_backward(y_kernel, dy, log)
+        torch.testing.assert_close(y_torch, y_kernel, **TOLERANCES[dtype])
+        torch.testing.assert_close(dx_torch, dx_kernel, **TOLERANCES[dtype])
+
+
+def test_kernel_path_is_reported():
+    expected = "triton" if DEVICE == "cuda" else "triton-interpreter"
+    assert ts.kernel_path(torch.zeros(1, device=DEVICE)) == expected
+    assert ts.kernel_path(DEVICE) == expected
+
+
+def test_row_offsets_beyond_int32():
+    # Two rows 2**31 elements apart in one (lazily allocated, mostly untouched) buffer.
+    storage = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    x = storage.as_strided((2, 64), (2**31, 1))
+    x.copy_(torch.randn(2, 64, device=DEVICE).half())
+    y = ts.softmax(x, dim=-1)
+    torch.testing.assert_close(y.double(), torch.softmax(x.double(), -1), **TOLERANCES[x.dtype])
