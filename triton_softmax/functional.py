@@ -154,6 +154,11 @@ def cross_entropy(
     logits = _class_dim_last(input)
 
     if target.is_floating_point():
+        if ignore_index != -100:
+            raise ValueError(
+                f"ignore_index={ignore_index} is not supported for probability (floating) "
+                "targets, as in torch"
+            )
         if target.shape != input.shape:
             raise ValueError(
                 f"probability target shape {tuple(target.shape)} does not match "

@@ -14,7 +14,11 @@ Rows whose class index equals ``ignore_index`` cost 0 and get a zero gradient.
 Forward streams each row once with the online log-sum-exp (arXiv 1805.02867, Alg. 3), keeping
 beside the running max m and sum d the sums A = sum r_j (x_j - m) and S = sum r_j, rescaled
 when m grows, so the smoothing term never subtracts two large numbers. It writes the per-row
-loss, lse and S. Backward recomputes p from the saved lse: softmax is never stored.
+loss, lse, and per-row stats (m, log d, S): backward recomputes p = exp((x - m) - log d) from
+them, never storing softmax, and exactly even when |x| ~ 1e4 (an fp32 lse would lose 1e-3 there).
+
+The label smoothing and z-loss coefficients reach the kernels as two fp32 halves (hi + lo), as
+Triton passes Python floats as fp32: fp64 logits then get them at fp64 precision.
 
 Bytes moved per row of C logits of s bytes (class-index targets, floor = forward + backward):
     forward:  read C*s                         (+ C*s for probability targets)
@@ -23,12 +27,15 @@ Bytes moved per row of C logits of s bytes (class-index targets, floor = forward
 Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
     torch.ops.triton_softmax.cross_entropy(logits, target, weight, ignore_index,
                                            label_smoothing, z_loss, inplace_backward)
-        -> (loss [M], lse [M], target_mass [M]), fp32 (fp64 for fp64 logits)
+        -> (loss [M], lse [M], stats [M, 3] = (max, log-sum-exp - max, S)),
+           fp32 (fp64 for fp64 logits)
     torch.ops.triton_softmax.cross_entropy_backward(...)  -> grad_logits (out of place)
     torch.ops.triton_softmax.cross_entropy_backward_(...) -> writes grad_logits into logits
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -110,7 +117,7 @@ def _target_block(
 def _cross_entropy_forward_kernel(
     loss_ptr,
     lse_ptr,
-    target_mass_ptr,
+    stats_ptr,
     logits_ptr,
     target_ptr,
     weight_ptr,
@@ -119,8 +126,10 @@ def _cross_entropy_forward_kernel(
     n_rows,
     n_classes,
     ignore_index,
-    label_smoothing,
-    z_loss,
+    label_smoothing_hi,
+    label_smoothing_lo,
+    z_loss_hi,
+    z_loss_lo,
     # meta-parameters
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -129,6 +138,10 @@ def _cross_entropy_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
+        label_smoothing_lo, ACC_DTYPE
+    )
+    z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
@@ -159,10 +172,12 @@ def _cross_entropy_forward_kernel(
             s += tl.sum(r, axis=1)
         m = m_new
         m_shift = m_new_shift
-    # An all -inf row: m = -inf, d = 0, lse = -inf, and the loss is NaN, as in torch.
-    lse = m + tl.log(d)
+    # lse - x = (m - x) + log d keeps |x| ~ 1e4 exact in the subtraction. An all -inf row has
+    # m = -inf, d = 0, lse = -inf and a NaN loss, as in torch.
+    log_d = tl.log(d)
+    lse = m + log_d
     if TRACK_TARGET_SUMS:
-        loss = s * (lse - m_shift) - a
+        loss = s * log_d - a  # sum_j r_j (lse - x_j) = S log d - sum_j r_j (x_j - m)
     else:
         loss = tl.zeros([BLOCK_M], ACC_DTYPE)
 
@@ -177,7 +192,7 @@ def _cross_entropy_forward_kernel(
             other=0.0,
         ).to(ACC_DTYPE)
         hot = (1.0 - label_smoothing) * w_target
-        loss += hot * (lse - x_target)
+        loss += hot * ((m - x_target) + log_d)
         s += hot
         loss += z_loss * lse * lse
         loss = tl.where(counted, loss, 0.0)
@@ -187,7 +202,9 @@ def _cross_entropy_forward_kernel(
         loss += z_loss * lse * lse
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(target_mass_ptr + rows, s, mask=row_mask)
+    tl.store(stats_ptr + rows * 3, m, mask=row_mask)
+    tl.store(stats_ptr + rows * 3 + 1, log_d, mask=row_mask)
+    tl.store(stats_ptr + rows * 3 + 2, s, mask=row_mask)
 
 
 @triton.jit
@@ -197,8 +214,7 @@ def _cross_entropy_backward_kernel(
     logits_ptr,
     target_ptr,
     weight_ptr,
-    lse_ptr,
-    target_mass_ptr,
+    stats_ptr,
     grad_logits_row_stride,
     grad_loss_stride,
     logits_row_stride,
@@ -206,8 +222,10 @@ def _cross_entropy_backward_kernel(
     n_rows,
     n_classes,
     ignore_index,
-    label_smoothing,
-    z_loss,
+    label_smoothing_hi,
+    label_smoothing_lo,
+    z_loss_hi,
+    z_loss_lo,
     # meta-parameters
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -218,6 +236,10 @@ def _cross_entropy_backward_kernel(
 ):
     # dx_k = g * (p_k * (S + 2 z lse) - r_k), one read of the logits and one write. The true
     # class's p_t - 1 is formed in ACC_DTYPE before the cast, so bf16 keeps it at p = 0.999.
+    label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
+        label_smoothing_lo, ACC_DTYPE
+    )
+    z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
@@ -225,8 +247,10 @@ def _cross_entropy_backward_kernel(
     grad_rows = grad_logits_ptr + rows.to(tl.int64)[:, None] * grad_logits_row_stride
     cols = tl.arange(0, BLOCK_N)
 
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    p_coef = tl.load(target_mass_ptr + rows, mask=row_mask, other=0.0) + 2.0 * z_loss * lse
+    m = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
+    log_d = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
+    target_mass = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
+    p_coef = target_mass + 2.0 * z_loss * (m + log_d)
     g = tl.load(grad_loss_ptr + rows.to(tl.int64) * grad_loss_stride, mask=row_mask, other=0.0)
     g = g.to(ACC_DTYPE)
     if TARGET_IS_INDEX:
@@ -245,7 +269,7 @@ def _cross_entropy_backward_kernel(
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        p = tl.exp(x - lse[:, None])
+        p = tl.exp((x - m[:, None]) - log_d[:, None])
         grad = p * p_coef[:, None]
         if TARGET_IS_INDEX:
             grad -= tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
@@ -346,6 +370,39 @@ def _target_weights(
     return q * w, torch.ones(n_rows, dtype=torch.bool, device=logits.device)
 
 
+def _hi_lo(value: float) -> tuple[float, float]:
+    """``value`` as two fp32-representable halves whose sum is exact to ~48 bits."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _launch_arguments(logits, target, weight, ignore_index, label_smoothing, z_loss, block_n):
+    """What the forward and backward launches share: rows, tiles, scalars and flags."""
+    is_index = target.dtype == torch.int64
+    rows = as_rows(logits)
+    target_rows = target if is_index else as_rows(target)
+    block_m, block_n = _tiles(rows.shape[1], block_n)
+    pointers = (rows, target_rows, rows if weight is None else weight.contiguous())
+    scalars = (
+        rows.stride(0),
+        target_rows.stride(0),
+        *rows.shape,
+        ignore_index,
+        *_hi_lo(label_smoothing),
+        *_hi_lo(z_loss),
+    )
+    meta = dict(
+        TARGET_IS_INDEX=is_index,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m * block_n),
+    )
+    return (triton.cdiv(rows.shape[0], block_m),), pointers, scalars, meta
+
+
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -367,61 +424,46 @@ def cross_entropy_forward(
         z_loss: coefficient of lse**2 added per counted row.
         block_n: override the class block (a power of two; tests use it).
     Returns:
-        (loss, lse, target_mass), each [M] in fp32 (fp64 for fp64 logits).
+        loss [M], lse [M] and stats [M, 3] = (row max m, lse - m, target mass S) for the
+        backward; fp32 (fp64 for fp64 logits).
     """
     is_index = _check_operands(logits, target, weight)
     n_rows, n_classes = logits.shape
     acc = accumulator_dtype(logits.dtype)
-    loss, lse, target_mass = (
-        torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3)
-    )
+    loss = torch.empty(n_rows, dtype=acc, device=logits.device)
+    lse = torch.empty(n_rows, dtype=acc, device=logits.device)
+    stats = torch.empty(n_rows, 3, dtype=acc, device=logits.device)
     if n_rows == 0:
-        return loss, lse, target_mass
+        return loss, lse, stats
     if is_index and target.device.type == "cpu":
         check_class_indices(target, n_classes, ignore_index)
 
     if kernel_path(logits) == "torch":
         x = logits.to(acc)
-        lse.copy_(torch.logsumexp(x, dim=-1))
+        m = x.amax(dim=-1)
+        m_shift = torch.where(m == -math.inf, 0.0, m)
+        log_d = torch.logsumexp(x - m_shift[:, None], dim=-1)
+        stats[:, 0], stats[:, 1] = m, log_d
+        lse.copy_(m_shift + log_d)
         r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
-        # sum_j r_j (lse - x_j), with 0 * inf = NaN where torch has it (probability targets);
+        log_p = (x - m_shift[:, None]) - log_d[:, None]
+        # -sum_j r_j log p_j, with 0 * inf = NaN where torch has it (probability targets);
         # class-index rows without smoothing take only their target logit, as torch does.
         if is_index and label_smoothing == 0.0:
-            picked = x.gather(1, target.clamp(0, n_classes - 1)[:, None]).squeeze(1)
-            per_row = r.sum(1) * (lse - picked)
+            picked = log_p.gather(1, target.clamp(0, n_classes - 1)[:, None]).squeeze(1)
+            per_row = -r.sum(1) * picked
         else:
-            per_row = (r * (lse[:, None] - x)).sum(1)
+            per_row = -(r * log_p).sum(1)
         per_row = per_row + z_loss * lse * lse
         loss.copy_(torch.where(counted, per_row, 0.0))
-        target_mass.copy_(r.sum(1))
-        return loss, lse, target_mass
+        stats[:, 2] = r.sum(1)
+        return loss, lse, stats
 
-    rows = as_rows(logits)
-    target_rows = target if is_index else as_rows(target)
-    block_m, block_n = _tiles(n_classes, block_n)
-    _cross_entropy_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-        loss,
-        lse,
-        target_mass,
-        rows,
-        target_rows,
-        rows if weight is None else weight.contiguous(),
-        rows.stride(0),
-        target_rows.stride(0),
-        n_rows,
-        n_classes,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        TARGET_IS_INDEX=is_index,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m * block_n),
+    grid, pointers, scalars, meta = _launch_arguments(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n
     )
-    return loss, lse, target_mass
+    _cross_entropy_forward_kernel[grid](loss, lse, stats, *pointers, *scalars, **meta)
+    return loss, lse, stats
 
 
 def cross_entropy_backward(
@@ -429,8 +471,7 @@ def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    target_mass: torch.Tensor,
+    stats: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -443,58 +484,35 @@ def cross_entropy_backward(
     Args:
         grad_loss: [M] upstream gradient of the per-row losses (any stride, 0 included).
         logits, target, weight, ignore_index, label_smoothing, z_loss: as in the forward.
-        lse, target_mass: [M], saved by the forward.
+        stats: [M, 3], saved by the forward.
         out: [M, C] tensor to write into (``logits`` itself for the in-place mode);
             a new tensor when None.
         block_n: override the class block (a power of two; tests use it).
     Returns:
         ``out``, holding dloss/dlogits in the logits' dtype.
     """
-    is_index = _check_operands(logits, target, weight)
-    n_rows, n_classes = logits.shape
+    _check_operands(logits, target, weight)
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     elif out.shape != logits.shape or out.stride(-1) != 1:
         raise ValueError("out must have the logits' shape and unit column stride")
-    if n_rows == 0:
+    if logits.shape[0] == 0:
         return out
 
     if kernel_path(logits) == "torch":
         acc = accumulator_dtype(logits.dtype)
+        m, log_d, target_mass = stats.unbind(1)
         r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
-        p = torch.exp(logits.to(acc) - lse[:, None])
-        grad = p * (target_mass + 2.0 * z_loss * lse)[:, None] - r
-        g = grad_loss.to(acc)[:, None]
-        out.copy_(torch.where(counted[:, None], grad * g, 0.0))
+        p = torch.exp((logits.to(acc) - m[:, None]) - log_d[:, None])
+        grad = p * (target_mass + 2.0 * z_loss * (m + log_d))[:, None] - r
+        out.copy_(torch.where(counted[:, None], grad * grad_loss.to(acc)[:, None], 0.0))
         return out
 
-    rows = as_rows(logits)
-    target_rows = target if is_index else as_rows(target)
-    block_m, block_n = _tiles(n_classes, block_n)
-    _cross_entropy_backward_kernel[(triton.cdiv(n_rows, block_m),)](
-        out,
-        grad_loss,
-        rows,
-        target_rows,
-        rows if weight is None else weight.contiguous(),
-        lse,
-        target_mass,
-        out.stride(0),
-        grad_loss.stride(0),
-        rows.stride(0),
-        target_rows.stride(0),
-        n_rows,
-        n_classes,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        TARGET_IS_INDEX=is_index,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m * block_n),
+    grid, pointers, scalars, meta = _launch_arguments(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n
+    )
+    _cross_entropy_backward_kernel[grid](
+        out, grad_loss, *pointers, stats, out.stride(0), grad_loss.stride(0), *scalars, **meta
     )
     return out
 
@@ -514,7 +532,7 @@ def cross_entropy_op(
     z_loss: float,
     inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (loss, lse, target_mass) of 2-D logits; see the module docstring.
+    """Per-row (loss, lse, stats) of 2-D logits; see the module docstring.
 
     ``inplace_backward`` makes the backward write the gradient into ``logits``' memory.
     """
@@ -525,7 +543,12 @@ def cross_entropy_op(
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward):
     _check_operands(logits, target, weight)
     acc = accumulator_dtype(logits.dtype)
-    return tuple(logits.new_empty(logits.shape[0], dtype=acc) for _ in range(3))
+    n_rows = logits.shape[0]
+    return (
+        logits.new_empty(n_rows, dtype=acc),
+        logits.new_empty(n_rows, dtype=acc),
+        logits.new_empty(n_rows, 3, dtype=acc),
+    )
 
 
 @torch.library.custom_op("triton_softmax::cross_entropy_backward", mutates_args=())
@@ -534,20 +557,19 @@ def cross_entropy_backward_op(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    target_mass: torch.Tensor,
+    stats: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
 ) -> torch.Tensor:
     """dloss/dlogits as a new tensor."""
     return cross_entropy_backward(
-        grad_loss, logits, target, weight, lse, target_mass, ignore_index, label_smoothing, z_loss
+        grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, z_loss
     )
 
 
 @cross_entropy_backward_op.register_fake
-def _(grad_loss, logits, target, weight, lse, target_mass, ignore_index, label_smoothing, z_loss):
+def _(grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, z_loss):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -557,8 +579,7 @@ def cross_entropy_backward_inplace_op(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    target_mass: torch.Tensor,
+    stats: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -573,8 +594,7 @@ def cross_entropy_backward_inplace_op(
         logits,
         target,
         weight,
-        lse,
-        target_mass,
+        stats,
         ignore_index,
         label_smoothing,
         z_loss,
@@ -584,15 +604,15 @@ def cross_entropy_backward_inplace_op(
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward = inputs
-    _, lse, target_mass = output
-    ctx.save_for_backward(logits, target, weight, lse, target_mass)
+    _, lse, stats = output
+    ctx.save_for_backward(logits, target, weight, lse, stats)
     ctx.options = (ignore_index, label_smoothing, z_loss, inplace_backward)
-    ctx.mark_non_differentiable(target_mass)
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_target_mass):
-    logits, target, weight, lse, target_mass = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_stats):
+    logits, target, weight, lse, stats = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
@@ -611,14 +631,10 @@ def _backward(ctx, grad_loss, grad_lse, _grad_target_mass):
 
     options = (ignore_index, label_smoothing, z_loss)
     if inplace_backward:
-        cross_entropy_backward_inplace_op(
-            grad_loss, logits, target, weight, lse, target_mass, *options
-        )
+        cross_entropy_backward_inplace_op(grad_loss, logits, target, weight, stats, *options)
         grad_logits = logits
     else:
-        grad_logits = cross_entropy_backward_op(
-            grad_loss, logits, target, weight, lse, target_mass, *options
-        )
+        grad_logits = cross_entropy_backward_op(grad_loss, logits, target, weight, stats, *options)
     if extra is not None:
         grad_logits = grad_logits + extra.to(grad_logits.dtype)
     return grad_logits, grad_target, None, None, None, None, None

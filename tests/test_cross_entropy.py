@@ -1,0 +1,477 @@
+"""Cross-entropy against torch.nn.functional.cross_entropy in float64."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, TOLERANCES
+
+import triton_softmax as ts
+from triton_softmax.ops import cross_entropy as ce_ops
+
+
+def _probabilities(shape, class_dim=1):
+    return torch.softmax(torch.randn(shape, device=DEVICE) * 2, dim=class_dim)
+
+
+def _check(x, target, grad_tol=None, **kwargs):
+    """Loss and x.grad against torch in float64 on the same (rounded) logits."""
+    tol = TOLERANCES[x.dtype]
+    x_ours = x.detach().clone().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    ref_kwargs = dict(kwargs)
+    if ref_kwargs.get("weight") is not None:
+        ref_kwargs["weight"] = ref_kwargs["weight"].double()
+    ref_target = target.double() if target.is_floating_point() else target
+    loss = ts.cross_entropy(x_ours, target, **kwargs)
+    loss_ref = F.cross_entropy(x_ref, ref_target, **ref_kwargs)
+    assert loss.dtype == x.dtype and loss.shape == loss_ref.shape
+    torch.testing.assert_close(loss.double(), loss_ref, **tol, equal_nan=True)
+    upstream = (torch.rand_like(loss_ref) + 0.5).to(x.dtype).double()  # representable in x's dtype
+    loss.backward(upstream.to(loss.dtype))
+    loss_ref.backward(upstream)
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, **(grad_tol or tol))
+
+
+# Every option and their combinations, for class-index and probability targets.
+OPTIONS = list(
+    itertools.product(
+        ["index", "probability"],
+        [False, True],  # weight
+        [0.0, 0.2],  # label_smoothing
+        ["none", "mean", "sum"],
+        [-100, 2],  # ignore_index: torch's default, and a real class
+    )
+)
+
+
+@pytest.mark.parametrize("kind,weighted,smoothing,reduction,ignore_index", OPTIONS)
+def test_options_match_torch(kind, weighted, smoothing, reduction, ignore_index):
+    if kind == "probability" and ignore_index != -100:
+        pytest.skip("torch refuses ignore_index with probability targets (tested below)")
+    n, c = 37, 300
+    x = torch.randn(n, c, device=DEVICE) * 2
+    if kind == "index":
+        target = torch.randint(0, c, (n,), device=DEVICE)
+        target[::5] = ignore_index  # some ignored rows
+    else:
+        target = _probabilities((n, c))
+    weight = torch.rand(c, device=DEVICE) + 0.1 if weighted else None
+    _check(
+        x,
+        target,
+        weight=weight,
+        label_smoothing=smoothing,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_dtypes(dtype, kind):
+    x = (torch.randn(16, 50, device=DEVICE) * 2).to(dtype)
+    target = torch.randint(0, 50, (16,), device=DEVICE) if kind == "index" else None
+    if target is None:
+        target = _probabilities((16, 50)).to(dtype)
+    # Low-precision gradients are rounded once on store: within a half unit in the last place.
+    grad_tol = {
+        torch.bfloat16: dict(atol=1e-3, rtol=4e-3),
+        torch.float16: dict(atol=1e-4, rtol=5e-4),
+    }
+    grad_tol = grad_tol.get(dtype)
+    _check(x, target, grad_tol=grad_tol, label_smoothing=0.1, reduction="sum")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(11,), (5, 11), (3, 11, 4), (2, 11, 3, 2)],
+    ids=["(C,)", "(N,C)", "(N,C,d1)", "(N,C,d1,d2)"],
+)
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_shapes(shape, kind, reduction):
+    x = torch.randn(shape, device=DEVICE)
+    if kind == "index":
+        batch = () if len(shape) == 1 else (shape[0], *shape[2:])
+        target = torch.randint(0, 11, batch, device=DEVICE)
+    else:
+        target = _probabilities(shape, class_dim=0 if len(shape) == 1 else 1)
+    _check(x, target, reduction=reduction, label_smoothing=0.05, weight=torch.rand(11) + 0.5)
+
+
+# Block boundaries of the streamed loop, reached on short rows by forcing BLOCK_N = 16.
+@pytest.mark.parametrize("n_classes", [1, 15, 16, 17, 33, 100])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_block_boundaries(n_classes, kind):
+    n = 9
+    x = torch.randn(n, n_classes, device=DEVICE, dtype=torch.float64) * 3
+    if kind == "index":
+        target = torch.randint(0, n_classes, (n,), device=DEVICE)
+        target[0] = -100
+    else:
+        target = _probabilities((n, n_classes)).double()
+    weight = torch.rand(n_classes, device=DEVICE, dtype=torch.float64) + 0.5
+    options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01)
+    loss, lse, stats = ce_ops.cross_entropy_forward(x, target, weight, **options, block_n=16)
+    x_ref = x.clone().requires_grad_()
+    ref_target = target if kind == "index" else target
+    loss_ref = F.cross_entropy(
+        x_ref, ref_target, weight=weight, reduction="none", label_smoothing=0.15
+    )
+    lse_ref = torch.logsumexp(x_ref, -1)
+    counted = (target != -100) if kind == "index" else torch.ones(n, dtype=torch.bool)
+    loss_ref = loss_ref + 0.01 * lse_ref**2 * counted
+    torch.testing.assert_close(loss, loss_ref.detach())
+    torch.testing.assert_close(lse, lse_ref.detach())
+    upstream = torch.rand(n, device=DEVICE, dtype=torch.float64)
+    grad = ce_ops.cross_entropy_backward(upstream, x, target, weight, stats, **options, block_n=16)
+    loss_ref.backward(upstream)
+    torch.testing.assert_close(grad, x_ref.grad)
+
+
+def test_worked_examples():
+    # A one-hot target predicted with probability 1 costs -1 * log 1 = 0.
+    x = torch.tensor([[0.0, -math.inf, -math.inf]], device=DEVICE)
+    assert ts.cross_entropy(x, torch.tensor([0], device=DEVICE)).item() == 0.0
+    confident = torch.tensor([[60.0, -60.0, -60.0]], device=DEVICE)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0]], device=DEVICE)
+    assert abs(ts.cross_entropy(confident, one_hot).item()) < 1e-6
+    # Uniform logits over C classes cost log C.
+    torch.testing.assert_close(
+        ts.cross_entropy(torch.zeros(4, 10, device=DEVICE), torch.arange(4, device=DEVICE)),
+        torch.tensor(math.log(10), device=DEVICE),
+    )
+
+
+def test_all_ignored_batch():
+    x = torch.randn(6, 9, device=DEVICE, requires_grad=True)
+    target = torch.full((6,), -100, device=DEVICE)
+    loss = ts.cross_entropy(x, target)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(x.detach(), target))
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert ts.cross_entropy(x, target, reduction="sum").item() == 0.0
+
+
+def test_minus_inf_logits():
+    inf = math.inf
+    x = torch.randn(4, 40, device=DEVICE)
+    x[0, 5:] = -inf  # other classes impossible: finite loss
+    x[1, ::3] = -inf
+    x[2] = -inf  # all -inf: NaN, as torch
+    target = torch.tensor([2, 1, 0, 7], device=DEVICE)
+    ours = ts.cross_entropy(x, target, reduction="none")
+    torch.testing.assert_close(ours, F.cross_entropy(x, target, reduction="none"), equal_nan=True)
+    assert torch.isfinite(ours[[0, 1, 3]]).all() and torch.isnan(ours[2])
+    # The target on a -inf logit costs +inf.
+    assert ts.cross_entropy(x[1:2], torch.tensor([0], device=DEVICE)).item() == inf
+    # Gradients of the finite rows match.
+    _check(x[[0, 1, 3]], target[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_huge_offsets(offset, kind):
+    x = torch.randn(8, 200, device=DEVICE) + offset
+    target = torch.randint(0, 200, (8,), device=DEVICE) if kind == "index" else None
+    if target is None:
+        target = _probabilities((8, 200))
+    _check(x, target, label_smoothing=0.1, weight=torch.rand(200, device=DEVICE) + 0.5)
+
+
+def test_long_rows():
+    # More classes than one block (4096) and than 65 536, where a peer errors.
+    x = torch.randn(2, 70_000, device=DEVICE)
+    _check(x, torch.tensor([3, 69_999], device=DEVICE), label_smoothing=0.1)
+
+
+def test_non_contiguous_logits():
+    base = torch.randn(30, 20, device=DEVICE)
+    _check(base.t(), torch.randint(0, 30, (20,), device=DEVICE))
+    _check(base[::2, ::2], torch.randint(0, 10, (15,), device=DEVICE))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert torch.isnan(ts.cross_entropy(x, target))
+    assert ts.cross_entropy(x, target, reduction="sum").item() == 0.0
+    assert ts.cross_entropy(x, target, reduction="none").shape == (0,)
+    ts.cross_entropy(x, target, reduction="sum").backward()
+    assert x.grad.shape == (0, 5)
+
+
+def test_bf16_gradient_at_p_0999():
+    # p(true class) = 0.999: the gradient p - 1 = -0.001 must survive bf16.
+    n_classes, true_class = 8, 3
+    x = torch.zeros(1, n_classes)
+    x[0, true_class] = math.log(0.999 * (n_classes - 1) / 0.001)
+    x = x.bfloat16().to(DEVICE).requires_grad_()
+    target = torch.tensor([true_class], device=DEVICE)
+    ts.cross_entropy(x, target).backward()
+    x64 = x.detach().double().requires_grad_()  # same rounded logits
+    F.cross_entropy(x64, target).backward()
+    ours, ref = x.grad[0, true_class].double(), x64.grad[0, true_class]
+    assert abs(ref + 0.001) < 5e-5
+    assert abs(ours - ref) <= 0.01 * abs(ref)
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_z_loss_and_lse(kind):
+    x = torch.randn(12, 30, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    if kind == "index":
+        target = torch.randint(0, 30, (12,), device=DEVICE)
+        target[:3] = -100
+        counted = target != -100
+    else:
+        target = _probabilities((12, 30)).double()
+        counted = torch.ones(12, dtype=torch.bool, device=DEVICE)
+    loss, lse = ts.cross_entropy(x, target, z_loss=1e-2, return_lse=True)
+    x_ref = x.detach().clone().requires_grad_()
+    lse_ref = torch.logsumexp(x_ref, -1)
+    per_row = F.cross_entropy(x_ref, target, reduction="none") + 1e-2 * lse_ref**2 * counted
+    loss_ref = per_row.sum() / counted.sum()
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(lse, lse_ref)
+    # Gradients through both the loss and the returned lse.
+    (loss + lse.sum()).backward()
+    (loss_ref + lse_ref.sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_gradcheck_fp64():
+    x = torch.randn(5, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(7, device=DEVICE, dtype=torch.float64) + 0.5
+    target = torch.tensor([0, 6, -100, 3, 3], device=DEVICE)
+
+    def index_loss(t):
+        return ts.cross_entropy(t, target, weight=weight, label_smoothing=0.3, z_loss=0.1)
+
+    assert torch.autograd.gradcheck(index_loss, (x,))
+    soft = _probabilities((5, 7)).double().requires_grad_()
+
+    def soft_loss(t, q):
+        return ts.cross_entropy(t, q, weight=weight, label_smoothing=0.3, reduction="none")
+
+    assert torch.autograd.gradcheck(soft_loss, (x, soft))  # gradients to the targets too
+
+
+def test_inplace_backward():
+    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 10, (6,), device=DEVICE)
+    logits = x * 2.0  # a non-leaf buffer, as the output of an lm_head would be
+    before = logits.detach().clone()
+    ts.cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=True).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(x_ref * 2.0, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert not torch.equal(logits.detach(), before)  # the logits' memory now holds the gradient
+
+
+def test_default_backward_leaves_logits_alone():
+    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    logits = x * 2.0
+    before = logits.detach().clone()
+    ts.cross_entropy(logits, torch.randint(0, 10, (6,), device=DEVICE)).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_inplace_backward_refuses_to_corrupt_saved_logits():
+    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    logits = x.exp()  # exp saves its output for its own backward
+    loss = ts.cross_entropy(
+        logits, torch.randint(0, 10, (6,), device=DEVICE), inplace_backward=True
+    )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_int32_targets_are_accepted():
+    x = torch.randn(5, 4, device=DEVICE)
+    target = torch.randint(0, 4, (5,), device=DEVICE)
+    torch.testing.assert_close(ts.cross_entropy(x, target.int()), F.cross_entropy(x, target))
+
+
+def test_legacy_reduction_arguments():
+    x = torch.randn(5, 4, device=DEVICE)
+    target = torch.randint(0, 4, (5,), device=DEVICE)
+    with pytest.warns(UserWarning):
+        ours = ts.cross_entropy(x, target, size_average=False)
+    torch.testing.assert_close(ours, F.cross_entropy(x, target, reduction="sum"))
+
+
+def test_module_matches_torch():
+    weight = torch.rand(6, device=DEVICE) + 0.5
+    x = torch.randn(8, 6, device=DEVICE)
+    target = torch.randint(0, 6, (8,), device=DEVICE)
+    ours = ts.CrossEntropyLoss(weight=weight, label_smoothing=0.1, ignore_index=1)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, ignore_index=1)
+    torch.testing.assert_close(ours(x, target), theirs(x, target))
+    assert ts.CrossEntropyLoss(reduction="none")(x, target).shape == (8,)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+def test_integer_logits_raise_type_error():
+    with pytest.raises(TypeError, match="int64"):
+        ts.cross_entropy(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+
+
+def test_bool_target_raises_type_error():
+    with pytest.raises(TypeError, match="bool"):
+        ts.cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "target", [torch.zeros(4, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long)], ids=str
+)
+def test_index_target_shape_raises(target):
+    with pytest.raises(ValueError, match=r"\(3, 5\).*\(3,\)|\(3,\).*\(3, 5\)"):
+        ts.cross_entropy(torch.randn(3, 5), target)
+
+
+def test_probability_target_shape_raises():
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(3, 5\)"):
+        ts.cross_entropy(torch.randn(3, 5), torch.rand(3, 4))
+
+
+@pytest.mark.parametrize("bad", [5, 7, -1, -100])
+def test_out_of_range_class_raises_index_error(bad):
+    target = torch.tensor([0, bad, 2])
+    with pytest.raises(IndexError, match=str(bad)):
+        ts.cross_entropy(torch.randn(3, 5), target, ignore_index=-7 if bad == -100 else -100)
+
+
+def test_checked_mode_raises_before_launch():
+    with pytest.raises(IndexError, match="9"):
+        ts.cross_entropy(
+            torch.randn(2, 5, device=DEVICE),
+            torch.tensor([9, 0], device=DEVICE),
+            check_targets=True,
+        )
+
+
+def test_unchecked_out_of_range_class_gives_nan_not_out_of_bounds(monkeypatch):
+    # What a GPU run without check_targets does: the kernel never dereferences the bad index.
+    monkeypatch.setattr(ce_ops, "check_class_indices", lambda *args: None)
+    x = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    loss = ts.cross_entropy(x, torch.tensor([1, 5, -3], device=DEVICE), reduction="none")
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    loss.sum().backward()
+    assert torch.isfinite(x.grad[0]).all() and torch.isnan(x.grad[1:]).all()
+
+
+def test_weight_length_raises():
+    with pytest.raises(ValueError, match=r"weight.*\(5,\).*\(4,\)"):
+        ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), weight=torch.ones(4))
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.5])
+def test_label_smoothing_range_raises(smoothing):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ts.cross_entropy(
+            torch.randn(3, 5), torch.zeros(3, dtype=torch.long), label_smoothing=smoothing
+        )
+
+
+def test_ignore_index_with_probabilities_raises():
+    with pytest.raises(ValueError, match="ignore_index"):
+        ts.cross_entropy(torch.randn(3, 5), torch.rand(3, 5), ignore_index=1)
+
+
+def test_reduction_name_raises():
+    with pytest.raises(ValueError, match="reduction"):
+        ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg")
+
+
+# ---- registration, compilation, paths -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_opcheck(kind):
+    x = torch.randn(6, 9, device=DEVICE, requires_grad=True)
+    if kind == "index":
+        target = torch.tensor([0, 8, -100, 3, 3, 1], device=DEVICE)
+    else:
+        target = _probabilities((6, 9))
+    weight = torch.rand(9, device=DEVICE)
+    op = torch.ops.triton_softmax.cross_entropy.default
+    for args in [
+        (x, target, None, -100, 0.0, 0.0, False),
+        (x, target, weight, -100, 0.2, 1e-3, False),
+    ]:
+        torch.library.opcheck(op, args)
+    _, _, stats = op(x.detach(), target, weight, -100, 0.2, 1e-3, False)
+    backward_args = (
+        torch.rand(6, device=DEVICE),
+        x.detach(),
+        target,
+        weight,
+        stats,
+        -100,
+        0.2,
+        1e-3,
+    )
+    torch.library.opcheck(torch.ops.triton_softmax.cross_entropy_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_no_graph_breaks(backend):
+    def f(x, target, weight):
+        return ts.cross_entropy(x, target, weight=weight, label_smoothing=0.1, ignore_index=2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    weight = torch.rand(7, device=DEVICE) + 0.5
+    target = torch.randint(0, 7, (10,), device=DEVICE)
+    x = torch.randn(10, 7, device=DEVICE, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    loss = compiled(x, target, weight)
+    loss.backward()
+    F.cross_entropy(x_ref, target, weight=weight, label_smoothing=0.1, ignore_index=2).backward()
+    torch.testing.assert_close(loss, f(x_ref.detach(), target, weight))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the torch path serves CPU tensors")
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_torch_path_matches_kernels(monkeypatch, kind, smoothing):
+    x = torch.randn(10, 33) * 2
+    x[0, 4] = -math.inf
+    if kind == "index":
+        target = torch.randint(0, 33, (10,))
+        target[1] = -100
+    else:
+        target = _probabilities((10, 33))
+    options = (torch.rand(33) + 0.5, -100, smoothing, 1e-3)
+    upstream = torch.rand(10)
+    kernel = ce_ops.cross_entropy_forward(x, target, *options)
+    kernel_grad = ce_ops.cross_entropy_backward(
+        upstream, x, target, options[0], kernel[2], *options[1:]
+    )
+    monkeypatch.setattr(ce_ops, "kernel_path", lambda _: "torch")
+    plain = ce_ops.cross_entropy_forward(x, target, *options)
+    plain_grad = ce_ops.cross_entropy_backward(
+        upstream, x, target, options[0], plain[2], *options[1:]
+    )
+    for a, b in zip(kernel, plain, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    torch.testing.assert_close(kernel_grad, plain_grad)
+
+
+def test_row_offsets_beyond_int32():
+    storage = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    x = storage.as_strided((2, 64), (2**31, 1))
+    x.copy_(torch.randn(2, 64, device=DEVICE).half())
+    target = torch.tensor([5, 60], device=DEVICE)
+    ours = ts.cross_entropy(x, target, reduction="none")
+    torch.testing.assert_close(
+        ours.double(),
+        F.cross_entropy(x.double(), target, reduction="none"),
+        **TOLERANCES[torch.float16],
+    )
