@@ -76,12 +76,13 @@ def test_dtypes(dtype, kind):
     target = torch.randint(0, 50, (16,), device=DEVICE) if kind == "index" else None
     if target is None:
         target = _probabilities((16, 50)).to(dtype)
-    # Low-precision gradients are rounded once on store: within a half unit in the last place.
+    # Low-precision gradients are rounded once on store: within half a unit in the last place,
+    # or one unit for bf16 under Triton's interpreter, which truncates fp32 -> bf16 stores.
+    bf16_rtol = 8e-3 if ts.kernel_path(x) == "triton-interpreter" else 4e-3
     grad_tol = {
-        torch.bfloat16: dict(atol=1e-3, rtol=4e-3),
+        torch.bfloat16: dict(atol=1e-3, rtol=bf16_rtol),
         torch.float16: dict(atol=1e-4, rtol=5e-4),
-    }
-    grad_tol = grad_tol.get(dtype)
+    }.get(dtype)
     _check(x, target, grad_tol=grad_tol, label_smoothing=0.1, reduction="sum")
 
 
