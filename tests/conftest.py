@@ -5,6 +5,7 @@ imports triton_softmax. With a CUDA device present the same tests run on compile
 """
 
 import os
+import zlib
 
 
 def _cuda_available() -> bool:
@@ -41,5 +42,5 @@ def device() -> str:
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs per test, reproducible per test name.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    # Fresh random inputs per test, reproducible per test name (crc32: hash() is salted).
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

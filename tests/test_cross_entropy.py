@@ -184,9 +184,11 @@ def test_huge_offsets(offset, kind):
 
 
 def test_long_rows():
-    # More classes than one block (4096) and than 65 536, where a peer errors.
+    # More classes than one block (4096), than 65 536 (where a peer errors), and than 2**20.
     x = torch.randn(2, 70_000, device=DEVICE)
     _check(x, torch.tensor([3, 69_999], device=DEVICE), label_smoothing=0.1)
+    x = torch.randn(1, 2**20 + 1, device=DEVICE)
+    _check(x, torch.tensor([2**20], device=DEVICE))
 
 
 def test_non_contiguous_logits():

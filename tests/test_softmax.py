@@ -15,7 +15,11 @@ FUNCS = {"softmax": (ts.softmax, torch.softmax), "log_softmax": (ts.log_softmax,
 
 
 def _check(ours_fn, torch_fn, x: torch.Tensor, dim: int = -1) -> None:
-    """Output and x.grad against torch in float64 on the same (rounded) input."""
+    """Output and x.grad against torch in float64 on the same (rounded) input.
+
+    fp16/bf16 gradients are computed from the stored low-precision output, as torch's are, so
+    their reference is torch's own backward in float64 applied to that same output.
+    """
     tol = TOLERANCES[x.dtype]
     x_ours = x.detach().clone().requires_grad_()
     x_ref = x.detach().double().requires_grad_()
@@ -23,10 +27,19 @@ def _check(ours_fn, torch_fn, x: torch.Tensor, dim: int = -1) -> None:
     y_ref = torch_fn(x_ref, dim)
     assert y.dtype == x.dtype and y.shape == x.shape
     torch.testing.assert_close(y.double(), y_ref, **tol, equal_nan=True)
-    grad = torch.randn_like(y_ref)
+    grad = torch.randn_like(y_ref).to(x.dtype).double()  # representable in x's dtype
     y.backward(grad.to(y.dtype))
-    y_ref.backward(grad)
-    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, **tol, equal_nan=True)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        backward = (
+            torch.ops.aten._log_softmax_backward_data
+            if torch_fn is torch.log_softmax
+            else torch.ops.aten._softmax_backward_data
+        )
+        grad_ref = backward(grad, y.detach().double(), dim, torch.float64)
+    else:
+        y_ref.backward(grad)
+        grad_ref = x_ref.grad
+    torch.testing.assert_close(x_ours.grad.double(), grad_ref, **tol, equal_nan=True)
 
 
 # Shapes through the real launch configuration: MAX_SINGLE_BLOCK_COLS = 8192, streamed blocks
@@ -250,3 +263,8 @@ def test_row_offsets_beyond_int32():
     x.copy_(torch.randn(2, 64, device=DEVICE).half())
     y = ts.softmax(x, dim=-1)
     torch.testing.assert_close(y.double(), torch.softmax(x.double(), -1), **TOLERANCES[x.dtype])
+
+
+def test_row_of_a_million_columns():
+    # 2**20 + 1 columns: 257 streamed blocks, the last holding one element.
+    _check(ts.log_softmax, torch.log_softmax, torch.randn(1, 2**20 + 1, device=DEVICE))
