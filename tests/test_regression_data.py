@@ -1,0 +1,144 @@
+"""Data loading: the embedded Iris set, user CSVs (good and bad), the stratified split."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from triton_softmax.regression.data import (
+    DataError,
+    load_csv,
+    load_iris,
+    read_features,
+    stratified_split,
+)
+
+
+def _write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_iris_shape_classes_and_known_rows():
+    data = load_iris()
+    assert data.features.shape == (150, 4) and data.features.dtype == np.float32
+    assert data.labels.shape == (150,) and data.labels.dtype == np.int64
+    assert data.feature_names == ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    assert data.class_names == ("setosa", "versicolor", "virginica")
+    assert np.bincount(data.labels).tolist() == [50, 50, 50]
+    # First and last rows of Fisher's table, and the column means of its summary statistics.
+    np.testing.assert_array_equal(data.features[0], np.float32([5.1, 3.5, 1.4, 0.2]))
+    np.testing.assert_array_equal(data.features[-1], np.float32([5.9, 3.0, 5.1, 1.8]))
+    assert data.labels[0] == 0 and data.labels[-1] == 2
+    np.testing.assert_allclose(data.features.mean(0), [5.843, 3.057, 3.758, 1.199], atol=1e-3)
+
+
+def test_csv_string_labels_default_to_last_column(tmp_path):
+    path = _write(tmp_path, "a,b,kind\n1,2,dog\n3,4,cat\n5,6.5,dog\n\n")
+    data = load_csv(path)
+    assert data.feature_names == ("a", "b")
+    assert data.class_names == ("cat", "dog")
+    assert data.labels.tolist() == [1, 0, 1]
+    np.testing.assert_array_equal(data.features, np.float32([[1, 2], [3, 4], [5, 6.5]]))
+
+
+def test_csv_label_column_anywhere_integer_labels_sorted_numerically(tmp_path):
+    path = _write(tmp_path, "y,x1,x2\n10,0.5,1\n2,1.5,-1\n10,2,3e-1\n")
+    data = load_csv(path, label_column="y")
+    assert data.feature_names == ("x1", "x2")
+    assert data.class_names == ("2", "10")  # numeric order, not string order
+    assert data.labels.tolist() == [1, 0, 1]
+
+
+def test_csv_bom_quotes_and_spaces(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes('\ufeff"x", y ,label\n 1 ,"2", a \n3,4,b\n'.encode())
+    data = load_csv(path)
+    assert data.feature_names == ("x", "y")
+    assert data.class_names == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "message"),
+    [
+        ("", None, r"data\.csv: the file is empty"),
+        ("\n\n", None, r"data\.csv: the file is empty"),
+        ("a,b,label\n", None, r"data\.csv: no data rows"),
+        ("a,b,label\n1,,x\n2,3,y\n", None, r"data\.csv, row 2, column 'b': missing value"),
+        ("a,b,label\n1,2,x\n2,abc,y\n", None, r"data\.csv, row 3, column 'b': 'abc' is not a number"),
+        ("a,b,label\n1,2,x\nnan,3,y\n", None, r"row 3, column 'a': 'nan' is not a finite"),
+        ("a,b,label\n1,2,x\n1e39,3,y\n", None, r"row 3, column 'a': '1e39' is not a finite"),
+        ("a,b,label\n1,2,x\n2,3,\n", None, r"row 3, column 'label': missing label"),
+        ("a,b,label\n1,2,x\n2,3\n", None, r"row 3: 2 fields, but the header has 3"),
+        ("a,b,label\n1,2,x\n2,3,y\n", "species", r"no label column 'species'.*'a', 'b', 'label'"),
+        ("a,b,label\n1,2,x\n2,3,x\n", None, r"has 1 class \('x'\); need at least two"),
+        ("a,a,label\n1,2,x\n2,3,y\n", None, r"column 'a' appears twice"),
+        ("a,,label\n1,2,x\n2,3,y\n", None, r"column 2 of the header has no name"),
+        ("label\nx\ny\n", None, r"no feature columns"),
+    ],
+    ids=[
+        "empty",
+        "blank-lines",
+        "header-only",
+        "missing-value",
+        "non-numeric",
+        "nan",
+        "float32-overflow",
+        "missing-label",
+        "short-row",
+        "no-label-column",
+        "one-class",
+        "duplicate-column",
+        "unnamed-column",
+        "no-features",
+    ],
+)
+def test_bad_csv_is_named_in_the_error(tmp_path, text, label, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(DataError, match=message):
+        load_csv(path, label_column=label)
+
+
+def test_missing_file_and_non_utf8(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.csv: no such file"):
+        load_csv(tmp_path / "nope.csv")
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("a,label\n1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_csv(bad)
+    with pytest.raises(DataError, match="is a directory"):
+        load_csv(tmp_path)
+
+
+def test_read_features_selects_by_name_and_ignores_other_columns(tmp_path):
+    path = _write(tmp_path, "id,b,note,a\n7,2,hello,1\n8,4,,3\n")
+    np.testing.assert_array_equal(read_features(path, ["a", "b"]), np.float32([[1, 2], [3, 4]]))
+    assert read_features(_write(tmp_path, "a,b\n", "empty.csv"), ["a", "b"]).shape == (0, 2)
+    with pytest.raises(DataError, match=r"missing feature column\(s\) 'c'"):
+        read_features(path, ["a", "c"])
+    with pytest.raises(DataError, match=r"row 3, column 'b': 'x' is not a number"):
+        read_features(_write(tmp_path, "a,b\n1,2\n3,x\n", "bad.csv"), ["a", "b"])
+
+
+def test_stratified_split_keeps_proportions_and_is_deterministic():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    train, test = stratified_split(labels, 0.2, seed=1)
+    assert np.bincount(labels[test]).tolist() == [10, 6, 4]
+    assert np.intersect1d(train, test).size == 0
+    assert np.union1d(train, test).tolist() == list(range(100))
+    again_train, again_test = stratified_split(labels, 0.2, seed=1)
+    np.testing.assert_array_equal(test, again_test)
+    np.testing.assert_array_equal(train, again_train)
+    assert not np.array_equal(test, stratified_split(labels, 0.2, seed=2)[1])
+
+
+def test_stratified_split_keeps_a_training_row_per_class_and_rejects_bad_sizes():
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    train, test = stratified_split(labels, 0.9, seed=0)
+    assert set(labels[train]) == {0, 1}
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(DataError, match="strictly between 0 and 1"):
+            stratified_split(labels, bad, seed=0)
+    with pytest.raises(DataError, match="holds out no rows"):
+        stratified_split(labels, 0.05, seed=0)

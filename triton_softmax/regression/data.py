@@ -1,0 +1,291 @@
+"""Tabular data for softmax regression: the embedded Iris set, user CSVs and a stratified split.
+
+A CSV has a header row, numeric feature columns and one label column (strings or integers). Row
+numbers in error messages count the header as row 1, as a spreadsheet does, so "row 5" is the fifth
+line of a file without quoted line breaks. This module needs numpy only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+_INTEGER = re.compile(r"[+-]?\d+")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and, where known, the row and column."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features and integer labels with the names that give them meaning.
+
+    Attributes:
+        features: float32 array of shape (n_samples, n_features).
+        labels: int64 array of shape (n_samples,), indices into ``class_names``.
+        feature_names: one name per feature column, in column order.
+        class_names: the distinct labels, sorted (numerically when all labels are integers).
+        source: where the data came from, for messages and metadata.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+    source: str
+
+    @property
+    def n_samples(self) -> int:
+        """Number of rows."""
+        return int(self.features.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature columns."""
+        return int(self.features.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        """Number of distinct classes."""
+        return len(self.class_names)
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        """Rows ``indices`` of this dataset, with the same names.
+
+        Args:
+            indices: integer row indices.
+
+        Returns:
+            A new ``Dataset`` sharing feature and class names with this one.
+        """
+        return Dataset(
+            self.features[indices],
+            self.labels[indices],
+            self.feature_names,
+            self.class_names,
+            self.source,
+        )
+
+
+def load_iris() -> Dataset:
+    """Load Fisher's Iris data embedded in the package (150 rows, 4 features, 3 species).
+
+    The file is the public-domain copy that scikit-learn ships (the same as R's, not UCI's, which
+    has two wrong data points), with a header and species names instead of codes.
+
+    Returns:
+        The dataset; ``source`` is ``"iris (embedded)"``.
+    """
+    text = resources.files("triton_softmax.regression").joinpath("data/iris.csv").read_text("utf-8")
+    header, rows = _parse(text.splitlines(), "iris.csv")
+    return _to_dataset(header, rows, "species", "iris.csv", "iris (embedded)")
+
+
+def load_csv(path: str | Path, label_column: str | None = None) -> Dataset:
+    """Load a labelled CSV: a header, numeric feature columns and one label column.
+
+    Args:
+        path: the CSV file (UTF-8, comma-separated, header row first).
+        label_column: name of the label column; the last column when ``None``. Every other column
+            is a feature and must hold finite numbers.
+
+    Returns:
+        The dataset, classes sorted (numerically when every label is an integer).
+
+    Raises:
+        DataError: the file is missing, empty or not UTF-8; the label column is absent; a cell is
+            missing or not a finite number (the message names file, row and column); a row has the
+            wrong number of fields; fewer than two classes.
+    """
+    name = str(path)
+    header, rows = _parse(_read_lines(path), name)
+    if label_column is None:
+        label_column = header[-1]
+    return _to_dataset(header, rows, label_column, name, name)
+
+
+def read_features(path: str | Path, feature_names: Sequence[str]) -> np.ndarray:
+    """Read the named feature columns of a CSV, in the order given; other columns are ignored.
+
+    Args:
+        path: the CSV file (UTF-8, comma-separated, header row first).
+        feature_names: the columns to read.
+
+    Returns:
+        float32 array of shape (n_rows, len(feature_names)); zero rows for a header-only file.
+
+    Raises:
+        DataError: the file is missing, empty or not UTF-8; a named column is absent; a cell is
+            missing or not a finite number; a row has the wrong number of fields.
+    """
+    name = str(path)
+    header, rows = _parse(_read_lines(path), name, allow_no_rows=True)
+    missing = [f for f in feature_names if f not in header]
+    if missing:
+        raise DataError(
+            f"{name}: missing feature column(s) {', '.join(map(repr, missing))}; "
+            f"the file has {', '.join(map(repr, header))}"
+        )
+    positions = [header.index(f) for f in feature_names]
+    return _numeric_block(rows, header, positions, name)
+
+
+def stratified_split(
+    labels: np.ndarray, test_size: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into train and test sets with the class proportions kept in both.
+
+    Each class sends ``round(test_size * count)`` rows to the test set, but always keeps at least
+    one row for training. The same ``seed`` gives the same split.
+
+    Args:
+        labels: int64 class indices, shape (n_samples,).
+        test_size: fraction of each class held out, strictly between 0 and 1.
+        seed: seed of the shuffle.
+
+    Returns:
+        ``(train_indices, test_indices)``, each sorted ascending.
+
+    Raises:
+        DataError: ``test_size`` is outside (0, 1) or the test set would be empty.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise DataError(f"test size must be strictly between 0 and 1, got {test_size}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_test = min(int(math.floor(test_size * idx.size + 0.5)), idx.size - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    test_idx = np.sort(np.concatenate(test))
+    if test_idx.size == 0:
+        raise DataError(
+            f"a test size of {test_size} holds out no rows of {labels.size}; "
+            "raise the test size or add rows"
+        )
+    return np.sort(np.concatenate(train)), test_idx
+
+
+def _read_lines(path: str | Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a CSV file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _parse(
+    lines: list[str], name: str, allow_no_rows: bool = False
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and ``(row_number, cells)`` pairs; blank lines are skipped."""
+    records: Iterator[tuple[int, list[str]]] = _records(lines)
+    header_record = next(records, None)
+    if header_record is None:
+        raise DataError(f"{name}: the file is empty")
+    _, header = header_record
+    for i, column in enumerate(header, start=1):
+        if not column:
+            raise DataError(f"{name}: column {i} of the header has no name")
+    seen = set()
+    for column in header:
+        if column in seen:
+            raise DataError(f"{name}: column {column!r} appears twice in the header")
+        seen.add(column)
+    rows = []
+    for row_number, cells in records:
+        if len(cells) != len(header):
+            raise DataError(
+                f"{name}, row {row_number}: {len(cells)} fields, but the header has {len(header)}"
+            )
+        rows.append((row_number, cells))
+    if not rows and not allow_no_rows:
+        raise DataError(f"{name}: no data rows after the header")
+    return header, rows
+
+
+def _records(lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    reader = csv.reader(lines)
+    for cells in reader:
+        if cells:
+            yield reader.line_num, [c.strip() for c in cells]
+
+
+def _numeric_block(
+    rows: list[tuple[int, list[str]]], header: list[str], positions: list[int], name: str
+) -> np.ndarray:
+    out = np.empty((len(rows), len(positions)), dtype=np.float32)
+    for i, (row_number, cells) in enumerate(rows):
+        for j, pos in enumerate(positions):
+            out[i, j] = _number(cells[pos], name, row_number, header[pos])
+    return out
+
+
+def _number(cell: str, name: str, row_number: int, column: str) -> float:
+    where = f"{name}, row {row_number}, column {column!r}"
+    if not cell:
+        raise DataError(f"{where}: missing value")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise DataError(f"{where}: {cell!r} is not a number") from None
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise DataError(f"{where}: {cell!r} is not a finite float32 number")
+    return value
+
+
+def _to_dataset(
+    header: list[str],
+    rows: list[tuple[int, list[str]]],
+    label_column: str,
+    name: str,
+    source: str,
+) -> Dataset:
+    if label_column not in header:
+        raise DataError(
+            f"{name}: no label column {label_column!r}; the columns are "
+            f"{', '.join(map(repr, header))}"
+        )
+    label_pos = header.index(label_column)
+    feature_pos = [i for i in range(len(header)) if i != label_pos]
+    if not feature_pos:
+        raise DataError(f"{name}: no feature columns besides the label column {label_column!r}")
+    raw_labels = []
+    for row_number, cells in rows:
+        if not cells[label_pos]:
+            raise DataError(f"{name}, row {row_number}, column {label_column!r}: missing label")
+        raw_labels.append(cells[label_pos])
+    if all(_INTEGER.fullmatch(v) for v in raw_labels):
+        raw_labels = [str(int(v)) for v in raw_labels]
+        class_names = sorted(set(raw_labels), key=int)
+    else:
+        class_names = sorted(set(raw_labels))
+    if len(class_names) < 2:
+        raise DataError(
+            f"{name}: label column {label_column!r} has {len(class_names)} class "
+            f"({', '.join(map(repr, class_names))}); need at least two"
+        )
+    index = {c: i for i, c in enumerate(class_names)}
+    features = _numeric_block(rows, header, feature_pos, name)
+    labels = np.array([index[v] for v in raw_labels], dtype=np.int64)
+    return Dataset(
+        features,
+        labels,
+        tuple(header[i] for i in feature_pos),
+        tuple(class_names),
+        source,
+    )
