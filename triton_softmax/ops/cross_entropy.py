@@ -147,8 +147,6 @@ def _cross_entropy_forward_kernel(
     logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
     target_rows = target_ptr + rows.to(tl.int64)[:, None] * target_row_stride
     cols = tl.arange(0, BLOCK_N)
-    # Without smoothing, class-index targets need only the target logit: skip A and S.
-    TRACK_TARGET_SUMS: tl.constexpr = HAS_SMOOTHING or not TARGET_IS_INDEX
 
     m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max
     m_shift = tl.zeros([BLOCK_M], ACC_DTYPE)  # m, or 0 while the row has seen only -inf
@@ -162,7 +160,8 @@ def _cross_entropy_forward_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - m_new_shift) + tl.sum(tl.exp(x - m_new_shift[:, None]), axis=1)
-        if TRACK_TARGET_SUMS:
+        # Without smoothing, class-index targets need only the target logit: a, s stay 0.
+        if HAS_SMOOTHING or not TARGET_IS_INDEX:
             r = _target_block(
                 target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
                 TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
@@ -176,10 +175,7 @@ def _cross_entropy_forward_kernel(
     # m = -inf, d = 0, lse = -inf and a NaN loss, as in torch.
     log_d = tl.log(d)
     lse = m + log_d
-    if TRACK_TARGET_SUMS:
-        loss = s * log_d - a  # sum_j r_j (lse - x_j) = S log d - sum_j r_j (x_j - m)
-    else:
-        loss = tl.zeros([BLOCK_M], ACC_DTYPE)
+    loss = s * log_d - a  # sum_j r_j (lse - x_j) = S log d - sum_j r_j (x_j - m)
 
     if TARGET_IS_INDEX:
         safe_target, counted, bad, w_target = _load_index_target(
