@@ -368,6 +368,13 @@ def test_unchecked_out_of_range_class_gives_nan_not_out_of_bounds(monkeypatch):
     assert torch.isfinite(x.grad[0]).all() and torch.isnan(x.grad[1:]).all()
 
 
+def test_operands_on_another_device_raise():
+    with pytest.raises(ValueError, match="weight is on meta"):
+        ts.cross_entropy(
+            torch.randn(3, 5), torch.zeros(3, dtype=torch.long), weight=torch.ones(5, device="meta")
+        )
+
+
 def test_weight_length_raises():
     with pytest.raises(ValueError, match=r"weight.*\(5,\).*\(4,\)"):
         ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), weight=torch.ones(4))

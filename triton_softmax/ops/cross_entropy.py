@@ -36,6 +36,7 @@ Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
@@ -317,6 +318,11 @@ def _check_operands(
             f"cross_entropy target must be int64 class indices or floating probabilities, "
             f"got {target.dtype}"
         )
+    for name, operand in (("target", target), ("weight", weight)):
+        if operand is not None and operand.device != logits.device:
+            raise ValueError(
+                f"cross_entropy {name} is on {operand.device} but the logits are on {logits.device}"
+            )
     if weight is not None:
         check_floating(weight, "cross_entropy weight")
         if weight.shape != (n_classes,):
@@ -366,10 +372,14 @@ def _target_weights(
     return q * w, torch.ones(n_rows, dtype=torch.bool, device=logits.device)
 
 
+def _to_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _hi_lo(value: float) -> tuple[float, float]:
     """``value`` as two fp32-representable halves whose sum is exact to ~48 bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _to_fp32(value)
+    return hi, _to_fp32(value - hi)
 
 
 def _launch_arguments(logits, target, weight, ignore_index, label_smoothing, z_loss, block_n):
