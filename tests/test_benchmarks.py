@@ -123,3 +123,30 @@ def test_full_kernel_benchmark_without_cuda_exits_nonzero_and_says_why():
     assert done.returncode == kernels.NO_GPU_EXIT != 0
     assert "no CUDA device: the kernel benchmark needs a GPU" in done.stderr
     assert "--smoke" in done.stderr
+
+
+def test_serving_smoke_checks_times_and_reports(tmp_path):
+    from benchmarks import serving
+
+    assert serving.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (csv_path,) = tmp_path.glob("serving-smoke_*.csv")
+    rows = report.read_csv(csv_path)
+    by = {(r["provider"], r["rows"]): r for r in rows}
+    for name in (
+        "onnxruntime",
+        "OnnxClassifier",
+        "torch eager",
+        "torch eager (F.softmax)",
+        "numpy",
+    ):
+        for n in (1, *serving.SMOKE_SIZES):
+            r = by[(name, n)]
+            assert r["status"] == "ok", (name, n, r["status"])
+            assert r["max_abs_err"] <= serving.ATOL
+            assert 0 < r["p50_us"] <= r["p99_us"] and math.isfinite(r["rows_per_s"])
+    sklearn = by[("scikit-learn", 1)]["status"]
+    assert sklearn == "ok" or sklearn.startswith("skipped: not installed")
+    md = csv_path.with_suffix(".md").read_text()
+    assert "| onnxruntime vs torch eager |" in md and "Machine: " in md
+    section = report.readme_serving_section(tmp_path, REPO / "README.md")
+    assert "No serving numbers" in section  # smoke CSVs never reach the README
