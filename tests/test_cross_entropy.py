@@ -274,6 +274,19 @@ def test_inplace_backward():
     assert not torch.equal(logits.detach(), before)  # the logits' memory now holds the gradient
 
 
+def test_inplace_backward_under_compile():
+    def f(x, target):
+        return ts.cross_entropy(x * 2.0, target, inplace_backward=True)
+
+    torch._dynamo.reset()
+    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 10, (6,), device=DEVICE)
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x, target).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(x_ref * 2.0, target).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def test_default_backward_leaves_logits_alone():
     x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
     logits = x * 2.0
