@@ -170,13 +170,28 @@ def _softmax_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _tiles(n_cols: int, block_n: int | None) -> tuple[int, int, bool]:
-    block_m, block_n = row_tiles(
+def _launch_over_rows(kernel, out: torch.Tensor, inputs: tuple, log: bool, block_n) -> None:
+    """Launch a kernel whose arguments are (out, *inputs, their row strides, n_rows, n_cols):
+    rows of the last dimension, contiguous ``out``, inputs of out's shape with any strides."""
+    out_rows = out.view(-1, out.shape[-1])
+    input_rows = [as_rows(t) for t in inputs]
+    n_rows, n_cols = out_rows.shape
+    max_block_n = MAX_SINGLE_BLOCK_COLS if n_cols <= MAX_SINGLE_BLOCK_COLS else STREAM_BLOCK_COLS
+    block_m, block_n = row_tiles(n_cols, max_block_n, block_n)
+    kernel[(triton.cdiv(n_rows, block_m),)](
+        out_rows,
+        *input_rows,
+        out_rows.stride(0),
+        *(rows.stride(0) for rows in input_rows),
+        n_rows,
         n_cols,
-        MAX_SINGLE_BLOCK_COLS if n_cols <= MAX_SINGLE_BLOCK_COLS else STREAM_BLOCK_COLS,
-        block_n,
+        LOG=log,
+        ACC_DTYPE=triton_accumulator_dtype(out.dtype),
+        SINGLE_BLOCK=n_cols <= block_n,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m * block_n),
     )
-    return block_m, block_n, n_cols <= block_n
 
 
 def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -> torch.Tensor:
@@ -199,23 +214,7 @@ def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -
         acc = x.to(accumulator_dtype(x.dtype))
         out.copy_(torch.log_softmax(acc, -1) if log else torch.softmax(acc, -1))
         return out
-    rows, out_rows = as_rows(x), out.view(-1, x.shape[-1])
-    n_rows, n_cols = rows.shape
-    block_m, block_n, single = _tiles(n_cols, block_n)
-    _softmax_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-        out_rows,
-        rows,
-        out_rows.stride(0),
-        rows.stride(0),
-        n_rows,
-        n_cols,
-        LOG=log,
-        ACC_DTYPE=triton_accumulator_dtype(x.dtype),
-        SINGLE_BLOCK=single,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m * block_n),
-    )
+    _launch_over_rows(_softmax_forward_kernel, out, (x,), log, block_n)
     return out
 
 
@@ -240,26 +239,7 @@ def softmax_backward(
         else:
             grad_x.copy_(y_acc * (dy - (y_acc * dy).sum(-1, keepdim=True)))
         return grad_x
-    y_rows, dy_rows = as_rows(y), as_rows(grad_y.to(y.dtype))
-    grad_x_rows = grad_x.view(-1, y.shape[-1])
-    n_rows, n_cols = y_rows.shape
-    block_m, block_n, single = _tiles(n_cols, block_n)
-    _softmax_backward_kernel[(triton.cdiv(n_rows, block_m),)](
-        grad_x_rows,
-        y_rows,
-        dy_rows,
-        grad_x_rows.stride(0),
-        y_rows.stride(0),
-        dy_rows.stride(0),
-        n_rows,
-        n_cols,
-        LOG=log,
-        ACC_DTYPE=triton_accumulator_dtype(y.dtype),
-        SINGLE_BLOCK=single,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m * block_n),
-    )
+    _launch_over_rows(_softmax_backward_kernel, grad_x, (y, grad_y.to(y.dtype)), log, block_n)
     return grad_x
 
 
