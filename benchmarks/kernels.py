@@ -82,7 +82,7 @@ MEMORY_FACTOR = {
     ("softmax", "forward"): 4,
     ("softmax", "backward"): 7,
     ("softmax", "forward+backward"): 7,
-    ("cross_entropy", "forward"): 3,
+    ("cross_entropy", "forward"): 4,
     ("cross_entropy", "backward"): 7,
     ("cross_entropy", "forward+backward"): 7,
 }
@@ -252,21 +252,24 @@ class Case:
         x, t, dy = self.x, self.target, self.dy
         args = (lambda v: (v, t)) if t is not None else (lambda v: (v,))
         grad_out = (dy,) if dy is not None else None
-        if mode == "forward":
-
-            def forward() -> tuple[torch.Tensor, ...]:
-                with torch.no_grad():
-                    return (fn(*args(x)),)
-
-            return forward, forward, lambda: None
-
-        # A private leaf: in-place providers overwrite it with the gradient, never `self.x`.
-        leaf = (x.clone() if inplace else x.detach()).requires_grad_(True)
+        # In-place providers get a private copy of the logits: whatever they write into it
+        # (the gradient) never reaches `self.x`, which every provider reads.
+        own = x.clone() if inplace else x.detach()
 
         def reset() -> None:
             if inplace:
                 with torch.no_grad():
-                    leaf.copy_(x)
+                    own.copy_(x)
+
+        if mode == "forward":
+
+            def forward() -> tuple[torch.Tensor, ...]:
+                with torch.no_grad():
+                    return (fn(*args(own)),)
+
+            return forward, forward, reset
+
+        leaf = own.requires_grad_(True)
 
         if mode == "backward":
             out = fn(*args(leaf))
