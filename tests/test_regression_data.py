@@ -66,7 +66,11 @@ def test_csv_bom_quotes_and_spaces(tmp_path):
         ("\n\n", None, r"data\.csv: the file is empty"),
         ("a,b,label\n", None, r"data\.csv: no data rows"),
         ("a,b,label\n1,,x\n2,3,y\n", None, r"data\.csv, row 2, column 'b': missing value"),
-        ("a,b,label\n1,2,x\n2,abc,y\n", None, r"data\.csv, row 3, column 'b': 'abc' is not a number"),
+        (
+            "a,b,label\n1,2,x\n2,abc,y\n",
+            None,
+            r"data\.csv, row 3, column 'b': 'abc' is not a number",
+        ),
         ("a,b,label\n1,2,x\nnan,3,y\n", None, r"row 3, column 'a': 'nan' is not a finite"),
         ("a,b,label\n1,2,x\n1e39,3,y\n", None, r"row 3, column 'a': '1e39' is not a finite"),
         ("a,b,label\n1,2,x\n2,3,\n", None, r"row 3, column 'label': missing label"),

@@ -1,0 +1,271 @@
+"""Export a ``SoftmaxRegression`` to one self-contained ONNX file and verify it.
+
+The graph is ``features -> Sub -> Div -> Gemm -> Softmax -> probabilities`` plus
+``ArgMax -> label``, all in the default ONNX domain: the library's ``torch.ops.triton_softmax`` ops
+are translated to the standard ``Softmax`` / ``LogSoftmax`` through ``custom_translation_table``, so
+any ONNX runtime can serve the file. Signature (the skl2onnx layout with zipmap off): input
+``features`` float32 [N, n_features], outputs ``label`` int64 [N] and ``probabilities`` float32
+[N, k]; class and feature names are JSON lists in ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxscript
+import torch
+from torch import nn
+
+import triton_softmax  # noqa: F401  (registers torch.ops.triton_softmax.*)
+from triton_softmax.regression._atomic import atomic_path
+from triton_softmax.regression.model import SoftmaxRegression
+
+from .runtime import CPU_PROVIDER, OnnxClassifier
+
+DEFAULT_OPSET = 18
+PARITY_ATOL = 1e-5
+INPUT_NAME = "features"
+OUTPUT_NAMES = ("label", "probabilities")
+
+
+class ExportError(RuntimeError):
+    """The exported model failed a check; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """onnxruntime against torch on the same rows.
+
+    Attributes:
+        n_rows: rows compared.
+        max_abs_diff: largest absolute difference of any probability.
+        labels_identical: whether every predicted label index agrees.
+        n_label_mismatches: rows whose label differs.
+    """
+
+    n_rows: int
+    max_abs_diff: float
+    labels_identical: bool
+    n_label_mismatches: int
+
+    @property
+    def ok(self) -> bool:
+        """Within ``PARITY_ATOL`` and identical labels."""
+        return self.labels_identical and self.max_abs_diff <= PARITY_ATOL
+
+
+class _Classifier(nn.Module):
+    """The exported graph: ``(label, probabilities)`` from ``features``."""
+
+    def __init__(self, model: SoftmaxRegression) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities = self.model(features)
+        return probabilities.argmax(dim=-1), probabilities
+
+
+def translation_table(opset_version: int = DEFAULT_OPSET) -> dict[Callable, Callable]:
+    """Map the library's registered ops to standard ONNX ops, for ``torch.onnx.export``.
+
+    Args:
+        opset_version: the default-domain opset of the exported model (>= 13 for these ops).
+
+    Returns:
+        ``{torch.ops.triton_softmax.softmax.default: ..., ...log_softmax.default: ...}``; each value
+        emits one ``Softmax`` / ``LogSoftmax`` over the last axis, as the ops compute.
+    """
+    op = onnxscript.values.Opset("", opset_version)
+
+    def softmax(x):
+        return op.Softmax(x, axis=-1)
+
+    def log_softmax(x):
+        return op.LogSoftmax(x, axis=-1)
+
+    return {
+        torch.ops.triton_softmax.softmax.default: softmax,
+        torch.ops.triton_softmax.log_softmax.default: log_softmax,
+    }
+
+
+def to_onnx(
+    model: SoftmaxRegression,
+    *,
+    feature_names: Sequence[str],
+    class_names: Sequence[str],
+    metadata: dict[str, str] | None = None,
+    opset_version: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Export ``model`` with ``torch.onnx.export(dynamo=True)`` and a dynamic batch dimension.
+
+    The export traces a CPU copy on fake tensors; no kernel runs and the model is not changed.
+
+    Args:
+        model: a trained model (any device).
+        feature_names: one per feature, stored as JSON in ``metadata_props["feature_names"]``.
+        class_names: one per class, stored as JSON in ``metadata_props["class_names"]``.
+        metadata: more ``metadata_props`` entries.
+        opset_version: default-domain opset, at least 18.
+
+    Returns:
+        The model proto, with every initializer embedded.
+
+    Raises:
+        ValueError: the names do not match the model or the opset is below 18.
+    """
+    if opset_version < 18:
+        raise ValueError(f"opset must be at least 18, got {opset_version}")
+    if len(feature_names) != model.n_features or len(class_names) != model.n_classes:
+        raise ValueError(
+            f"{len(feature_names)} feature names and {len(class_names)} class names for a model "
+            f"with {model.n_features} features and {model.n_classes} classes"
+        )
+    wrapper = _Classifier(copy.deepcopy(model).cpu().eval())
+    example = torch.zeros(2, model.n_features)
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=opset_version,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            custom_translation_table=translation_table(opset_version),
+            verbose=False,
+        )
+    proto = program.model_proto
+    props = {
+        "feature_names": json.dumps(list(feature_names)),
+        "class_names": json.dumps(list(class_names)),
+        **(metadata or {}),
+    }
+    onnx.helper.set_model_props(proto, props)
+    proto.doc_string = "Softmax regression exported by triton-softmax"
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Check the model (``full_check=True``) and write it as one self-contained file, atomically.
+
+    Args:
+        proto: the model.
+        path: destination ``.onnx`` file.
+
+    Returns:
+        The path written.
+
+    Raises:
+        onnx.checker.ValidationError: the checker rejects the model.
+        ExportError: a tensor refers to external data.
+    """
+    onnx.checker.check_model(proto, full_check=True)
+    external = [
+        t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise ExportError(f"initializers stored outside the model: {external}")
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp, save_as_external_data=False)
+    return Path(path)
+
+
+@torch.no_grad()
+def check_parity(
+    path: str | os.PathLike[str], model: SoftmaxRegression, features: np.ndarray
+) -> ParityReport:
+    """Compare onnxruntime (CPU) with the torch model on the same rows.
+
+    Args:
+        path: the exported ``.onnx`` file.
+        model: the torch model it came from.
+        features: float32 array (N, n_features), N >= 1.
+
+    Returns:
+        The comparison; ``ok`` tells whether it is within ``PARITY_ATOL`` with identical labels.
+    """
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    label, proba = OnnxClassifier(path, providers=[CPU_PROVIDER]).run(x)
+    device = next(model.parameters()).device
+    expected = model.eval()(torch.from_numpy(x).to(device)).cpu().numpy()
+    expected_label = expected.argmax(axis=-1)
+    mismatches = int((label != expected_label).sum())
+    return ParityReport(
+        n_rows=int(x.shape[0]),
+        max_abs_diff=float(np.abs(proba - expected).max()) if x.shape[0] else 0.0,
+        labels_identical=mismatches == 0,
+        n_label_mismatches=mismatches,
+    )
+
+
+def export_and_verify(
+    model: SoftmaxRegression,
+    path: str | os.PathLike[str],
+    features: np.ndarray,
+    *,
+    feature_names: Sequence[str],
+    class_names: Sequence[str],
+    metadata: dict[str, str] | None = None,
+    opset_version: int = DEFAULT_OPSET,
+) -> ParityReport:
+    """Export, check, save and compare with torch; the whole ``train``/``export`` pipeline step.
+
+    Args:
+        model: a trained model.
+        path: destination ``.onnx`` file.
+        features: float32 rows (N, n_features) for the parity check, e.g. the held-out set.
+        feature_names: one per feature.
+        class_names: one per class.
+        metadata: more ``metadata_props`` entries.
+        opset_version: default-domain opset, at least 18.
+
+    Returns:
+        The parity report (already known to be ``ok``).
+
+    Raises:
+        ExportError: parity fails (the file is removed) or the file is not self-contained.
+    """
+    proto = to_onnx(
+        model,
+        feature_names=feature_names,
+        class_names=class_names,
+        metadata=metadata,
+        opset_version=opset_version,
+    )
+    out = save_onnx(proto, path)
+    report = check_parity(out, model, features)
+    if not report.ok:
+        out.unlink()
+        raise ExportError(
+            f"onnxruntime disagrees with torch on {report.n_rows} rows: max abs difference "
+            f"{report.max_abs_diff:.3g} (limit {PARITY_ATOL:g}), "
+            f"{report.n_label_mismatches} different labels; {out} removed"
+        )
+    return report
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's log lines (e.g. 'torchvision is not installed') for the duration."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

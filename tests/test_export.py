@@ -1,0 +1,162 @@
+"""ONNX export: standard ops only, signature, metadata, parity with torch and the ONNX reference."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+import triton_softmax as ts
+from export import onnx_export
+from export.onnx_export import (
+    ExportError,
+    ParityReport,
+    check_parity,
+    export_and_verify,
+    to_onnx,
+    translation_table,
+)
+from triton_softmax.regression import TrainConfig, load_iris, train
+
+
+@pytest.fixture(scope="module")
+def iris():
+    return load_iris()
+
+
+@pytest.fixture(scope="module")
+def model(iris):
+    # A short run is enough: parity does not depend on how well the model is trained.
+    return train(iris, TrainConfig(epochs=30), reference=False).model
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory, model, iris):
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    report = export_and_verify(
+        model,
+        path,
+        iris.features,
+        feature_names=iris.feature_names,
+        class_names=iris.class_names,
+        metadata={"note": "test"},
+    )
+    assert report.ok and report.n_rows == 150
+    return path
+
+
+def _rows(iris, n: int, seed: int) -> np.ndarray:
+    """n rows around the Iris data: resampled rows plus noise, float32."""
+    rng = np.random.default_rng(seed)
+    picked = iris.features[rng.integers(0, iris.n_samples, n)]
+    return (picked + rng.normal(scale=0.3, size=picked.shape)).astype(np.float32)
+
+
+def test_graph_uses_standard_ops_only_and_passes_the_full_check(onnx_path):
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)]
+    assert {n.domain for n in proto.graph.node} == {""}
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Softmax" in ops and "ArgMax" in ops and "Gemm" in ops
+    assert not any("triton" in op.lower() for op in ops)
+    # One self-contained file: every weight inside, nothing written next to it.
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["model.onnx"]
+
+
+def test_signature_and_metadata(onnx_path, iris):
+    proto = onnx.load(str(onnx_path))
+    (inp,) = proto.graph.input
+    label, proba = proto.graph.output
+
+    def dims(value_info):
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    assert inp.name == "features" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert label.name == "label" and label.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert proba.name == "probabilities"
+    assert proba.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    batch = dims(inp)[0]
+    assert isinstance(batch, str)  # symbolic: any batch size
+    assert dims(inp) == [batch, 4] and dims(label) == [batch] and dims(proba) == [batch, 3]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["class_names"]) == list(iris.class_names)
+    assert json.loads(props["feature_names"]) == list(iris.feature_names)
+    assert props["note"] == "test"
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_onnxruntime_matches_torch(onnx_path, model, iris, batch):
+    x = _rows(iris, batch, seed=batch)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    label, proba = session.run(["label", "probabilities"], {"features": x})
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert label.dtype == np.int64 and label.shape == (batch,)
+    assert proba.dtype == np.float32 and proba.shape == (batch, 3)
+    np.testing.assert_allclose(proba, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(label, expected.argmax(axis=1))
+    report = check_parity(onnx_path, model, x)
+    assert report.ok and report.n_rows == batch and report.max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [7, 1000])
+def test_onnxruntime_matches_the_onnx_reference_evaluator(onnx_path, iris, batch):
+    x = _rows(iris, batch, seed=100 + batch)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    label, proba = session.run(["label", "probabilities"], {"features": x})
+    ref_label, ref_proba = ReferenceEvaluator(str(onnx_path)).run(
+        ["label", "probabilities"], {"features": x}
+    )
+    np.testing.assert_allclose(proba, ref_proba, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(label, ref_label)
+
+
+def test_log_softmax_op_is_translated_to_standard_log_softmax(tmp_path):
+    class LogProbs(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return ts.log_softmax(x, dim=-1)
+
+    x = torch.randn(5, 6)
+    program = torch.onnx.export(
+        LogProbs(),
+        (x,),
+        dynamo=True,
+        opset_version=18,
+        custom_translation_table=translation_table(18),
+        verbose=False,
+    )
+    proto = program.model_proto
+    assert [n.op_type for n in proto.graph.node] == ["LogSoftmax"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {proto.graph.input[0].name: x.numpy()})
+    np.testing.assert_allclose(out, torch.log_softmax(x, dim=-1).numpy(), rtol=0, atol=1e-5)
+
+
+def test_bad_arguments_are_rejected(model, iris):
+    with pytest.raises(ValueError, match="opset must be at least 18"):
+        to_onnx(
+            model, feature_names=iris.feature_names, class_names=iris.class_names, opset_version=17
+        )
+    with pytest.raises(ValueError, match="2 class names for a model with 4 features and 3"):
+        to_onnx(model, feature_names=iris.feature_names, class_names=["a", "b"])
+
+
+def test_failed_parity_raises_and_leaves_no_file(tmp_path, model, iris, monkeypatch):
+    failing = ParityReport(n_rows=3, max_abs_diff=0.5, labels_identical=False, n_label_mismatches=2)
+    monkeypatch.setattr(onnx_export, "check_parity", lambda *args: failing)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ExportError, match=r"max abs difference 0\.5 .* 2 different labels"):
+        export_and_verify(
+            model,
+            path,
+            iris.features[:3],
+            feature_names=iris.feature_names,
+            class_names=iris.class_names,
+        )
+    assert list(tmp_path.iterdir()) == []
