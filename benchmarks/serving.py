@@ -18,7 +18,8 @@ The model is trained on the embedded Iris data and exported with the project's o
 All take and return numpy arrays (conversions count). Before timing, every provider's
 probabilities are checked against torch eager. Batch 1: p50 / p99 latency of single-row calls.
 Larger batches (1e3 ... 1e6 rows): p50 / p99 of whole-batch calls and rows per second from the p50.
-Providers are timed in interleaved rounds, so that background load hits them alike.
+Providers are timed in rounds of consecutive calls, so that slow drifts in background load hit
+them alike.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from benchmarks.machine import cpu_description, cpu_model, package_version, slug
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
-#: Whole-batch calls timed per size (interleaved across providers).
-REPS = {1_000: 200, 10_000: 60, 100_000: 20, 1_000_000: 7}
+#: Whole-batch calls timed per size and provider.
+REPS = {1_000: 400, 10_000: 100, 100_000: 24, 1_000_000: 8}
 BATCH1_CALLS = 4000
-ROUNDS = 8
+ROUNDS = 4
 SMOKE_SIZES = (1_000,)
 SMOKE_REPS = 3
 SMOKE_BATCH1_CALLS = 24
@@ -202,15 +203,19 @@ def _percentiles(times_ns: Sequence[int]) -> tuple[float, float, float]:
     return float(np.percentile(us, 50)), float(np.percentile(us, 99)), float(us.mean())
 
 
-def time_interleaved(
+def time_rounds(
     served: Sequence[Served], x: np.ndarray, calls: int, rounds: int
 ) -> dict[str, list[int]]:
-    """Per provider, ``calls`` timings (ns) of ``predict(x)``, taken in ``rounds`` rounds that
-    cycle through the providers."""
+    """Per provider, about ``calls`` timings (ns) of ``predict(x)``, taken in ``rounds`` rounds;
+    each round gives every provider one block of consecutive calls after a pause and a warm-up
+    call. Blocks keep one provider's thread pool (onnxruntime's spins after each run) from
+    slowing the next provider's calls; rounds spread slow drifts in background load over all."""
     times: dict[str, list[int]] = {s.name: [] for s in served}
-    per_round = max(1, calls // rounds)
+    per_round = max(1, math.ceil(calls / rounds))
     for _ in range(rounds):
         for s in served:
+            time.sleep(0.02)
+            s.predict(x)
             out = times[s.name]
             for _ in range(per_round):
                 start = time.perf_counter_ns()
@@ -253,13 +258,13 @@ def run(
             s.predict(one)
     for n in (1, *sizes):
         if n == 1:
-            times = time_interleaved(ready, one, batch1_calls, ROUNDS)
+            times = time_rounds(ready, one, batch1_calls, ROUNDS)
         else:
             x = synthetic_rows(data, n, seed=n)
             for s in ready:
                 s.predict(x)
             count = reps if isinstance(reps, int) else reps[n]
-            times = time_interleaved(ready, x, count, count)
+            times = time_rounds(ready, x, count, ROUNDS)
         for s in served:
             if s.predict is None:
                 rows.append(row(s, n, status=s.skip))
