@@ -351,7 +351,8 @@ def serving_markdown(rows: Sequence[Row]) -> str:
     lines = [
         f"# Serving benchmark: {first['model']}",
         "",
-        f"Machine: {first['machine']}. Versions: {first['versions']}.",
+        f"Machine: {first['machine']}; 1-minute load average {first['load_avg']:.2f} at the "
+        f"start, {first['load_avg_end']:.2f} at the end. Versions: {first['versions']}.",
         "",
         "Batch 1: latency of single-row calls (p50 / p99 over many calls). Larger batches: rows "
         "per second from the p50 time of one call on the whole batch. Every provider's "
@@ -512,7 +513,12 @@ def readme_serving_section(results_dir: Path = RESULTS_DIR, readme: Path = READM
         rows = read_csv(path)
         if not rows:
             continue
-        lines += [f"Measured on {rows[0]['machine']} ({rows[0]['versions']}):", ""]
+        first = rows[0]
+        lines += [
+            f"Measured on {first['machine']} (1-minute load average {first['load_avg']:.2f} at "
+            f"the start, {first['load_avg_end']:.2f} at the end; {first['versions']}):",
+            "",
+        ]
         lines += serving_tables(rows)
         extra = [path.with_suffix(".md"), path.with_suffix(".png")]
         links = [f"[{p.suffix[1:]}]({_rel(p, readme)})" for p in [path, *extra] if p.exists()]

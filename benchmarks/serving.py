@@ -70,6 +70,7 @@ class Row:
     max_abs_err: float = math.nan
     threads: str = ""
     load_avg: float = math.nan
+    load_avg_end: float = math.nan
     machine: str = ""
     model: str = ""
     versions: str = ""
@@ -342,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = run(served, data, SMOKE_SIZES, SMOKE_BATCH1_CALLS, SMOKE_REPS, base)
         else:
             rows = run(served, data, SIZES, BATCH1_CALLS, REPS, base)
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    print(f"1-minute load average at the end: {load_end:.2f}")
+    for r in rows:
+        r.load_avg_end = load_end
     stem = ("serving-smoke_" if args.smoke else "serving_") + slug(cpu_model())
     csv_path = args.out / f"{stem}.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
