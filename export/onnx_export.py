@@ -32,6 +32,7 @@ from triton_softmax.regression.model import SoftmaxRegression
 
 from .runtime import CPU_PROVIDER, OnnxClassifier
 
+MIN_OPSET = 18
 DEFAULT_OPSET = 18
 PARITY_ATOL = 1e-5
 INPUT_NAME = "features"
@@ -125,8 +126,8 @@ def to_onnx(
     Raises:
         ValueError: the names do not match the model or the opset is below 18.
     """
-    if opset_version < 18:
-        raise ValueError(f"opset must be at least 18, got {opset_version}")
+    if opset_version < MIN_OPSET:
+        raise ValueError(f"opset must be at least {MIN_OPSET}, got {opset_version}")
     if len(feature_names) != model.n_features or len(class_names) != model.n_classes:
         raise ValueError(
             f"{len(feature_names)} feature names and {len(class_names)} class names for a model "

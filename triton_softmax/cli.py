@@ -1,0 +1,475 @@
+"""The ``triton-softmax`` command: train, export, predict, info.
+
+``triton-softmax train`` with no arguments trains softmax regression on the embedded Iris data,
+exports it to ONNX, verifies the export against torch and prints the accuracy and the model's path.
+Bad input ends with one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+PROG = "triton-softmax"
+DEFAULT_OUT = Path("runs")
+ONNX_NAME = "model.onnx"
+CHECKPOINT_NAME = "model.safetensors"
+METRICS_NAME = "metrics.json"
+SYNTHETIC_PARITY_ROWS = 256
+
+
+class CommandError(Exception):
+    """A failure to report as one line; raised by the commands, printed by ``main``."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: arguments without the program name; ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The exit status: 0 on success, 1 on bad input or a failed check, 2 on a usage error,
+        130 when interrupted, 141 when stdout is closed early.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            # Triton's interpreter also evaluates masked-off lanes, whose -inf arithmetic makes
+            # numpy warn; the results are unaffected, so keep the command's output readable.
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime")
+            return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        if not _expected(e):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _expected(error: Exception) -> bool:
+    """Errors that describe bad input or a failed check, as opposed to a bug.
+
+    ``ExportError`` and ``TrainingError`` can only come from modules already imported, so they are
+    looked up in ``sys.modules`` rather than imported here (``predict`` never needs the exporter).
+    """
+    kinds: list[type[BaseException]] = [CommandError, ValueError, OSError]
+    for module, name in (
+        ("export.onnx_export", "ExportError"),
+        ("triton_softmax.regression.train", "TrainingError"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(error, tuple(kinds))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Softmax regression trained with the triton-softmax kernels, served with ONNX.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train on a CSV (or the embedded Iris data), export to ONNX, verify, report",
+        description=(
+            "Train softmax regression, save a safetensors checkpoint, export model.onnx, check it "
+            "and compare onnxruntime with torch on the held-out rows. With no arguments: the "
+            "embedded Iris data into runs/iris."
+        ),
+    )
+    train.add_argument(
+        "--data", type=Path, metavar="CSV", help="CSV with a header (default: embedded Iris)"
+    )
+    train.add_argument(
+        "--label-column", metavar="NAME", help="name of the label column (default: the last column)"
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder (default: runs/iris or runs/<CSV name>)",
+    )
+    _add_training_options(train)
+    train.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="torch device to train on (default: cuda when available, else cpu)",
+    )
+    train.add_argument(
+        "--opset", type=int, default=None, metavar="N", help="ONNX opset, >= 18 (default 18)"
+    )
+    train.add_argument(
+        "--no-reference", action="store_true", help="skip the plain-torch reference model"
+    )
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
+    export = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX",
+        description=(
+            "Export a model.safetensors checkpoint to ONNX, check it and compare onnxruntime with "
+            "torch: on the rows of --data, or on synthetic rows drawn from the training mean and "
+            "standard deviation."
+        ),
+    )
+    export.add_argument("checkpoint", type=Path, help="a checkpoint written by `train`")
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="ONNX",
+        help="the .onnx file (default: next to the checkpoint)",
+    )
+    export.add_argument(
+        "--data", type=Path, metavar="CSV", help="CSV whose feature columns the parity check uses"
+    )
+    export.add_argument(
+        "--opset", type=int, default=None, metavar="N", help="ONNX opset, >= 18 (default 18)"
+    )
+    export.set_defaults(run=_export)
+
+    predict = sub.add_parser(
+        "predict",
+        help="predict the classes of a CSV's rows with onnxruntime",
+        description=(
+            "Read the model's feature columns (by name; other columns are ignored) from a CSV and "
+            "write label, class and one probability column per class. The output is written "
+            "atomically: on failure no partial file is left."
+        ),
+    )
+    predict.add_argument("model", type=Path, help="a model.onnx written by `train` or `export`")
+    predict.add_argument("csv", type=Path, help="input CSV with a header")
+    predict.add_argument(
+        "-o", "--output", type=Path, metavar="CSV", help="output CSV (default: stdout)"
+    )
+    predict.add_argument(
+        "--provider",
+        action="append",
+        metavar="NAME",
+        help="onnxruntime execution provider, repeatable (default: CUDA when available, then CPU)",
+    )
+    predict.set_defaults(run=_predict)
+
+    info = sub.add_parser(
+        "info",
+        help="describe a model.onnx or a checkpoint",
+        description="Print the signature, names, metadata and metrics of a model or checkpoint.",
+    )
+    info.add_argument("path", type=Path, help="a .onnx model or a .safetensors checkpoint")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from triton_softmax.regression.train import OPTIMIZERS, TrainConfig
+
+    d = TrainConfig()
+    g = parser.add_argument_group("training")
+    g.add_argument(
+        "--epochs", type=int, metavar="N", default=d.epochs, help=f"maximum epochs ({d.epochs})"
+    )
+    g.add_argument("--lr", type=float, metavar="LR", default=d.lr, help=f"learning rate ({d.lr})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(%(default)s)")
+    g.add_argument(
+        "--momentum",
+        type=float,
+        metavar="M",
+        default=d.momentum,
+        help=f"SGD momentum ({d.momentum})",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="L2",
+        default=d.weight_decay,
+        help=f"L2 ({d.weight_decay})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=d.batch_size,
+        help="rows per step; 0 = full batch (0)",
+    )
+    g.add_argument(
+        "--test-size",
+        type=float,
+        metavar="FRACTION",
+        default=d.test_size,
+        help=f"held-out fraction ({d.test_size})",
+    )
+    g.add_argument(
+        "--seed", type=int, metavar="N", default=d.seed, help=f"split, init and order ({d.seed})"
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        default=d.patience,
+        help=f"stop after this many epochs without progress; 0 = never ({d.patience})",
+    )
+    g.add_argument(
+        "--min-delta",
+        type=float,
+        metavar="DELTA",
+        default=d.min_delta,
+        help=f"loss fall that counts as progress ({d.min_delta})",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    import triton_softmax as ts
+    from export.onnx_export import export_and_verify
+    from triton_softmax.regression import TrainConfig, load_csv, load_iris, save_checkpoint, train
+    from triton_softmax.regression.train import KERNEL_PATHS, library_versions, resolve_device
+
+    start = time.perf_counter()
+    config = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        test_size=args.test_size,
+        seed=args.seed,
+        patience=args.patience,
+        min_delta=args.min_delta,
+    )
+    config.validate()
+    opset = _opset(args.opset)
+    if args.data is None:
+        if args.label_column is not None:
+            raise CommandError("--label-column needs --data")
+        data = load_iris()
+        out = args.out or DEFAULT_OUT / "iris"
+    else:
+        data = load_csv(args.data, args.label_column)
+        out = args.out or DEFAULT_OUT / args.data.stem
+    device = resolve_device(args.device)
+    kernel = ts.kernel_path(device)
+    print(f"kernel path: {kernel} - {KERNEL_PATHS.get(kernel, kernel)}")
+    print(
+        f"data: {data.source}: {data.n_samples} rows, {data.n_features} features, "
+        f"{data.n_classes} classes ({', '.join(data.class_names)})"
+    )
+    run = train(
+        data, config, device=device, progress=not args.quiet, reference=not args.no_reference
+    )
+    m = run.metrics
+    stop = "early stop: loss plateau" if m["stopped_early"] else "epoch limit"
+    print(
+        f"trained {m['epochs_run']} epochs ({stop}) on {m['n_train']} rows in "
+        f"{m['train_seconds']:.1f} s; held-out rows: {m['n_test']} (stratified, seed {config.seed})"
+    )
+    print(f"accuracy: train {m['train_accuracy']:.4f}, test {m['test_accuracy']:.4f}")
+    if run.reference is not None:
+        print(
+            f"plain-torch reference, same split: train {m['reference_train_accuracy']:.4f}, "
+            f"test {m['reference_test_accuracy']:.4f}"
+        )
+    onnx_path = out / ONNX_NAME
+    report = export_and_verify(
+        run.model,
+        onnx_path,
+        run.test.features,
+        feature_names=data.feature_names,
+        class_names=data.class_names,
+        metadata={
+            "triton_softmax_version": library_versions()["triton-softmax"],
+            "test_accuracy": f"{m['test_accuracy']:.6f}",
+        },
+        opset_version=opset,
+    )
+    m.update(
+        onnx_max_abs_diff=report.max_abs_diff,
+        onnx_labels_identical=report.labels_identical,
+        onnx_parity_rows=report.n_rows,
+        onnx_opset=opset,
+        total_seconds=round(time.perf_counter() - start, 3),
+    )
+    print(
+        f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on the "
+        f"{report.n_rows} held-out rows: max abs diff {report.max_abs_diff:.2e}, labels identical"
+    )
+    save_checkpoint(
+        out / CHECKPOINT_NAME,
+        run.model,
+        feature_names=data.feature_names,
+        class_names=data.class_names,
+        config=config,
+        metrics=m,
+    )
+    _write_atomic(
+        out / METRICS_NAME,
+        lambda f: f.write(json.dumps({**m, "config": asdict(config)}, indent=2) + "\n"),
+    )
+    print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / METRICS_NAME}")
+    print(f"model: {onnx_path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from export.onnx_export import export_and_verify
+    from triton_softmax.regression import load_checkpoint, read_features
+
+    opset = _opset(args.opset)
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.data is not None:
+        rows = read_features(args.data, ckpt.feature_names)
+        if rows.shape[0] == 0:
+            raise CommandError(f"{args.data}: no data rows for the parity check")
+        source = f"{rows.shape[0]} rows of {args.data}"
+    else:
+        rng = np.random.default_rng(0)
+        mean = ckpt.model.feature_mean.numpy()
+        std = ckpt.model.feature_std.numpy()
+        rows = (mean + std * rng.standard_normal((SYNTHETIC_PARITY_ROWS, mean.size))).astype(
+            np.float32
+        )
+        source = f"{SYNTHETIC_PARITY_ROWS} synthetic rows (training mean and std)"
+    out = args.output or args.checkpoint.with_suffix(".onnx")
+    report = export_and_verify(
+        ckpt.model,
+        out,
+        rows,
+        feature_names=ckpt.feature_names,
+        class_names=ckpt.class_names,
+        metadata={"triton_softmax_version": ckpt.versions.get("triton-softmax", "unknown")},
+        opset_version=opset,
+    )
+    print(
+        f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on {source}: "
+        f"max abs diff {report.max_abs_diff:.2e}, labels identical"
+    )
+    print(f"model: {out}")
+    return 0
+
+
+def _opset(value: int | None) -> int:
+    """The ``--opset`` value, checked before any work is done."""
+    from export.onnx_export import DEFAULT_OPSET, MIN_OPSET
+
+    if value is None:
+        return DEFAULT_OPSET
+    if value < MIN_OPSET:
+        raise CommandError(f"--opset must be at least {MIN_OPSET}, got {value}")
+    return value
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from export.runtime import OnnxClassifier
+    from triton_softmax.regression.data import read_features
+
+    clf = OnnxClassifier(args.model, providers=args.provider)
+    features = read_features(args.csv, clf.feature_names)
+    label, proba = clf.run(features)
+    header = ["label", "class", *(f"probability_{c}" for c in clf.classes_)]
+
+    def write(f: TextIO) -> None:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for i in range(label.shape[0]):
+            writer.writerow(
+                [int(label[i]), clf.classes_[label[i]], *(f"{p:.8g}" for p in proba[i])]
+            )
+
+    if args.output is None:
+        write(sys.stdout)
+    else:
+        _write_atomic(args.output, write)
+        print(f"{label.shape[0]} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if path.suffix == ".safetensors":
+        _info_checkpoint(path)
+    elif path.suffix == ".onnx":
+        _info_onnx(path)
+    else:
+        raise CommandError(f"{path}: expected a .onnx model or a .safetensors checkpoint")
+    return 0
+
+
+def _info_onnx(path: Path) -> None:
+    import onnx
+
+    from export.runtime import OnnxClassifier
+
+    clf = OnnxClassifier(path)
+    proto = onnx.load(str(path))
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in proto.opset_import)
+    nodes = " -> ".join(n.op_type for n in proto.graph.node)
+    lines = [
+        f"model: {path} ({path.stat().st_size} bytes)",
+        f"producer: {proto.producer_name} {proto.producer_version}; opset: {opsets}",
+        f"input: features float32 [N, {clf.n_features}]",
+        f"outputs: label int64 [N]; probabilities float32 [N, {clf.n_classes}]",
+        f"features: {', '.join(clf.feature_names)}",
+        f"classes: {', '.join(clf.classes_)}",
+        f"graph: {nodes}",
+    ]
+    lines += [
+        f"metadata {k}: {v}"
+        for k, v in sorted(clf.metadata.items())
+        if k not in ("feature_names", "class_names")
+    ]
+    lines.append(f"onnxruntime providers in use: {', '.join(clf.providers)}")
+    print("\n".join(lines))
+
+
+def _info_checkpoint(path: Path) -> None:
+    from triton_softmax.regression import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    lines = [
+        f"checkpoint: {path} ({path.stat().st_size} bytes)",
+        f"model: SoftmaxRegression({ckpt.model.n_features} features, "
+        f"{ckpt.model.n_classes} classes)",
+        f"features: {', '.join(ckpt.feature_names)}",
+        f"classes: {', '.join(ckpt.class_names)}",
+        f"config: {_compact(ckpt.config)}",
+        f"metrics: {_compact(ckpt.metrics)}",
+        f"versions: {_compact(ckpt.versions)}",
+    ]
+    print("\n".join(lines))
+
+
+def _compact(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
+    """Write text through a temporary file in the same folder, then rename it over ``path``."""
+    from triton_softmax.regression._atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
