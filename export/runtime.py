@@ -81,10 +81,10 @@ class OnnxClassifier:
             chosen = list(providers)
             unknown = [p for p in chosen if p not in available]
             if unknown or not chosen:
-                raise ValueError(
-                    f"provider(s) {unknown or chosen} not available; "
-                    f"this onnxruntime offers {', '.join(available)}"
+                what = (
+                    f"provider(s) {', '.join(unknown)} not available" if unknown else "no provider"
                 )
+                raise ValueError(f"{what}; this onnxruntime offers {', '.join(available)}")
         try:
             self._session = ort.InferenceSession(self.path, providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types for bad files

@@ -125,6 +125,7 @@ def test_diverging_loss_raises_a_clear_error():
         ("weight_decay", -1.0, "weight decay"),
         ("batch_size", -2, "batch size"),
         ("test_size", 1.0, "test size"),
+        ("seed", -1, "seed"),
         ("patience", -1, "patience"),
         ("min_delta", -1.0, "min delta"),
     ],

@@ -145,8 +145,10 @@ def test_provider_choice(tmp_path, monkeypatch):
     assert OnnxClassifier(path, providers=["CPUExecutionProvider"]).providers == [
         "CPUExecutionProvider"
     ]
-    with pytest.raises(ValueError, match="not available; this onnxruntime offers"):
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider not available; this onnxrun"):
         OnnxClassifier(path, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ValueError, match="no provider; this onnxruntime offers"):
+        OnnxClassifier(path, providers=[])
     monkeypatch.setattr(
         runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPU..."]
     )

@@ -106,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"batch size must be >= 0 (0 = full batch), got {self.batch_size}")
         if not 0 < self.test_size < 1:
             raise ValueError(f"test size must be strictly between 0 and 1, got {self.test_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.min_delta < 0:
