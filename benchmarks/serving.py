@@ -1,6 +1,6 @@
 """Serving benchmark on a CPU: the trained Iris model through onnxruntime, torch eager and numpy.
 
-    python -m benchmarks.serving                     # about a minute; results in benchmarks/results
+    python -m benchmarks.serving                     # about 2 minutes, into benchmarks/results
     python -m benchmarks.serving --smoke --out DIR   # tiny sizes, seconds (the test suite runs it)
 
 The model is trained on the embedded Iris data and exported with the project's own API
@@ -22,7 +22,9 @@ numpy need no torch), as it would in production: in one process, the idle-spinni
 of onnxruntime, torch's OpenMP and numpy's BLAS slow each other down on a small machine. All take
 and return numpy arrays (conversions count). Before timing, every provider's probabilities are
 checked against torch eager. Batch 1: p50 / p99 latency of single-row calls. Larger batches
-(1e3 ... 1e6 rows): p50 / p99 of whole-batch calls, rows per second from the p50.
+(1e3 ... 1e6 rows): p50 / p99 of whole-batch calls, rows per second from the p50. The workers run
+in 3 rounds over all providers, in a rotated order each round, and each provider's timings are
+pooled over the rounds.
 """
 
 from __future__ import annotations
@@ -243,20 +245,25 @@ def measure(name: str, workdir: Path, smoke: bool) -> list[dict[str, object]]:
         x = synthetic_rows(inputs["mean"], inputs["std"], n, seed=n)
         calls = (SMOKE_BATCH1_CALLS if smoke else BATCH1_CALLS) if n == 1 else reps[n]
         _timings(predict, x, max(2, calls // 10))  # warm-up
-        us = np.asarray(_timings(predict, x, calls), dtype=np.float64) / 1e3
-        p50 = float(np.percentile(us, 50))
-        results.append(
-            dict(
-                base,
-                rows=n,
-                p50_us=p50,
-                p99_us=float(np.percentile(us, 99)),
-                mean_us=float(us.mean()),
-                calls=calls,
-                rows_per_s=n / (p50 * 1e-6),
-            )  # fmt: skip
-        )
+        results.append(dict(base, rows=n, times_ns=_timings(predict, x, calls)))
     return results
+
+
+def summarize(rows: Sequence[dict[str, object]]) -> dict[str, object]:
+    """One provider and size over all rounds: the rounds' timings pooled into p50 / p99 / mean."""
+    row = {k: v for k, v in rows[0].items() if k != "times_ns"}
+    if row.get("status", "ok") != "ok":
+        return row
+    us = np.concatenate([np.asarray(r["times_ns"], dtype=np.float64) for r in rows]) / 1e3
+    p50 = float(np.percentile(us, 50))
+    row.update(
+        p50_us=p50,
+        p99_us=float(np.percentile(us, 99)),
+        mean_us=float(us.mean()),
+        calls=int(us.size),
+        rows_per_s=row["rows"] / (p50 * 1e-6),
+    )
+    return row
 
 
 def run_worker(name: str, workdir: Path, smoke: bool) -> list[dict[str, object]]:
@@ -294,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="CSV only")
     ap.add_argument("--update-readme", action="store_true", help="regenerate the README section")
     ap.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all providers (default 3)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -325,15 +333,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             versions=_versions(),
             load_avg=load,
         )
-        rows = []
+        # Rounds rotate the provider order, so that a slow spell of the machine does not land
+        # on one provider only; each round's timings are pooled.
+        rounds = 1 if args.smoke else args.rounds
+        got: dict[tuple[str, int], list[dict[str, object]]] = {}
+        for k in range(rounds):
+            order = [*args.provider[k:], *args.provider[:k]]
+            for name in order:
+                for r in run_worker(name, workdir, args.smoke):
+                    got.setdefault((name, r["rows"]), []).append(r)
+            print(f"round {k + 1}/{rounds} done", flush=True)
+        rows = [
+            dataclasses.replace(base, **summarize(got[key]))
+            for key in sorted(got, key=lambda key: (args.provider.index(key[0]), key[1]))
+        ]
         for name in args.provider:
-            got = [dataclasses.replace(base, **r) for r in run_worker(name, workdir, args.smoke)]
-            rows += got
             print(
                 f"{name:24s} "
                 + ", ".join(
                     f"{_size(r.rows)} {r.p50_us:.1f} µs" if r.status == "ok" else r.status
-                    for r in got
+                    for r in rows
+                    if r.provider == name
                 ),
                 flush=True,
             )
