@@ -276,6 +276,7 @@ def serving_tables(rows: Sequence[Row]) -> list[str]:
     header = [
         "provider",
         "batch 1 p50 µs",
+        "rounds' p50 µs",
         "batch 1 p99 µs",
         *[f"{_size_name(n)}/s" for n in sizes],
     ]
@@ -284,15 +285,16 @@ def serving_tables(rows: Sequence[Row]) -> list[str]:
         one = by.get((p, 1))
         cells = [p]
         if one and one["status"] == "ok":
-            cells += [f"{one['p50_us']:.1f}", f"{one['p99_us']:.1f}"]
+            spread = f"{one['p50_round_min_us']:.1f}–{one['p50_round_max_us']:.1f}"
+            cells += [f"{one['p50_us']:.1f}", spread, f"{one['p99_us']:.1f}"]
         else:
-            cells += [_short_status(str(one["status"])) if one else "", ""]
+            cells += [_short_status(str(one["status"])) if one else "", "", ""]
         for n in sizes:
             r = by.get((p, n))
-            ok = r and r["status"] == "ok"
-            cells.append(
-                f"{r['rows_per_s'] / 1e6:.2f} M" if ok else (r and _short_status(r["status"])) or ""
-            )
+            if r and r["status"] == "ok":
+                cells.append(f"{r['rows_per_s'] / 1e6:.2f} M")
+            else:
+                cells.append(_short_status(str(r["status"])) if r else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *ratio_table(rows)]
     skipped = sorted({f"{r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"})
@@ -354,8 +356,10 @@ def serving_markdown(rows: Sequence[Row]) -> str:
         f"Machine: {first['machine']}; 1-minute load average {first['load_avg']:.2f} at the "
         f"start, {first['load_avg_end']:.2f} at the end. Versions: {first['versions']}.",
         "",
-        "Batch 1: latency of single-row calls (p50 / p99 over many calls). Larger batches: rows "
-        "per second from the p50 time of one call on the whole batch. Every provider's "
+        "Batch 1: latency of single-row calls (p50 / p99 over all calls of all rounds; "
+        '"rounds\' p50": the lowest and highest p50 of a single round, i.e. how much the '
+        "machine drifted). Larger batches: rows per second from the p50 time of one call on the "
+        "whole batch. Each provider ran in a process of its own; every provider's "
         "probabilities were checked against torch eager before timing.",
         "",
         *serving_tables(rows),

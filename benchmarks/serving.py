@@ -1,6 +1,6 @@
 """Serving benchmark on a CPU: the trained Iris model through onnxruntime, torch eager and numpy.
 
-    python -m benchmarks.serving                     # about 2 minutes, into benchmarks/results
+    python -m benchmarks.serving                     # about 3 minutes, into benchmarks/results
     python -m benchmarks.serving --smoke --out DIR   # tiny sizes, seconds (the test suite runs it)
 
 The model is trained on the embedded Iris data and exported with the project's own API
@@ -23,7 +23,7 @@ of onnxruntime, torch's OpenMP and numpy's BLAS slow each other down on a small 
 and return numpy arrays (conversions count). Before timing, every provider's probabilities are
 checked against torch eager. Batch 1: p50 / p99 latency of single-row calls. Larger batches
 (1e3 ... 1e6 rows): p50 / p99 of whole-batch calls, rows per second from the p50. The workers run
-in 3 rounds over all providers, in a rotated order each round, and each provider's timings are
+in 5 rounds over all providers, in a rotated order each round, and each provider's timings are
 pooled over the rounds.
 """
 
@@ -80,6 +80,8 @@ class Row:
     p50_us: float = math.nan
     p99_us: float = math.nan
     mean_us: float = math.nan
+    p50_round_min_us: float = math.nan
+    p50_round_max_us: float = math.nan
     rows_per_s: float = math.nan
     calls: int = 0
     max_abs_err: float = math.nan
@@ -250,16 +252,21 @@ def measure(name: str, workdir: Path, smoke: bool) -> list[dict[str, object]]:
 
 
 def summarize(rows: Sequence[dict[str, object]]) -> dict[str, object]:
-    """One provider and size over all rounds: the rounds' timings pooled into p50 / p99 / mean."""
+    """One provider and size over all rounds: the rounds' timings pooled into p50 / p99 / mean,
+    and the lowest and highest p50 of a single round (how much the machine drifted)."""
     row = {k: v for k, v in rows[0].items() if k != "times_ns"}
     if row.get("status", "ok") != "ok":
         return row
-    us = np.concatenate([np.asarray(r["times_ns"], dtype=np.float64) for r in rows]) / 1e3
+    rounds = [np.asarray(r["times_ns"], dtype=np.float64) / 1e3 for r in rows]
+    us = np.concatenate(rounds)
     p50 = float(np.percentile(us, 50))
+    round_p50 = [float(np.percentile(t, 50)) for t in rounds]
     row.update(
         p50_us=p50,
         p99_us=float(np.percentile(us, 99)),
         mean_us=float(us.mean()),
+        p50_round_min_us=min(round_p50),
+        p50_round_max_us=max(round_p50),
         calls=int(us.size),
         rows_per_s=row["rows"] / (p50 * 1e-6),
     )
@@ -301,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="CSV only")
     ap.add_argument("--update-readme", action="store_true", help="regenerate the README section")
     ap.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    ap.add_argument("--rounds", type=int, default=3, help="rounds over all providers (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all providers (default 5)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
