@@ -63,6 +63,7 @@ def test_graph_uses_standard_ops_only_and_passes_the_full_check(onnx_path):
     assert {n.domain for n in proto.graph.node} == {""}
     ops = [n.op_type for n in proto.graph.node]
     assert "Softmax" in ops and "ArgMax" in ops and "Gemm" in ops
+    assert "Sub" not in ops and "Div" not in ops  # standardisation folded into the Gemm
     assert not any("triton" in op.lower() for op in ops)
     # One self-contained file: every weight inside, nothing written next to it.
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
