@@ -207,12 +207,11 @@ def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -
     check_floating(x, "softmax input")
     if x.dim() == 0:
         raise ValueError("softmax op needs at least one dimension; the functional API takes 0-d")
+    if kernel_path(x) == "torch":
+        plain = torch.log_softmax if log else torch.softmax
+        return plain(x, -1, dtype=accumulator_dtype(x.dtype)).to(x.dtype).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return out
-    if kernel_path(x) == "torch":
-        acc = x.to(accumulator_dtype(x.dtype))
-        out.copy_(torch.log_softmax(acc, -1) if log else torch.softmax(acc, -1))
         return out
     _launch_over_rows(_softmax_forward_kernel, out, (x,), log, block_n)
     return out
@@ -228,16 +227,16 @@ def softmax_backward(
     check_floating(y, "softmax output")
     if grad_y.shape != y.shape:
         raise ValueError(f"grad shape {tuple(grad_y.shape)} != output shape {tuple(y.shape)}")
-    grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    if y.numel() == 0:
-        return grad_x
     if kernel_path(y) == "torch":
         acc = accumulator_dtype(y.dtype)
         y_acc, dy = y.to(acc), grad_y.to(acc)
         if log:
-            grad_x.copy_(dy - y_acc.exp() * dy.sum(-1, keepdim=True))
+            grad_x = dy - y_acc.exp() * dy.sum(-1, keepdim=True)
         else:
-            grad_x.copy_(y_acc * (dy - (y_acc * dy).sum(-1, keepdim=True)))
+            grad_x = y_acc * (dy - (y_acc * dy).sum(-1, keepdim=True))
+        return grad_x.to(y.dtype).contiguous()
+    grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if y.numel() == 0:
         return grad_x
     _launch_over_rows(_softmax_backward_kernel, grad_x, (y, grad_y.to(y.dtype)), log, block_n)
     return grad_x
