@@ -42,15 +42,15 @@ OPTIONS = list(
         [False, True],  # weight
         [0.0, 0.2],  # label_smoothing
         ["none", "mean", "sum"],
-        [-100, 2],  # ignore_index: torch's default, and a real class
+        [-100, -1, 2],  # ignore_index: torch's default, another negative, a real class
     )
 )
 
 
 @pytest.mark.parametrize("kind,weighted,smoothing,reduction,ignore_index", OPTIONS)
 def test_options_match_torch(kind, weighted, smoothing, reduction, ignore_index):
-    if kind == "probability" and ignore_index != -100:
-        pytest.skip("torch refuses ignore_index with probability targets (tested below)")
+    if kind == "probability" and ignore_index >= 0:
+        pytest.skip("torch refuses ignore_index >= 0 with probability targets (tested below)")
     n, c = 37, 300
     x = torch.randn(n, c, device=DEVICE) * 2
     if kind == "index":
@@ -100,7 +100,8 @@ def test_shapes(shape, kind, reduction):
         target = torch.randint(0, 11, batch, device=DEVICE)
     else:
         target = _probabilities(shape, class_dim=0 if len(shape) == 1 else 1)
-    _check(x, target, reduction=reduction, label_smoothing=0.05, weight=torch.rand(11) + 0.5)
+    weight = torch.rand(11, device=DEVICE) + 0.5
+    _check(x, target, reduction=reduction, label_smoothing=0.05, weight=weight)
 
 
 # Block boundaries of the streamed loop, reached on short rows by forcing BLOCK_N = 16.
@@ -118,18 +119,20 @@ def test_block_boundaries(n_classes, kind):
     options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01)
     loss, lse, stats = ce_ops.cross_entropy_forward(x, target, weight, **options, block_n=16)
     x_ref = x.clone().requires_grad_()
-    ref_target = target if kind == "index" else target
-    loss_ref = F.cross_entropy(
-        x_ref, ref_target, weight=weight, reduction="none", label_smoothing=0.15
-    )
+    loss_ref = F.cross_entropy(x_ref, target, weight=weight, reduction="none", label_smoothing=0.15)
     lse_ref = torch.logsumexp(x_ref, -1)
-    counted = (target != -100) if kind == "index" else torch.ones(n, dtype=torch.bool)
+    counted = (
+        (target != -100) if kind == "index" else torch.ones(n, dtype=torch.bool, device=DEVICE)
+    )
     loss_ref = loss_ref + 0.01 * lse_ref**2 * counted
     torch.testing.assert_close(loss, loss_ref.detach())
     torch.testing.assert_close(lse, lse_ref.detach())
     upstream = torch.rand(n, device=DEVICE, dtype=torch.float64)
-    grad = ce_ops.cross_entropy_backward(upstream, x, target, weight, stats, **options, block_n=16)
-    loss_ref.backward(upstream)
+    upstream_lse = torch.randn(n, device=DEVICE, dtype=torch.float64)
+    grad = ce_ops.cross_entropy_backward(
+        upstream, upstream_lse, x, target, weight, stats, **options, block_n=16
+    )
+    torch.autograd.backward((loss_ref, lse_ref), (upstream, upstream_lse))
     torch.testing.assert_close(grad, x_ref.grad)
 
 
@@ -287,6 +290,33 @@ def test_inplace_backward_under_compile():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+def test_inplace_backward_falls_back_when_rows_overlap(layout):
+    # Rows sharing memory (stride 0) or a strided class dimension cannot take the gradient in
+    # place: the out-of-place backward runs instead, with correct gradients.
+    x = torch.randn(1, 5, device=DEVICE, requires_grad=True)
+    y = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    logits = {"expanded": lambda a, b: (a * 2).expand(4, 5), "transposed": lambda a, b: b.t() * 1}
+    x_ref, y_ref = (t.detach().clone().requires_grad_() for t in (x, y))
+    ts.cross_entropy(
+        logits[layout](x, y), target, inplace_backward=True, reduction="sum"
+    ).backward()
+    F.cross_entropy(logits[layout](x_ref, y_ref), target, reduction="sum").backward()
+    grad, grad_ref = (x.grad, x_ref.grad) if layout == "expanded" else (y.grad, y_ref.grad)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_inplace_backward_with_lse_gradient():
+    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 10, (6,), device=DEVICE)
+    loss, lse = ts.cross_entropy(x * 1.0, target, return_lse=True, inplace_backward=True)
+    (loss + 0.5 * lse.sum()).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (F.cross_entropy(x_ref, target) + 0.5 * torch.logsumexp(x_ref, -1).sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def test_default_backward_leaves_logits_alone():
     x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
     logits = x * 2.0
@@ -406,6 +436,41 @@ def test_ignore_index_with_probabilities_raises():
         ts.cross_entropy(torch.randn(3, 5), torch.rand(3, 5), ignore_index=1)
 
 
+def test_weight_requiring_grad_raises():
+    weight = torch.ones(5, requires_grad=True)
+    with pytest.raises(ValueError, match="not differentiable with respect to weight"):
+        ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), weight=weight)
+    with torch.no_grad():
+        ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), weight=weight)
+
+
+def test_backward_op_validates_its_operands():
+    x = torch.randn(5, 8, device=DEVICE)
+    target = torch.zeros(5, dtype=torch.long, device=DEVICE)
+    _, _, stats = ce_ops.cross_entropy_forward(x, target, None, -100, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \(5,\)"):
+        ce_ops.cross_entropy_backward(
+            torch.ones(2, device=DEVICE), None, x, target, None, stats, -100, 0.0, 0.0
+        )
+    with pytest.raises(ValueError, match=r"stats must be"):
+        ce_ops.cross_entropy_backward(
+            torch.ones(5, device=DEVICE), None, x, target, None, stats[:2], -100, 0.0, 0.0
+        )
+    with pytest.raises(ValueError, match="rows do not overlap"):
+        ce_ops.cross_entropy_backward(
+            torch.ones(5, device=DEVICE),
+            None,
+            x,
+            target,
+            None,
+            stats,
+            -100,
+            0.0,
+            0.0,
+            out=x[:1].expand(5, 8),
+        )
+
+
 def test_reduction_name_raises():
     with pytest.raises(ValueError, match="reduction"):
         ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg")
@@ -431,6 +496,7 @@ def test_opcheck(kind):
     _, _, stats = op(x.detach(), target, weight, -100, 0.2, 1e-3, False)
     backward_args = (
         torch.rand(6, device=DEVICE),
+        torch.randn(6, device=DEVICE),
         x.detach(),
         target,
         weight,
@@ -472,19 +538,27 @@ def test_torch_path_matches_kernels(monkeypatch, kind, smoothing):
     else:
         target = _probabilities((10, 33))
     options = (torch.rand(33) + 0.5, -100, smoothing, 1e-3)
-    upstream = torch.rand(10)
+    upstream = (torch.rand(10), None)
     kernel = ce_ops.cross_entropy_forward(x, target, *options)
     kernel_grad = ce_ops.cross_entropy_backward(
-        upstream, x, target, options[0], kernel[2], *options[1:]
+        *upstream, x, target, options[0], kernel[2], *options[1:]
+    )
+    with_lse = (upstream[0], torch.randn(10))
+    kernel_lse_grad = ce_ops.cross_entropy_backward(
+        *with_lse, x, target, options[0], kernel[2], *options[1:]
     )
     monkeypatch.setattr(ce_ops, "kernel_path", lambda _: "torch")
     plain = ce_ops.cross_entropy_forward(x, target, *options)
     plain_grad = ce_ops.cross_entropy_backward(
-        upstream, x, target, options[0], plain[2], *options[1:]
+        *upstream, x, target, options[0], plain[2], *options[1:]
+    )
+    plain_lse_grad = ce_ops.cross_entropy_backward(
+        *with_lse, x, target, options[0], plain[2], *options[1:]
     )
     for a, b in zip(kernel, plain, strict=True):
         torch.testing.assert_close(a, b, equal_nan=True)
     torch.testing.assert_close(kernel_grad, plain_grad)
+    torch.testing.assert_close(kernel_lse_grad, plain_lse_grad, equal_nan=True)
 
 
 def test_row_offsets_beyond_int32():

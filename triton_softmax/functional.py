@@ -121,13 +121,18 @@ def cross_entropy(
         reduction: "none" | "mean" | "sum". "mean" divides by the summed weights of counted
             targets (class indices) or by the number of rows (probabilities), as torch.
         label_smoothing: in [0, 1]; torch's formula, weighted classes included.
-        z_loss: keyword-only; adds ``z_loss * lse**2`` per counted row (PaLM's z-loss).
+        z_loss: keyword-only; adds ``z_loss * lse**2`` to each counted row's loss (PaLM's
+            z-loss), reduced with it: under "mean" with class weights it is divided by the
+            summed weights like the rest.
         return_lse: keyword-only; also return the log-sum-exp per row, shaped like
             the unreduced loss, in float32 (float64 for float64 logits).
         inplace_backward: keyword-only; the backward writes the gradient into ``input``'s
-            memory instead of a new tensor (saves one logits-sized buffer). ``input`` is
-            overwritten; reusing it afterwards, or any saved use of it in the autograd graph,
-            raises through torch's in-place version check rather than reading garbage.
+            memory instead of a new tensor (saves one logits-sized buffer). After
+            ``backward()`` the tensor holds the gradient, not the logits: do not read it again
+            (e.g. for accuracy). Another op that saved it for its own backward is caught by
+            torch's in-place version check, which raises. Logits whose rows overlap or are
+            not contiguous along the class dimension fall back to the out-of-place backward;
+            (N, C, d1, ..., dk) inputs are copied to rows first, so they gain nothing.
         check_targets: keyword-only; check class indices on the host even for GPU tensors
             (one device synchronisation). CPU tensors are always checked. Unchecked
             out-of-range indices give a NaN loss, never an out-of-bounds access.
@@ -154,10 +159,10 @@ def cross_entropy(
     logits = _class_dim_last(input)
 
     if target.is_floating_point():
-        if ignore_index != -100:
+        if ignore_index >= 0:
             raise ValueError(
                 f"ignore_index={ignore_index} is not supported for probability (floating) "
-                "targets, as in torch"
+                "targets; as in torch, only a negative ignore_index (which does nothing) is"
             )
         if target.shape != input.shape:
             raise ValueError(
@@ -180,6 +185,12 @@ def cross_entropy(
             f"probabilities (a floating dtype), got {target.dtype}"
         )
 
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "cross_entropy is not differentiable with respect to weight (as in torch); "
+            "pass weight.detach()"
+        )
+
     loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(
         logits,
         target_rows,
@@ -187,7 +198,7 @@ def cross_entropy(
         ignore_index,
         float(label_smoothing),
         float(z_loss),
-        inplace_backward,
+        inplace_backward and _ce.rows_writable(logits),
     )
 
     if reduction == "none":

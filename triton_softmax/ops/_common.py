@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -49,6 +50,13 @@ def kernel_path(where: torch.Tensor | torch.device | str) -> KernelPath:
     return "triton"
 
 
+def device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU the current device for a launch (Triton launches on the current one)."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 accumulates in fp64; every other supported dtype in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -81,11 +89,7 @@ def row_tiles(n_cols: int, max_block_n: int, block_n: int | None = None) -> tupl
 
 
 def num_warps_for(tile_elements: int) -> int:
-    if tile_elements <= 2048:
-        return 4
-    if tile_elements <= 8192:
-        return 8
-    return 16
+    return 4 if tile_elements <= 2048 else 8
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from triton_softmax.ops._common import (
     accumulator_dtype,
     as_rows,
     check_floating,
+    device_of,
     kernel_path,
     num_warps_for,
     row_tiles,
@@ -76,7 +77,7 @@ def _load_index_target(
     ACC_DTYPE: tl.constexpr,
 ):
     """Per row: target index (clamped), whether it counts, whether it is bad, w_t."""
-    target = tl.load(target_ptr + rows.to(tl.int64) * target_stride, mask=row_mask, other=0)
+    target = tl.load(target_ptr + rows * target_stride, mask=row_mask, other=0)
     counted = row_mask & (target != ignore_index)
     in_range = (target >= 0) & (target < n_classes)
     safe_target = tl.where(in_range, target, 0)
@@ -143,10 +144,10 @@ def _cross_entropy_forward_kernel(
         label_smoothing_lo, ACC_DTYPE
     )
     z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
-    target_rows = target_ptr + rows.to(tl.int64)[:, None] * target_row_stride
+    logits_rows = logits_ptr + rows[:, None] * logits_row_stride
+    target_rows = target_ptr + rows[:, None] * target_row_stride
     cols = tl.arange(0, BLOCK_N)
 
     m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max
@@ -184,7 +185,7 @@ def _cross_entropy_forward_kernel(
             n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
         x_target = tl.load(
-            logits_ptr + rows.to(tl.int64) * logits_row_stride + safe_target,
+            logits_ptr + rows * logits_row_stride + safe_target,
             mask=counted & ~bad,
             other=0.0,
         ).to(ACC_DTYPE)
@@ -208,12 +209,14 @@ def _cross_entropy_forward_kernel(
 def _cross_entropy_backward_kernel(
     grad_logits_ptr,
     grad_loss_ptr,
+    grad_lse_ptr,
     logits_ptr,
     target_ptr,
     weight_ptr,
     stats_ptr,
     grad_logits_row_stride,
     grad_loss_stride,
+    grad_lse_stride,
     logits_row_stride,
     target_row_stride,
     n_rows,
@@ -227,28 +230,29 @@ def _cross_entropy_backward_kernel(
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # dx_k = g * (p_k * (S + 2 z lse) - r_k), one read of the logits and one write. The true
-    # class's p_t - 1 is formed in ACC_DTYPE before the cast, so bf16 keeps it at p = 0.999.
+    # dx_k = p_k * (g (S + 2 z lse) + g_lse) - g r_k: one read of the logits, one write.
+    # g is the upstream gradient of the row's loss, g_lse that of the returned lse (if used).
+    # The true class's p_t - 1 is formed in ACC_DTYPE before the cast (bf16 keeps p = 0.999).
     label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
         label_smoothing_lo, ACC_DTYPE
     )
     z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    logits_rows = logits_ptr + rows.to(tl.int64)[:, None] * logits_row_stride
-    target_rows = target_ptr + rows.to(tl.int64)[:, None] * target_row_stride
-    grad_rows = grad_logits_ptr + rows.to(tl.int64)[:, None] * grad_logits_row_stride
+    logits_rows = logits_ptr + rows[:, None] * logits_row_stride
+    target_rows = target_ptr + rows[:, None] * target_row_stride
+    grad_rows = grad_logits_ptr + rows[:, None] * grad_logits_row_stride
     cols = tl.arange(0, BLOCK_N)
 
     m = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
     log_d = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
     target_mass = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
-    p_coef = target_mass + 2.0 * z_loss * (m + log_d)
-    g = tl.load(grad_loss_ptr + rows.to(tl.int64) * grad_loss_stride, mask=row_mask, other=0.0)
+    g = tl.load(grad_loss_ptr + rows * grad_loss_stride, mask=row_mask, other=0.0)
     g = g.to(ACC_DTYPE)
     if TARGET_IS_INDEX:
         safe_target, counted, bad, w_target = _load_index_target(
@@ -256,31 +260,33 @@ def _cross_entropy_backward_kernel(
             n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
         hot = (1.0 - label_smoothing) * w_target
-        # Ignored rows get exactly 0, even when g is inf (mean over an all-ignored batch).
+        # Ignored rows get exactly 0 from the loss, even when g is inf (mean over an
+        # all-ignored batch) or the row is all -inf; a bad class index gets NaN.
         g = tl.where(counted, g, 0.0)
         g = tl.where(bad, float("nan"), g)
     else:
         counted = row_mask
+    p_scale = tl.where(counted, g * (target_mass + 2.0 * z_loss * (m + log_d)), 0.0)
+    if HAS_GRAD_LSE:
+        g_lse = tl.load(grad_lse_ptr + rows * grad_lse_stride, mask=row_mask, other=0.0)
+        p_scale += g_lse.to(ACC_DTYPE)
 
     for start in range(0, n_classes, BLOCK_N):
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         p = tl.exp((x - m[:, None]) - log_d[:, None])
-        grad = p * p_coef[:, None]
+        r = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
         if TARGET_IS_INDEX:
-            grad -= tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
-            if HAS_SMOOTHING:
-                grad -= _target_block(
-                    target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
-                    TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
-                )  # fmt: skip
-        else:
-            grad -= _target_block(
+            r = tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
+        if HAS_SMOOTHING or not TARGET_IS_INDEX:
+            r += _target_block(
                 target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
                 TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
-        grad = tl.where(counted[:, None], grad * g[:, None], 0.0)
+        grad = p * p_scale[:, None] - g[:, None] * r
+        if not HAS_GRAD_LSE:
+            grad = tl.where(counted[:, None], grad, 0.0)  # an ignored all -inf row has p = NaN
         tl.store(grad_rows + c[None, :], grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -468,12 +474,33 @@ def cross_entropy_forward(
     grid, pointers, scalars, meta = _launch_arguments(
         logits, target, weight, ignore_index, label_smoothing, z_loss, block_n
     )
-    _cross_entropy_forward_kernel[grid](loss, lse, stats, *pointers, *scalars, **meta)
+    with device_of(logits):
+        _cross_entropy_forward_kernel[grid](loss, lse, stats, *pointers, *scalars, **meta)
     return loss, lse, stats
+
+
+def _check_rows_writable(logits: torch.Tensor) -> None:
+    """ValueError unless every logit has its own memory cell with unit column stride."""
+    n_rows, n_classes = logits.shape
+    if logits.stride(1) != 1 or (n_rows > 1 and logits.stride(0) < n_classes):
+        raise ValueError(
+            "in-place cross_entropy backward needs logits whose rows do not overlap, with unit "
+            f"column stride; got strides {tuple(logits.stride())} for shape {tuple(logits.shape)}"
+        )
+
+
+def rows_writable(logits: torch.Tensor) -> bool:
+    """Whether the in-place backward can write the gradient over ``logits``."""
+    try:
+        _check_rows_writable(logits)
+    except ValueError:
+        return False
+    return True
 
 
 def cross_entropy_backward(
     grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -485,41 +512,74 @@ def cross_entropy_backward(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of the per-row losses with respect to the logits.
+    """Gradient with respect to the logits of the per-row losses (and of the returned lse).
 
     Args:
         grad_loss: [M] upstream gradient of the per-row losses (any stride, 0 included).
+        grad_lse: [M] upstream gradient of the forward's lse, or None when it is unused.
         logits, target, weight, ignore_index, label_smoothing, z_loss: as in the forward.
         stats: [M, 3], saved by the forward.
         out: [M, C] tensor to write into (``logits`` itself for the in-place mode);
             a new tensor when None.
         block_n: override the class block (a power of two; tests use it).
     Returns:
-        ``out``, holding dloss/dlogits in the logits' dtype.
+        ``out``, holding the gradient in the logits' dtype.
     """
     _check_operands(logits, target, weight)
+    n_rows = logits.shape[0]
+    acc = accumulator_dtype(logits.dtype)
+    for name, vector in (("grad_loss", grad_loss), ("grad_lse", grad_lse)):
+        if vector is not None and (vector.shape != (n_rows,) or vector.device != logits.device):
+            raise ValueError(
+                f"{name} must have shape ({n_rows},) on {logits.device}, got "
+                f"{tuple(vector.shape)} on {vector.device}"
+            )
+    if stats.shape != (n_rows, 3) or stats.dtype != acc or not stats.is_contiguous():
+        raise ValueError(
+            f"stats must be the forward's contiguous ({n_rows}, 3) {acc} tensor, got "
+            f"{tuple(stats.shape)} {stats.dtype}"
+        )
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    elif out.shape != logits.shape or out.stride(-1) != 1:
-        raise ValueError("out must have the logits' shape and unit column stride")
-    if logits.shape[0] == 0:
+    elif out.shape != logits.shape:
+        raise ValueError(f"out must have the logits' shape {tuple(logits.shape)}")
+    else:
+        _check_rows_writable(out)
+    if n_rows == 0:
         return out
 
     if kernel_path(logits) == "torch":
-        acc = accumulator_dtype(logits.dtype)
         m, log_d, target_mass = stats.unbind(1)
         r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
+        g = torch.where(counted, grad_loss.to(acc), 0.0)
+        p_scale = torch.where(counted, g * (target_mass + 2.0 * z_loss * (m + log_d)), 0.0)
+        if grad_lse is not None:
+            p_scale = p_scale + grad_lse.to(acc)
         p = torch.exp((logits.to(acc) - m[:, None]) - log_d[:, None])
-        grad = p * (target_mass + 2.0 * z_loss * (m + log_d))[:, None] - r
-        out.copy_(torch.where(counted[:, None], grad * grad_loss.to(acc)[:, None], 0.0))
+        grad = p * p_scale[:, None] - g[:, None] * r
+        if grad_lse is None:
+            grad = torch.where(counted[:, None], grad, 0.0)
+        out.copy_(grad)
         return out
 
     grid, pointers, scalars, meta = _launch_arguments(
         logits, target, weight, ignore_index, label_smoothing, z_loss, block_n
     )
-    _cross_entropy_backward_kernel[grid](
-        out, grad_loss, *pointers, stats, out.stride(0), grad_loss.stride(0), *scalars, **meta
-    )
+    lse_pointer = grad_loss if grad_lse is None else grad_lse
+    with device_of(logits):
+        _cross_entropy_backward_kernel[grid](
+            out,
+            grad_loss,
+            lse_pointer,
+            *pointers,
+            stats,
+            out.stride(0),
+            grad_loss.stride(0),
+            lse_pointer.stride(0),
+            *scalars,
+            HAS_GRAD_LSE=grad_lse is not None,
+            **meta,
+        )
     return out
 
 
@@ -540,7 +600,8 @@ def cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of 2-D logits; see the module docstring.
 
-    ``inplace_backward`` makes the backward write the gradient into ``logits``' memory.
+    ``inplace_backward`` makes the backward write the gradient into ``logits``' memory, which
+    must then have non-overlapping rows with unit column stride.
     """
     return cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, z_loss)
 
@@ -560,6 +621,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_bac
 @torch.library.custom_op("triton_softmax::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward_op(
     grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -568,20 +630,21 @@ def cross_entropy_backward_op(
     label_smoothing: float,
     z_loss: float,
 ) -> torch.Tensor:
-    """dloss/dlogits as a new tensor."""
+    """The logits' gradient as a new tensor."""
     return cross_entropy_backward(
-        grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, z_loss
+        grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss
     )
 
 
 @cross_entropy_backward_op.register_fake
-def _(grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, z_loss):
+def _(grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("triton_softmax::cross_entropy_backward_", mutates_args=("logits",))
 def cross_entropy_backward_inplace_op(
     grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -590,13 +653,12 @@ def cross_entropy_backward_inplace_op(
     label_smoothing: float,
     z_loss: float,
 ) -> None:
-    """dloss/dlogits written over ``logits``. Declared as mutating ``logits``, so autograd
-    bumps its version counter: any other use of those logits saved for backward raises
+    """The logits' gradient written over ``logits``. Declared as mutating ``logits``, so
+    autograd bumps its version counter: any other use of those logits saved for backward raises
     instead of silently reading the gradient."""
-    if logits.stride(-1) != 1:
-        raise ValueError("in-place cross_entropy backward needs logits with unit column stride")
     cross_entropy_backward(
         grad_loss,
+        grad_lse,
         logits,
         target,
         weight,
@@ -610,39 +672,33 @@ def cross_entropy_backward_inplace_op(
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward = inputs
-    _, lse, stats = output
-    ctx.save_for_backward(logits, target, weight, lse, stats)
+    _, _, stats = output
+    ctx.save_for_backward(logits, target, weight, stats)
     ctx.options = (ignore_index, label_smoothing, z_loss, inplace_backward)
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_lse, _grad_stats):
-    logits, target, weight, lse, stats = ctx.saved_tensors
+    logits, target, weight, stats = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
     if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
+        grad_loss = torch.zeros_like(stats[:, 0])
 
     grad_target = None
     if ctx.needs_input_grad[1]:
         # Probability targets only: d/dq_j of -sum_j w_j q'_j log p_j.
-        w = 1.0 if weight is None else weight.to(lse.dtype)
-        log_p = logits.to(lse.dtype) - lse[:, None]
+        m, log_d = stats[:, 0:1], stats[:, 1:2]
+        log_p = (logits.to(stats.dtype) - m) - log_d
+        w = 1.0 if weight is None else weight.to(stats.dtype)
         grad_target = (-(1.0 - label_smoothing) * w * log_p * grad_loss[:, None]).to(target.dtype)
 
-    # d lse / d logits = softmax, needed only when the caller differentiates the returned lse.
-    extra = None
-    if grad_lse is not None:
-        extra = torch.softmax(logits.to(lse.dtype), dim=-1) * grad_lse[:, None]
-
-    options = (ignore_index, label_smoothing, z_loss)
+    args = (grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing)
     if inplace_backward:
-        cross_entropy_backward_inplace_op(grad_loss, logits, target, weight, stats, *options)
+        cross_entropy_backward_inplace_op(*args, z_loss)
         grad_logits = logits
     else:
-        grad_logits = cross_entropy_backward_op(grad_loss, logits, target, weight, stats, *options)
-    if extra is not None:
-        grad_logits = grad_logits + extra.to(grad_logits.dtype)
+        grad_logits = cross_entropy_backward_op(*args, z_loss)
     return grad_logits, grad_target, None, None, None, None, None
 
 

@@ -26,6 +26,7 @@ from triton_softmax.ops._common import (
     accumulator_dtype,
     as_rows,
     check_floating,
+    device_of,
     kernel_path,
     num_warps_for,
     row_tiles,
@@ -59,10 +60,10 @@ def _softmax_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    in_rows = in_ptr + rows.to(tl.int64)[:, None] * in_row_stride
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride
+    in_rows = in_ptr + rows[:, None] * in_row_stride
+    out_rows = out_ptr + rows[:, None] * out_row_stride
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_BLOCK:
@@ -125,12 +126,11 @@ def _softmax_backward_kernel(
 ):
     # softmax:      dx = y * (dy - sum(y * dy))
     # log-softmax:  dx = dy - exp(y) * sum(dy)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    rows64 = rows.to(tl.int64)[:, None]
-    y_rows = y_ptr + rows64 * y_row_stride
-    grad_y_rows = grad_y_ptr + rows64 * grad_y_row_stride
-    grad_x_rows = grad_x_ptr + rows64 * grad_x_row_stride
+    y_rows = y_ptr + rows[:, None] * y_row_stride
+    grad_y_rows = grad_y_ptr + rows[:, None] * grad_y_row_stride
+    grad_x_rows = grad_x_ptr + rows[:, None] * grad_x_row_stride
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_BLOCK:
@@ -178,20 +178,21 @@ def _launch_over_rows(kernel, out: torch.Tensor, inputs: tuple, log: bool, block
     n_rows, n_cols = out_rows.shape
     max_block_n = MAX_SINGLE_BLOCK_COLS if n_cols <= MAX_SINGLE_BLOCK_COLS else STREAM_BLOCK_COLS
     block_m, block_n = row_tiles(n_cols, max_block_n, block_n)
-    kernel[(triton.cdiv(n_rows, block_m),)](
-        out_rows,
-        *input_rows,
-        out_rows.stride(0),
-        *(rows.stride(0) for rows in input_rows),
-        n_rows,
-        n_cols,
-        LOG=log,
-        ACC_DTYPE=triton_accumulator_dtype(out.dtype),
-        SINGLE_BLOCK=n_cols <= block_n,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m * block_n),
-    )
+    with device_of(out):
+        kernel[(triton.cdiv(n_rows, block_m),)](
+            out_rows,
+            *input_rows,
+            out_rows.stride(0),
+            *(rows.stride(0) for rows in input_rows),
+            n_rows,
+            n_cols,
+            LOG=log,
+            ACC_DTYPE=triton_accumulator_dtype(out.dtype),
+            SINGLE_BLOCK=n_cols <= block_n,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps_for(block_m * block_n),
+        )
 
 
 def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -> torch.Tensor:
