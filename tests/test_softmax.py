@@ -205,6 +205,14 @@ def test_gradcheck_fp64(name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_gradgradcheck_fp64(name):
+    fn = FUNCS[name][0]
+    x = torch.randn(3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fn(t, dim=-1), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: fn(t, dim=0), (x,))
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_opcheck(name):
     op = getattr(torch.ops.triton_softmax, name).default
     x = torch.randn(5, 19, device=DEVICE, requires_grad=True)

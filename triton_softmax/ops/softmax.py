@@ -291,3 +291,34 @@ def _log_softmax_grad(ctx, grad_y):
 
 softmax_op.register_autograd(_softmax_grad, setup_context=_save_output)
 log_softmax_op.register_autograd(_log_softmax_grad, setup_context=_save_output)
+
+
+def _save_backward_inputs(ctx, inputs, output) -> None:
+    y, grad_y, log = inputs
+    ctx.save_for_backward(y, grad_y)
+    ctx.log = log
+
+
+def _softmax_double_grad(ctx, grad_dx):
+    """Gradients of the backward's output dx with respect to y and grad_y (double backward).
+
+    softmax:      dx = y (dy - s), s = sum(y dy)
+                  d/d dy = y (G - sum(y G));   d/dy = G (dy - s) - dy sum(G y)
+    log-softmax:  dx = dy - exp(y) S, S = sum(dy)
+                  d/d dy = G - sum(G exp(y));  d/dy = -G exp(y) S
+    """
+    y, dy = ctx.saved_tensors
+    acc = accumulator_dtype(y.dtype)
+    y_acc, dy_acc, g = y.to(acc), dy.to(acc), grad_dx.to(acc)
+    if ctx.log:
+        e = y_acc.exp()
+        grad_dy = g - (g * e).sum(-1, keepdim=True)
+        grad_y = -g * e * dy_acc.sum(-1, keepdim=True)
+    else:
+        grad_dy = y_acc * (g - (y_acc * g).sum(-1, keepdim=True))
+        s = (y_acc * dy_acc).sum(-1, keepdim=True)
+        grad_y = g * (dy_acc - s) - dy_acc * (g * y_acc).sum(-1, keepdim=True)
+    return grad_y.to(y.dtype), grad_dy.to(dy.dtype), None
+
+
+softmax_backward_op.register_autograd(_softmax_double_grad, setup_context=_save_backward_inputs)
