@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from benchmarks import serving
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROVIDER_ORDER = (
@@ -31,15 +33,8 @@ PROVIDER_ORDER = (
 MODE_ORDER = ("forward", "backward", "forward+backward")
 OP_ORDER = ("softmax", "log_softmax", "cross_entropy")
 DTYPE_ORDER = ("fp32", "bf16", "fp16")
-SERVING_ORDER = (
-    "onnxruntime",
-    "OnnxClassifier",
-    "torch eager",
-    "torch eager (F.softmax)",
-    "numpy",
-    "scikit-learn",
-)
-SERVING_SIZES = (1, 1_000, 10_000, 100_000, 1_000_000)
+SERVING_ORDER = serving.PROVIDERS
+SERVING_SIZES = (1, *serving.SIZES)  # batch 1, then the throughput sizes
 
 Row = dict[str, object]
 
