@@ -65,6 +65,18 @@ MAX_BLOCK_CLASSES = 4096
 
 
 @triton.jit
+def _coefficients(
+    label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, ACC_DTYPE: tl.constexpr
+):
+    """label_smoothing and z_loss in ACC_DTYPE from their fp32 (hi, lo) halves."""
+    label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
+        label_smoothing_lo, ACC_DTYPE
+    )
+    z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
+    return label_smoothing, z_loss
+
+
+@triton.jit
 def _load_index_target(
     target_ptr,
     weight_ptr,
@@ -140,10 +152,9 @@ def _cross_entropy_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
-        label_smoothing_lo, ACC_DTYPE
+    label_smoothing, z_loss = _coefficients(
+        label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, ACC_DTYPE
     )
-    z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
@@ -238,10 +249,9 @@ def _cross_entropy_backward_kernel(
     # dx_k = p_k * (g (S + 2 z lse) + g_lse) - g r_k: one read of the logits, one write.
     # g is the upstream gradient of the row's loss, g_lse that of the returned lse (if used).
     # The true class's p_t - 1 is formed in ACC_DTYPE before the cast (bf16 keeps p = 0.999).
-    label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
-        label_smoothing_lo, ACC_DTYPE
+    label_smoothing, z_loss = _coefficients(
+        label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, ACC_DTYPE
     )
-    z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
