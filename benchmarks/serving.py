@@ -112,7 +112,7 @@ def prepare(workdir: Path, epochs: int | None = None) -> dict[str, object]:
     import torch
 
     import triton_softmax as ts
-    from export.onnx_export import export_and_verify
+    from triton_softmax.export.onnx_export import export_and_verify
     from triton_softmax.regression import TrainConfig, load_iris, save_checkpoint, train
 
     data = load_iris()
@@ -166,7 +166,7 @@ def build(name: str, workdir: Path, inputs: dict[str, np.ndarray]) -> tuple[Pred
         sess = ort.InferenceSession(str(workdir / "model.onnx"), providers=["CPUExecutionProvider"])
         return lambda x: sess.run(["probabilities"], {"features": x})[0], ort_threads, ""
     if name == "OnnxClassifier":
-        from export.runtime import OnnxClassifier
+        from triton_softmax.export.runtime import OnnxClassifier
 
         clf = OnnxClassifier(workdir / "model.onnx", providers=["CPUExecutionProvider"])
         return clf.predict_proba, ort_threads, "validates the input on every call"

@@ -1,6 +1,7 @@
 """Export of the softmax-regression model to ONNX and its onnxruntime serving wrapper.
 
-``export.onnx_export`` needs torch; ``export.runtime`` needs only onnxruntime and numpy. This
-package imports neither at import time, so ``from export.runtime import OnnxClassifier`` works
-without torch.
+Installed as ``triton_softmax.export`` (the folder is mapped in pyproject.toml).
+``triton_softmax.export.onnx_export`` needs torch; ``triton_softmax.export.runtime`` needs only
+onnxruntime and numpy. Neither is imported here, and ``triton_softmax`` imports its public names
+lazily, so ``from triton_softmax.export.runtime import OnnxClassifier`` works without torch.
 """

@@ -3,11 +3,11 @@
 The graph is ``features -> Gemm -> Softmax -> probabilities`` plus ``ArgMax -> label``, all in
 the default ONNX domain; the standardisation is folded into the Gemm's weights (W / std and
 b - (W / std) mean, in float64), which halves onnxruntime's time at 1e5 rows against a separate
-Sub and Div. The library's the library's ``torch.ops.triton_softmax`` ops
-are translated to the standard ``Softmax`` / ``LogSoftmax`` through ``custom_translation_table``, so
-any ONNX runtime can serve the file. Signature (the skl2onnx layout with zipmap off): input
-``features`` float32 [N, n_features], outputs ``label`` int64 [N] and ``probabilities`` float32
-[N, k]; class and feature names are JSON lists in ``metadata_props``.
+Sub and Div. The library's ``torch.ops.triton_softmax`` ops are translated to the standard
+``Softmax`` / ``LogSoftmax`` through ``custom_translation_table``, so any ONNX runtime can serve the
+file. Signature (the skl2onnx layout with zipmap off): input ``features`` float32 [N, n_features],
+outputs ``label`` int64 [N] and ``probabilities`` float32 [N, k]; class and feature names are JSON
+lists in ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import triton_softmax as ts
+import triton_softmax.functional  # noqa: F401  (registers torch.ops.triton_softmax.*)
 from triton_softmax.regression._atomic import atomic_path
 from triton_softmax.regression.model import SoftmaxRegression
 

@@ -3,15 +3,15 @@
 This module imports neither torch nor triton, so it runs where only ``onnxruntime`` (or
 ``onnxruntime-gpu``) and ``numpy`` are installed::
 
-    from export.runtime import OnnxClassifier
+    from triton_softmax.export.runtime import OnnxClassifier
     clf = OnnxClassifier("runs/iris/model.onnx")
     clf.predict(X)        # class names, shape (N,)
     clf.predict_proba(X)  # float32, shape (N, k)
 
-The model must have the signature that ``export.onnx_export`` writes (the layout skl2onnx uses with
-zipmap off): input ``features`` float32 [N, n_features]; outputs ``label`` int64 [N] and
-``probabilities`` float32 [N, k]; ``class_names`` and ``feature_names`` as JSON lists in the model's
-metadata.
+The model must have the signature that ``triton_softmax.export.onnx_export`` writes (the layout
+skl2onnx uses with zipmap off): input ``features`` float32 [N, n_features]; outputs ``label`` int64
+[N] and ``probabilities`` float32 [N, k]; ``class_names`` and ``feature_names`` as JSON lists in the
+model's metadata.
 """
 
 from __future__ import annotations

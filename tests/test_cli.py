@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.runtime import OnnxClassifier
 from triton_softmax import cli
+from triton_softmax.export.runtime import OnnxClassifier
 from triton_softmax.regression import load_checkpoint, load_iris
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 import triton_softmax as ts
-from export import onnx_export
-from export.onnx_export import (
+from triton_softmax.export import onnx_export
+from triton_softmax.export.onnx_export import (
     ExportError,
     ParityReport,
     check_parity,

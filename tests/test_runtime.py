@@ -1,4 +1,4 @@
-"""export.runtime.OnnxClassifier: signature checks, providers, input validation, no torch needed.
+"""triton_softmax.export.runtime.OnnxClassifier: signatures, providers, input checks, no torch.
 
 Most tests build small models with onnx.helper (known weights, and malformed signatures on
 purpose); one serves a real export in a subprocess where torch and triton cannot be imported.
@@ -16,12 +16,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export import runtime
-from export.onnx_export import export_and_verify
-from export.runtime import InputError, ModelError, OnnxClassifier, default_providers
+from triton_softmax.export import runtime
+from triton_softmax.export.onnx_export import export_and_verify
+from triton_softmax.export.runtime import InputError, ModelError, OnnxClassifier, default_providers
 from triton_softmax.regression import TrainConfig, load_iris, train
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["ant", "bee", "cat"]
 FEATURES = ["x0", "x1"]
 W = np.array([[1.0, -2.0], [0.5, 0.5], [-1.0, 3.0]], dtype=np.float32)  # (k, F)
@@ -206,12 +205,14 @@ def test_serving_an_export_with_torch_and_triton_blocked(tmp_path):
     )
     x = iris.features[::10] + np.float32(0.05)
     np.save(tmp_path / "x.npy", x)
+    # A user's own export.py in the working directory (first on sys.path) must not shadow ours.
+    (tmp_path / "export.py").write_text("raise SystemExit('the user export.py was imported')\n")
     script = """
 import json, sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 sys.modules["triton"] = None
 import numpy as np
-from export.runtime import OnnxClassifier
+from triton_softmax.export.runtime import OnnxClassifier
 clf = OnnxClassifier(sys.argv[1])
 x = np.load(sys.argv[2])
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton", "triton_softmax")
@@ -220,7 +221,8 @@ print(json.dumps({"classes": list(clf.classes_), "features": clf.feature_names,
                   "predict": clf.predict(x).tolist(), "proba": clf.predict_proba(x).tolist(),
                   "providers": clf.providers, "loaded": loaded}))
 """
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The installed package (editable or not), run from a folder outside the repository.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [sys.executable, "-c", script, str(path), str(tmp_path / "x.npy")],
         capture_output=True,
@@ -231,7 +233,12 @@ print(json.dumps({"classes": list(clf.classes_), "features": clf.feature_names,
     )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["loaded"] == []
+    # The lazy package imports neither torch nor triton (nor the kernels) for the serving path.
+    assert out["loaded"] == [
+        "triton_softmax",
+        "triton_softmax.export",
+        "triton_softmax.export.runtime",
+    ]
     assert out["classes"] == list(iris.class_names)
     assert out["features"] == list(iris.feature_names)
     assert "CPUExecutionProvider" in out["providers"]

@@ -72,7 +72,7 @@ def _expected(error: Exception) -> bool:
     """
     kinds: list[type[BaseException]] = [CommandError, ValueError, OSError]
     for module, name in (
-        ("export.onnx_export", "ExportError"),
+        ("triton_softmax.export.onnx_export", "ExportError"),
         ("triton_softmax.regression.train", "TrainingError"),
     ):
         if module in sys.modules:
@@ -239,7 +239,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     import triton_softmax as ts
-    from export.onnx_export import export_and_verify
+    from triton_softmax.export.onnx_export import export_and_verify
     from triton_softmax.regression import TrainConfig, load_csv, load_iris, save_checkpoint, train
     from triton_softmax.regression.train import KERNEL_PATHS, library_versions, resolve_device
 
@@ -332,7 +332,7 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from export.onnx_export import export_and_verify
+    from triton_softmax.export.onnx_export import export_and_verify
     from triton_softmax.regression import load_checkpoint, read_features
 
     opset = _opset(args.opset)
@@ -370,7 +370,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _opset(value: int | None) -> int:
     """The ``--opset`` value, checked before any work is done."""
-    from export.onnx_export import DEFAULT_OPSET, MIN_OPSET
+    from triton_softmax.export.onnx_export import DEFAULT_OPSET, MIN_OPSET
 
     if value is None:
         return DEFAULT_OPSET
@@ -380,7 +380,7 @@ def _opset(value: int | None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from export.runtime import OnnxClassifier
+    from triton_softmax.export.runtime import OnnxClassifier
     from triton_softmax.regression.data import read_features
 
     clf = OnnxClassifier(args.model, providers=args.provider)
@@ -418,7 +418,7 @@ def _info(args: argparse.Namespace) -> int:
 def _info_onnx(path: Path) -> None:
     import onnx
 
-    from export.runtime import OnnxClassifier
+    from triton_softmax.export.runtime import OnnxClassifier
 
     clf = OnnxClassifier(path)
     proto = onnx.load(str(path))
