@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -612,12 +612,6 @@ def _summarize(rows: Sequence[Row]) -> int:
         print("torch eager disagrees with triton-softmax: see the mismatch rows", file=sys.stderr)
         return MISMATCH_EXIT
     return 0
-
-
-def iter_rows(path: Path) -> Iterator[dict[str, str]]:
-    """The rows of a kernels CSV as dicts of strings."""
-    with open(path, newline="", encoding="utf-8") as f:
-        yield from csv.DictReader(f)
 
 
 if __name__ == "__main__":
