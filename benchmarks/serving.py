@@ -112,7 +112,7 @@ def prepare(workdir: Path, epochs: int | None = None) -> dict[str, object]:
     import torch
 
     import triton_softmax as ts
-    from triton_softmax.export.onnx_export import export_and_verify
+    from triton_softmax.export.onnx_export import export_and_verify, fold_standardisation
     from triton_softmax.regression import TrainConfig, load_iris, save_checkpoint, train
 
     data = load_iris()
@@ -128,23 +128,13 @@ def prepare(workdir: Path, epochs: int | None = None) -> dict[str, object]:
     check = synthetic_rows(mean, std, CHECK_ROWS, seed=1)
     with torch.inference_mode():
         reference = model(torch.from_numpy(check)).numpy()
-    w, b = folded_weights(model)
+    w, b = (t.numpy() for t in fold_standardisation(model))
     np.savez(workdir / "inputs.npz", check=check, reference=reference, w=w, b=b, mean=mean, std=std)
     return {
         "features": data.n_features,
         "classes": data.n_classes,
         "kernel_path": ts.kernel_path(torch.empty(1)),
     }
-
-
-def folded_weights(model) -> tuple[np.ndarray, np.ndarray]:
-    """(W, b) with the standardisation folded in: ``softmax(x @ W.T + b)`` is the model.
-
-    ``linear((x - mean) / std) = x @ (W / std).T + (b - (W / std) @ mean)``.
-    """
-    w = model.linear.weight.detach().double() / model.feature_std.double()
-    b = model.linear.bias.detach().double() - w @ model.feature_mean.double()
-    return w.float().numpy(), b.float().numpy()
 
 
 def synthetic_rows(mean: np.ndarray, std: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -67,22 +67,38 @@ class ParityReport:
         return self.labels_identical and self.max_abs_diff <= PARITY_ATOL
 
 
+@torch.no_grad()
+def fold_standardisation(model: SoftmaxRegression) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's linear layer with its standardisation folded in.
+
+    ``W ((x - mean) / std) + b = (W / std) x + (b - (W / std) mean)``, computed in float64.
+
+    Args:
+        model: a model (any device).
+
+    Returns:
+        ``(weight, bias)``: float32 CPU tensors of shapes (k, n_features) and (k,), so that
+        ``softmax(x @ weight.T + bias)`` is the model's output.
+    """
+    weight = model.linear.weight.detach().cpu().double()
+    bias = model.linear.bias.detach().cpu().double()
+    mean = model.feature_mean.detach().cpu().double()
+    std = model.feature_std.detach().cpu().double()
+    scaled = weight / std
+    return scaled.float(), (bias - scaled @ mean).float()
+
+
 class _Classifier(nn.Module):
     """The exported graph: ``(label, probabilities)`` from ``features``, with the model's
     standardisation folded into its linear layer."""
 
     def __init__(self, model: SoftmaxRegression) -> None:
         super().__init__()
-        weight = model.linear.weight.detach().cpu().double()
-        bias = model.linear.bias.detach().cpu().double()
-        mean = model.feature_mean.detach().cpu().double()
-        std = model.feature_std.detach().cpu().double()
-        # W ((x - mean) / std) + b = (W / std) x + (b - (W / std) mean)
-        scaled = weight / std
+        weight, bias = fold_standardisation(model)
         self.linear = nn.Linear(model.n_features, model.n_classes)
         with torch.no_grad():
-            self.linear.weight.copy_(scaled.float())
-            self.linear.bias.copy_((bias - scaled @ mean).float())
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probabilities = ts.softmax(self.linear(features), dim=-1)

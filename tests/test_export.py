@@ -17,6 +17,7 @@ from triton_softmax.export.onnx_export import (
     ParityReport,
     check_parity,
     export_and_verify,
+    fold_standardisation,
     to_onnx,
     translation_table,
 )
@@ -68,6 +69,18 @@ def test_graph_uses_standard_ops_only_and_passes_the_full_check(onnx_path):
     # One self-contained file: every weight inside, nothing written next to it.
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["model.onnx"]
+
+
+def test_folded_linear_layer_is_the_model(model, iris):
+    weight, bias = fold_standardisation(model)
+    assert weight.dtype == bias.dtype == torch.float32
+    x = _rows(iris, 64, seed=5)
+    z = x.astype(np.float64) @ weight.double().numpy().T + bias.double().numpy()
+    folded = np.exp(z - z.max(axis=1, keepdims=True))
+    folded /= folded.sum(axis=1, keepdims=True)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).double().numpy()
+    np.testing.assert_allclose(folded, expected, rtol=0, atol=1e-6)
 
 
 def test_signature_and_metadata(onnx_path, iris):
