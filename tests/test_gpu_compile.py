@@ -17,11 +17,12 @@ SOFTMAX_CASES = [  # (dtype, SINGLE_BLOCK, BLOCK_M, BLOCK_N, LOG)
     ("bf16", False, 1, 4096, True),
     ("fp64", True, 1, 8192, True),
 ]
-CROSS_ENTROPY_CASES = [  # (dtype, TARGET_IS_INDEX, HAS_WEIGHT, HAS_SMOOTHING, HAS_GRAD_LSE, BM, BN)
-    ("fp32", True, True, True, True, 1, 4096),
-    ("bf16", False, True, True, False, 128, 16),
-    ("fp64", True, False, False, False, 1, 4096),
-    ("fp16", True, False, True, True, 128, 32),
+CROSS_ENTROPY_CASES = [  # (dtype, TARGET_IS_INDEX, HAS_WEIGHT, LABEL_SMOOTHING, Z_LOSS,
+    #                         HAS_GRAD_LSE, BLOCK_M, BLOCK_N)
+    ("fp32", True, True, 0.1, 1e-4, True, 1, 4096),
+    ("bf16", False, True, 0.2, 0.0, False, 128, 16),
+    ("fp64", True, False, 0.0, 0.0, False, 1, 4096),
+    ("fp16", True, False, 0.1, 1e-3, True, 128, 32),
 ]
 
 
@@ -43,8 +44,6 @@ def _compile_all() -> int:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
                 signature[name] = pointer_types[name]
-            elif name.startswith(("label_smoothing", "z_loss")):
-                signature[name] = "fp32"
             else:  # strides, sizes, ignore_index
                 signature[name] = "i64" if name.endswith("stride") else "i32"
         source = ASTSource(
@@ -62,12 +61,22 @@ def _compile_all() -> int:
             pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}
             compile_kernel(kernel, pointers, meta)
             count += 1
-    for dtype, is_index, weight, smoothing, grad_lse, block_m, block_n in CROSS_ENTROPY_CASES:
+    for (
+        dtype,
+        is_index,
+        weight,
+        smoothing,
+        z_loss,
+        grad_lse,
+        block_m,
+        block_n,
+    ) in CROSS_ENTROPY_CASES:
         acc, acc_pointer = acc_types.get(dtype, (tl.float32, "*fp32"))
         meta = dict(
+            LABEL_SMOOTHING=smoothing,
+            Z_LOSS=z_loss,
             TARGET_IS_INDEX=is_index,
             HAS_WEIGHT=weight,
-            HAS_SMOOTHING=smoothing,
             ACC_DTYPE=acc,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -77,8 +86,11 @@ def _compile_all() -> int:
             "grad_logits_ptr": f"*{dtype}",
             "weight_ptr": f"*{dtype}",
             "target_ptr": "*i64" if is_index else f"*{dtype}",
-            **{p: acc_pointer for p in ("loss_ptr", "lse_ptr", "stats_ptr")},
-            **{p: acc_pointer for p in ("grad_loss_ptr", "grad_lse_ptr")},
+            **{
+                p: acc_pointer
+                for p in ("loss_ptr", "lse_ptr", "grad_loss_ptr", "grad_lse_ptr")
+                + ("row_max_ptr", "log_sum_ptr", "target_mass_ptr")
+            },
         }
         compile_kernel(cross_entropy._cross_entropy_forward_kernel, pointers, meta)
         compile_kernel(

@@ -1,10 +1,14 @@
-"""What every op shares: which path a tensor takes, launch tiles, dtype rules."""
+"""What every op shares: which path a tensor takes, how a launch is made, tiles, dtype rules,
+and the online log-sum-exp update that softmax and cross-entropy both stream rows with."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +22,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Elements in one program's [BLOCK_M, BLOCK_N] tile when a row is short enough to take
 #: several rows per program.
 TILE_ELEMENTS = 4096
+
+#: Devices Triton compiles the kernels for.
+TRITON_DEVICES = ("cuda",)
 
 
 @triton.jit
@@ -36,25 +43,52 @@ def kernel_path(where: torch.Tensor | torch.device | str) -> KernelPath:
     """Which implementation the ops take for a tensor (or a device).
 
     Returns:
-        ``"triton"``: compiled Triton kernels (CUDA, or any device Triton compiles for);
+        ``"triton"``: compiled Triton kernels (CUDA devices, NVIDIA or AMD ROCm);
         ``"triton-interpreter"``: the same kernels through Triton's interpreter (set
         ``TRITON_INTERPRET=1`` before triton is first imported; slow, used by the tests);
-        ``"torch"``: a CPU tensor without the interpreter, computed by a plain-torch
-        implementation of the same math, so a model trained on a GPU runs anywhere.
+        ``"torch"``: a CPU tensor without the interpreter, computed by torch's own functions
+        (the functional API) or a plain-torch implementation of the same math (the ops), so a
+        model trained on a GPU runs anywhere.
+    Raises:
+        ValueError: for a device no path serves (``meta`` tensors hold no data; ``mps`` and
+            others have no Triton backend).
     """
     device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
     if kernels_interpreted():
-        return "triton-interpreter"
-    if device.type == "cpu":
+        if device.type in ("cpu", *TRITON_DEVICES):
+            return "triton-interpreter"
+    elif device.type == "cpu":
         return "torch"
-    return "triton"
+    elif device.type in TRITON_DEVICES:
+        return "triton"
+    raise ValueError(
+        f"no kernel path for device {device.type!r}: the kernels run on CUDA devices (Triton), "
+        "on the CPU (plain torch, or Triton's interpreter with TRITON_INTERPRET=1)"
+        + (" ; a meta tensor holds no data to run on" if device.type == "meta" else "")
+    )
 
 
-def device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make ``x``'s GPU the current device for a launch (Triton launches on the current one)."""
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+#: Triton's interpreter keeps global state: launches from several threads must take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def launching_on(x: torch.Tensor) -> Iterator[None]:
+    """Context for a kernel launch on ``x``'s device.
+
+    Compiled kernels: make ``x``'s GPU the current device (Triton launches on the current one).
+    Interpreter: one launch at a time, and numpy's warnings about masked-off lanes (the
+    interpreter evaluates them too: ``-inf - -inf``, ``log 0``; the kernels never store them)
+    silenced for this launch only.
+    """
+    if kernels_interpreted():
+        with _INTERPRETER_LOCK, np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            yield
+    elif x.device.type == "cuda":
+        with torch.cuda.device(x.device):
+            yield
+    else:
+        yield
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,11 +100,12 @@ def triton_accumulator_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def check_floating(x: torch.Tensor, what: str) -> None:
-    """TypeError naming the dtype unless ``x`` is a floating dtype the kernels take."""
-    if x.dtype not in SUPPORTED_DTYPES:
+def check_floating(x: torch.Tensor | torch.dtype, what: str) -> None:
+    """TypeError naming the dtype unless ``x`` (a tensor or a dtype) is one the kernels take."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    if dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise TypeError(f"{what} must be a floating-point tensor ({names}), got {x.dtype}")
+        raise TypeError(f"{what} must be a floating-point tensor ({names}), got {dtype}")
 
 
 def row_tiles(n_cols: int, max_block_n: int, block_n: int | None = None) -> tuple[int, int]:
@@ -98,3 +133,19 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+@triton.jit
+def online_logsumexp_update(m, d, x):
+    """One block of the online log-sum-exp (arXiv 1805.02867, Alg. 3), per row of ``x``.
+
+    ``m`` is the running max and ``d`` the running sum of ``exp(x - m)``; ``x`` is
+    [BLOCK_M, BLOCK_N] with masked lanes at -inf. Returns ``(m_new, m_new_shift, d_new)``:
+    ``m_new_shift`` is ``m_new``, or 0 while a row has seen only -inf, where shifting by
+    ``m_new`` would give ``exp(-inf + inf)`` = NaN (``d`` is still 0 then, so 0 is exact).
+    ``d_new`` is the sum of ``exp(x - m_new_shift)`` over the row so far.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp(m - m_new_shift) + tl.sum(tl.exp(x - m_new_shift[:, None]), axis=1)
+    return m_new, m_new_shift, d

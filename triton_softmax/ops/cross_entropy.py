@@ -17,8 +17,9 @@ when m grows, so the smoothing term never subtracts two large numbers. It writes
 loss, lse, and per-row stats (m, log d, S): backward recomputes p = exp((x - m) - log d) from
 them, never storing softmax, and exactly even when |x| ~ 1e4 (an fp32 lse would lose 1e-3 there).
 
-The label smoothing and z-loss coefficients reach the kernels as two fp32 halves (hi + lo), as
-Triton passes Python floats as fp32: fp64 logits then get them at fp64 precision.
+The label smoothing and z-loss coefficients are compile-time constants of the kernels: exact
+in fp64 (Triton would pass a runtime Python float as fp32), and a zero one costs nothing. Each
+distinct value compiles its own specialisation once.
 
 Bytes moved per row of C logits of s bytes (class-index targets, floor = forward + backward):
     forward:  read C*s                         (+ C*s for probability targets)
@@ -27,7 +28,7 @@ Bytes moved per row of C logits of s bytes (class-index targets, floor = forward
 Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
     torch.ops.triton_softmax.cross_entropy(logits, target, weight, ignore_index,
                                            label_smoothing, z_loss, inplace_backward)
-        -> (loss [M], lse [M], stats [M, 3] = (max, log-sum-exp - max, S)),
+        -> (loss [M], lse [M], stats [3, M] = (row max, log-sum-exp - max, S)),
            fp32 (fp64 for fp64 logits)
     torch.ops.triton_softmax.cross_entropy_backward(...)  -> grad_logits (out of place)
     torch.ops.triton_softmax.cross_entropy_backward_(...) -> writes grad_logits into logits
@@ -36,7 +37,6 @@ Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 import triton
@@ -46,9 +46,10 @@ from triton_softmax.ops._common import (
     accumulator_dtype,
     as_rows,
     check_floating,
-    device_of,
     kernel_path,
+    launching_on,
     num_warps_for,
+    online_logsumexp_update,
     row_tiles,
     triton_accumulator_dtype,
 )
@@ -62,18 +63,6 @@ MAX_BLOCK_CLASSES = 4096
 # stride. Row offsets are int64. A class index outside [0, C) that is not ignore_index is
 # never dereferenced: its row gets a NaN loss and NaN gradient.
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _coefficients(
-    label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, ACC_DTYPE: tl.constexpr
-):
-    """label_smoothing and z_loss in ACC_DTYPE from their fp32 (hi, lo) halves."""
-    label_smoothing = tl.cast(label_smoothing_hi, ACC_DTYPE) + tl.cast(
-        label_smoothing_lo, ACC_DTYPE
-    )
-    z_loss = tl.cast(z_loss_hi, ACC_DTYPE) + tl.cast(z_loss_lo, ACC_DTYPE)
-    return label_smoothing, z_loss
 
 
 @triton.jit
@@ -108,19 +97,19 @@ def _target_block(
     c,
     mask,
     n_classes,
-    label_smoothing,
+    LABEL_SMOOTHING: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """r_j = w_j * q_j on one [BLOCK_M, BLOCK_N] block, without the (1 - eps) [j == t] part
     of class-index targets (each row adds that through its own target logit)."""
-    smooth = label_smoothing / n_classes
     if TARGET_IS_INDEX:
-        r = tl.where(mask, smooth, 0.0).to(ACC_DTYPE)
+        r = tl.where(mask, LABEL_SMOOTHING / n_classes.to(ACC_DTYPE), 0.0).to(ACC_DTYPE)
     else:
         q = tl.load(target_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        r = tl.where(mask, q * (1.0 - label_smoothing) + smooth, 0.0)
+        smooth = LABEL_SMOOTHING / n_classes.to(ACC_DTYPE)
+        r = tl.where(mask, q * (1.0 - LABEL_SMOOTHING) + smooth, 0.0)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + c, mask=c < n_classes, other=0.0).to(ACC_DTYPE)
         r = r * w[None, :]
@@ -131,7 +120,9 @@ def _target_block(
 def _cross_entropy_forward_kernel(
     loss_ptr,
     lse_ptr,
-    stats_ptr,
+    row_max_ptr,
+    log_sum_ptr,
+    target_mass_ptr,
     logits_ptr,
     target_ptr,
     weight_ptr,
@@ -140,21 +131,15 @@ def _cross_entropy_forward_kernel(
     n_rows,
     n_classes,
     ignore_index,
-    label_smoothing_hi,
-    label_smoothing_lo,
-    z_loss_hi,
-    z_loss_lo,
     # meta-parameters
+    LABEL_SMOOTHING: tl.constexpr,
+    Z_LOSS: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    label_smoothing, z_loss = _coefficients(
-        label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, ACC_DTYPE
-    )
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
@@ -170,14 +155,12 @@ def _cross_entropy_forward_kernel(
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_new_shift) + tl.sum(tl.exp(x - m_new_shift[:, None]), axis=1)
+        m_new, m_new_shift, d = online_logsumexp_update(m, d, x)
         # Without smoothing, class-index targets need only the target logit: a, s stay 0.
-        if HAS_SMOOTHING or not TARGET_IS_INDEX:
+        if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
             r = _target_block(
-                target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
-                TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+                target_rows, weight_ptr, c, mask, n_classes,
+                LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
             a += s * (m_shift - m_new_shift)
             a += tl.sum(tl.where(mask, r * (x - m_new_shift[:, None]), 0.0), axis=1)
@@ -200,20 +183,21 @@ def _cross_entropy_forward_kernel(
             mask=counted & ~bad,
             other=0.0,
         ).to(ACC_DTYPE)
-        hot = (1.0 - label_smoothing) * w_target
+        hot = (1.0 - LABEL_SMOOTHING) * w_target
         loss += hot * ((m - x_target) + log_d)
         s += hot
-        loss += z_loss * lse * lse
+        if Z_LOSS != 0:
+            loss += Z_LOSS * lse * lse
         loss = tl.where(counted, loss, 0.0)
         loss = tl.where(bad, float("nan"), loss)
         s = tl.where(counted, s, 0.0)
-    else:
-        loss += z_loss * lse * lse
+    elif Z_LOSS != 0:
+        loss += Z_LOSS * lse * lse
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(stats_ptr + rows * 3, m, mask=row_mask)
-    tl.store(stats_ptr + rows * 3 + 1, log_d, mask=row_mask)
-    tl.store(stats_ptr + rows * 3 + 2, s, mask=row_mask)
+    tl.store(row_max_ptr + rows, m, mask=row_mask)
+    tl.store(log_sum_ptr + rows, log_d, mask=row_mask)
+    tl.store(target_mass_ptr + rows, s, mask=row_mask)
 
 
 @triton.jit
@@ -224,7 +208,9 @@ def _cross_entropy_backward_kernel(
     logits_ptr,
     target_ptr,
     weight_ptr,
-    stats_ptr,
+    row_max_ptr,
+    log_sum_ptr,
+    target_mass_ptr,
     grad_logits_row_stride,
     grad_loss_stride,
     grad_lse_stride,
@@ -233,14 +219,11 @@ def _cross_entropy_backward_kernel(
     n_rows,
     n_classes,
     ignore_index,
-    label_smoothing_hi,
-    label_smoothing_lo,
-    z_loss_hi,
-    z_loss_lo,
     # meta-parameters
+    LABEL_SMOOTHING: tl.constexpr,
+    Z_LOSS: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -249,9 +232,6 @@ def _cross_entropy_backward_kernel(
     # dx_k = p_k * (g (S + 2 z lse) + g_lse) - g r_k: one read of the logits, one write.
     # g is the upstream gradient of the row's loss, g_lse that of the returned lse (if used).
     # The true class's p_t - 1 is formed in ACC_DTYPE before the cast (bf16 keeps p = 0.999).
-    label_smoothing, z_loss = _coefficients(
-        label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, ACC_DTYPE
-    )
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
@@ -259,9 +239,9 @@ def _cross_entropy_backward_kernel(
     grad_rows = grad_logits_ptr + rows[:, None] * grad_logits_row_stride
     cols = tl.arange(0, BLOCK_N)
 
-    m = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
-    log_d = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
-    target_mass = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
+    m = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    log_d = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
+    target_mass = tl.load(target_mass_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, mask=row_mask, other=0.0)
     g = g.to(ACC_DTYPE)
     if TARGET_IS_INDEX:
@@ -269,14 +249,17 @@ def _cross_entropy_backward_kernel(
             target_ptr, weight_ptr, rows, row_mask, target_row_stride,
             n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
-        hot = (1.0 - label_smoothing) * w_target
+        hot = (1.0 - LABEL_SMOOTHING) * w_target
         # Ignored rows get exactly 0 from the loss, even when g is inf (mean over an
         # all-ignored batch) or the row is all -inf; a bad class index gets NaN.
         g = tl.where(counted, g, 0.0)
         g = tl.where(bad, float("nan"), g)
     else:
         counted = row_mask
-    p_scale = tl.where(counted, g * (target_mass + 2.0 * z_loss * (m + log_d)), 0.0)
+    p_scale = target_mass
+    if Z_LOSS != 0:
+        p_scale += 2.0 * Z_LOSS * (m + log_d)
+    p_scale = tl.where(counted, g * p_scale, 0.0)
     if HAS_GRAD_LSE:
         g_lse = tl.load(grad_lse_ptr + rows * grad_lse_stride, mask=row_mask, other=0.0)
         p_scale += g_lse.to(ACC_DTYPE)
@@ -289,10 +272,10 @@ def _cross_entropy_backward_kernel(
         r = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
         if TARGET_IS_INDEX:
             r = tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
-        if HAS_SMOOTHING or not TARGET_IS_INDEX:
+        if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
             r += _target_block(
-                target_rows, weight_ptr, c, mask, n_classes, label_smoothing,
-                TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+                target_rows, weight_ptr, c, mask, n_classes,
+                LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
         grad = p * p_scale[:, None] - g[:, None] * r
         if not HAS_GRAD_LSE:
@@ -313,7 +296,7 @@ def _check_operands(
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy op expects 2-D logits [M, C], got {tuple(logits.shape)}")
     n_rows, n_classes = logits.shape
-    if n_classes == 0:
+    if n_classes == 0 and n_rows > 0:
         raise ValueError("cross_entropy needs at least one class, got logits of shape (M, 0)")
     if target.dtype == torch.int64:
         if target.shape != (n_rows,):
@@ -363,66 +346,80 @@ def check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int)
         )
 
 
-def _tiles(n_classes: int, block_n: int | None) -> tuple[int, int]:
-    return row_tiles(n_classes, MAX_BLOCK_CLASSES, block_n)
-
-
-def _target_weights(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch path: r = w * q as [M, C] and the mask of rows that count."""
-    acc = accumulator_dtype(logits.dtype)
-    n_rows, n_classes = logits.shape
-    w = torch.ones(n_classes, dtype=acc, device=logits.device) if weight is None else weight
-    w = w.to(acc)
-    if target.dtype == torch.int64:
-        counted = target != ignore_index
-        hot = torch.nn.functional.one_hot(target.clamp(0, n_classes - 1), n_classes).to(acc)
-        q = hot * (1.0 - label_smoothing) + label_smoothing / n_classes
-        return q * w * counted[:, None], counted
-    q = target.to(acc) * (1.0 - label_smoothing) + label_smoothing / n_classes
-    return q * w, torch.ones(n_rows, dtype=torch.bool, device=logits.device)
-
-
-def _to_fp32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def _hi_lo(value: float) -> tuple[float, float]:
-    """``value`` as two fp32-representable halves whose sum is exact to ~48 bits."""
-    hi = _to_fp32(value)
-    return hi, _to_fp32(value - hi)
-
-
-def _launch_arguments(logits, target, weight, ignore_index, label_smoothing, z_loss, block_n):
-    """What the forward and backward launches share: rows, tiles, scalars and flags."""
+def _launch(kernel, logits, target, weight, ignore_index, label_smoothing, z_loss, block_n, **rest):
+    """Launch a cross-entropy kernel over the rows of 2-D ``logits``; ``rest`` holds the
+    kernel's own operands by name (pointers, their strides, flags)."""
     is_index = target.dtype == torch.int64
     rows = as_rows(logits)
     target_rows = target if is_index else as_rows(target)
-    block_m, block_n = _tiles(rows.shape[1], block_n)
-    pointers = (rows, target_rows, rows if weight is None else weight.contiguous())
-    scalars = (
-        rows.stride(0),
-        target_rows.stride(0),
-        *rows.shape,
-        ignore_index,
-        *_hi_lo(label_smoothing),
-        *_hi_lo(z_loss),
-    )
-    meta = dict(
-        TARGET_IS_INDEX=is_index,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m * block_n),
-    )
-    return (triton.cdiv(rows.shape[0], block_m),), pointers, scalars, meta
+    block_m, block_n = row_tiles(rows.shape[1], MAX_BLOCK_CLASSES, block_n)
+    with launching_on(logits):
+        kernel[(triton.cdiv(rows.shape[0], block_m),)](
+            logits_ptr=rows,
+            target_ptr=target_rows,
+            weight_ptr=rows if weight is None else weight.contiguous(),  # unread without weight
+            logits_row_stride=rows.stride(0),
+            target_row_stride=target_rows.stride(0),
+            n_rows=rows.shape[0],
+            n_classes=rows.shape[1],
+            ignore_index=ignore_index,
+            LABEL_SMOOTHING=label_smoothing,
+            Z_LOSS=z_loss,
+            TARGET_IS_INDEX=is_index,
+            HAS_WEIGHT=weight is not None,
+            ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps_for(block_m * block_n),
+            **rest,
+        )
+
+
+def _plain_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, loss, lse, stats):
+    """Plain-torch forward of the same math as the kernel, writing loss, lse and stats."""
+    acc = loss.dtype
+    n_classes = logits.shape[1]
+    x = logits.to(acc)
+    m = x.amax(dim=1)
+    m_shift = torch.where(m == -math.inf, 0.0, m)
+    shifted = x - m_shift[:, None]
+    log_d = shifted.logsumexp(dim=1)
+    lse.copy_(m_shift + log_d)
+    w = None if weight is None else weight.to(acc)
+    smooth = label_smoothing / n_classes
+    if target.dtype == torch.int64:
+        counted = target != ignore_index
+        safe = target.clamp(0, n_classes - 1)
+        hot = (
+            torch.full_like(lse, 1.0 - label_smoothing)
+            if w is None
+            else (1.0 - label_smoothing) * w[safe]
+        )
+        per_row = hot * (log_d - shifted.gather(1, safe[:, None]).squeeze(1))
+        mass = hot
+        if label_smoothing > 0:
+            minus_log_p = log_d[:, None] - shifted
+            if w is None:
+                per_row = per_row + smooth * minus_log_p.sum(1)
+                mass = mass + label_smoothing
+            else:
+                per_row = per_row + smooth * (minus_log_p * w).sum(1)
+                mass = mass + smooth * w.sum()
+        if z_loss != 0:
+            per_row = per_row + z_loss * lse * lse
+        loss.copy_(torch.where(counted, per_row, 0.0))
+        mass = torch.where(counted, mass, 0.0)
+    else:
+        r = target.to(acc) * (1.0 - label_smoothing) + smooth
+        if w is not None:
+            r = r * w
+        # -sum_j r_j log p_j, with 0 * inf = NaN where torch has it.
+        per_row = (r * (log_d[:, None] - shifted)).sum(1)
+        if z_loss != 0:
+            per_row = per_row + z_loss * lse * lse
+        loss.copy_(per_row)
+        mass = r.sum(1)
+    stats[0], stats[1], stats[2] = m, log_d, mass
 
 
 def cross_entropy_forward(
@@ -442,11 +439,13 @@ def cross_entropy_forward(
         target: [M] int64 class indices, or [M, C] floating probabilities.
         weight: [C] class weights or None.
         ignore_index: class index whose rows cost 0 (class-index targets only).
-        label_smoothing: eps in [0, 1].
+        label_smoothing: eps in [0, 1]. On the kernel paths, each distinct value of
+            ``label_smoothing`` and ``z_loss`` compiles its own kernel specialisation once
+            (they are compile-time constants, exact in fp64).
         z_loss: coefficient of lse**2 added per counted row.
         block_n: override the class block (a power of two; tests use it).
     Returns:
-        loss [M], lse [M] and stats [M, 3] = (row max m, lse - m, target mass S) for the
+        loss [M], lse [M] and stats [3, M] = (row max m, lse - m, target mass S) for the
         backward; fp32 (fp64 for fp64 logits).
     """
     is_index = _check_operands(logits, target, weight)
@@ -454,38 +453,26 @@ def cross_entropy_forward(
     acc = accumulator_dtype(logits.dtype)
     loss = torch.empty(n_rows, dtype=acc, device=logits.device)
     lse = torch.empty(n_rows, dtype=acc, device=logits.device)
-    stats = torch.empty(n_rows, 3, dtype=acc, device=logits.device)
+    stats = torch.empty(3, n_rows, dtype=acc, device=logits.device)
     if n_rows == 0:
         return loss, lse, stats
     if is_index and target.device.type == "cpu":
         check_class_indices(target, n_classes, ignore_index)
-
     if kernel_path(logits) == "torch":
-        x = logits.to(acc)
-        m = x.amax(dim=-1)
-        m_shift = torch.where(m == -math.inf, 0.0, m)
-        log_d = torch.logsumexp(x - m_shift[:, None], dim=-1)
-        stats[:, 0], stats[:, 1] = m, log_d
-        lse.copy_(m_shift + log_d)
-        r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
-        log_p = (x - m_shift[:, None]) - log_d[:, None]
-        # -sum_j r_j log p_j, with 0 * inf = NaN where torch has it (probability targets);
-        # class-index rows without smoothing take only their target logit, as torch does.
-        if is_index and label_smoothing == 0.0:
-            picked = log_p.gather(1, target.clamp(0, n_classes - 1)[:, None]).squeeze(1)
-            per_row = -r.sum(1) * picked
-        else:
-            per_row = -(r * log_p).sum(1)
-        per_row = per_row + z_loss * lse * lse
-        loss.copy_(torch.where(counted, per_row, 0.0))
-        stats[:, 2] = r.sum(1)
+        _plain_forward(
+            logits, target, weight, ignore_index, label_smoothing, z_loss, loss, lse, stats
+        )
         return loss, lse, stats
-
-    grid, pointers, scalars, meta = _launch_arguments(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n
-    )
-    with device_of(logits):
-        _cross_entropy_forward_kernel[grid](loss, lse, stats, *pointers, *scalars, **meta)
+    row_max, log_sum, target_mass = stats
+    _launch(
+        _cross_entropy_forward_kernel,
+        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n,
+        loss_ptr=loss,
+        lse_ptr=lse,
+        row_max_ptr=row_max,
+        log_sum_ptr=log_sum,
+        target_mass_ptr=target_mass,
+    )  # fmt: skip
     return loss, lse, stats
 
 
@@ -508,6 +495,36 @@ def rows_writable(logits: torch.Tensor) -> bool:
     return True
 
 
+def _plain_backward(
+    grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss, out
+):
+    """Plain-torch backward of the same math as the kernel, written into ``out``."""
+    acc = stats.dtype
+    n_classes = logits.shape[1]
+    m, log_d, mass = stats
+    w = None if weight is None else weight.to(acc)
+    smooth = label_smoothing / n_classes
+    is_index = target.dtype == torch.int64
+    counted = target != ignore_index if is_index else torch.ones_like(m, dtype=torch.bool)
+    g = torch.where(counted, grad_loss.to(acc), 0.0)
+    p_scale = torch.where(counted, g * (mass + 2.0 * z_loss * (m + log_d)), 0.0)
+    if grad_lse is not None:
+        p_scale = p_scale + grad_lse.to(acc)
+    grad = torch.exp((logits.to(acc) - m[:, None]) - log_d[:, None]) * p_scale[:, None]
+    if is_index:
+        safe = target.clamp(0, n_classes - 1)
+        hot = (1.0 - label_smoothing) * (1.0 if w is None else w[safe])
+        grad.scatter_add_(1, safe[:, None], (-g * hot)[:, None])
+        if label_smoothing > 0:
+            grad -= g[:, None] * (smooth if w is None else smooth * w)
+    else:
+        r = target.to(acc) * (1.0 - label_smoothing) + smooth
+        grad -= g[:, None] * (r if w is None else r * w)
+    if grad_lse is None:
+        grad = torch.where(counted[:, None], grad, 0.0)
+    out.copy_(grad)
+
+
 def cross_entropy_backward(
     grad_loss: torch.Tensor,
     grad_lse: torch.Tensor | None,
@@ -528,7 +545,7 @@ def cross_entropy_backward(
         grad_loss: [M] upstream gradient of the per-row losses (any stride, 0 included).
         grad_lse: [M] upstream gradient of the forward's lse, or None when it is unused.
         logits, target, weight, ignore_index, label_smoothing, z_loss: as in the forward.
-        stats: [M, 3], saved by the forward.
+        stats: [3, M], saved by the forward.
         out: [M, C] tensor to write into (``logits`` itself for the in-place mode);
             a new tensor when None.
         block_n: override the class block (a power of two; tests use it).
@@ -544,9 +561,9 @@ def cross_entropy_backward(
                 f"{name} must have shape ({n_rows},) on {logits.device}, got "
                 f"{tuple(vector.shape)} on {vector.device}"
             )
-    if stats.shape != (n_rows, 3) or stats.dtype != acc or not stats.is_contiguous():
+    if stats.shape != (3, n_rows) or stats.dtype != acc or not stats.is_contiguous():
         raise ValueError(
-            f"stats must be the forward's contiguous ({n_rows}, 3) {acc} tensor, got "
+            f"stats must be the forward's contiguous (3, {n_rows}) {acc} tensor, got "
             f"{tuple(stats.shape)} {stats.dtype}"
         )
     if out is None:
@@ -557,39 +574,28 @@ def cross_entropy_backward(
         _check_rows_writable(out)
     if n_rows == 0:
         return out
-
     if kernel_path(logits) == "torch":
-        m, log_d, target_mass = stats.unbind(1)
-        r, counted = _target_weights(logits, target, weight, ignore_index, label_smoothing)
-        g = torch.where(counted, grad_loss.to(acc), 0.0)
-        p_scale = torch.where(counted, g * (target_mass + 2.0 * z_loss * (m + log_d)), 0.0)
-        if grad_lse is not None:
-            p_scale = p_scale + grad_lse.to(acc)
-        p = torch.exp((logits.to(acc) - m[:, None]) - log_d[:, None])
-        grad = p * p_scale[:, None] - g[:, None] * r
-        if grad_lse is None:
-            grad = torch.where(counted[:, None], grad, 0.0)
-        out.copy_(grad)
+        _plain_backward(
+            grad_loss, grad_lse, logits, target, weight, stats,
+            ignore_index, label_smoothing, z_loss, out,
+        )  # fmt: skip
         return out
-
-    grid, pointers, scalars, meta = _launch_arguments(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n
-    )
-    lse_pointer = grad_loss if grad_lse is None else grad_lse
-    with device_of(logits):
-        _cross_entropy_backward_kernel[grid](
-            out,
-            grad_loss,
-            lse_pointer,
-            *pointers,
-            stats,
-            out.stride(0),
-            grad_loss.stride(0),
-            lse_pointer.stride(0),
-            *scalars,
-            HAS_GRAD_LSE=grad_lse is not None,
-            **meta,
-        )
+    lse_pointer = grad_loss if grad_lse is None else grad_lse  # unread without grad_lse
+    row_max, log_sum, target_mass = stats
+    _launch(
+        _cross_entropy_backward_kernel,
+        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n,
+        grad_logits_ptr=out,
+        grad_loss_ptr=grad_loss,
+        grad_lse_ptr=lse_pointer,
+        row_max_ptr=row_max,
+        log_sum_ptr=log_sum,
+        target_mass_ptr=target_mass,
+        grad_logits_row_stride=out.stride(0),
+        grad_loss_stride=grad_loss.stride(0),
+        grad_lse_stride=lse_pointer.stride(0),
+        HAS_GRAD_LSE=grad_lse is not None,
+    )  # fmt: skip
     return out
 
 
@@ -624,7 +630,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_bac
     return (
         logits.new_empty(n_rows, dtype=acc),
         logits.new_empty(n_rows, dtype=acc),
-        logits.new_empty(n_rows, 3, dtype=acc),
+        logits.new_empty(3, n_rows, dtype=acc),
     )
 
 
@@ -693,13 +699,13 @@ def _backward(ctx, grad_loss, grad_lse, _grad_stats):
     logits, target, weight, stats = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
     if grad_loss is None:
-        grad_loss = torch.zeros_like(stats[:, 0])
+        grad_loss = torch.zeros_like(stats[0])
 
     grad_target = None
     if ctx.needs_input_grad[1]:
         # Probability targets only: d/dq_j of -sum_j w_j q'_j log p_j.
-        m, log_d = stats[:, 0:1], stats[:, 1:2]
-        log_p = (logits.to(stats.dtype) - m) - log_d
+        row_max, log_sum = stats[0, :, None], stats[1, :, None]
+        log_p = (logits.to(stats.dtype) - row_max) - log_sum
         w = 1.0 if weight is None else weight.to(stats.dtype)
         grad_target = (-(1.0 - label_smoothing) * w * log_p * grad_loss[:, None]).to(target.dtype)
 

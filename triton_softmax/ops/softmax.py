@@ -26,9 +26,10 @@ from triton_softmax.ops._common import (
     accumulator_dtype,
     as_rows,
     check_floating,
-    device_of,
     kernel_path,
+    launching_on,
     num_warps_for,
+    online_logsumexp_update,
     row_tiles,
     triton_accumulator_dtype,
 )
@@ -47,10 +48,10 @@ STREAM_BLOCK_COLS = 4096
 
 @triton.jit
 def _softmax_forward_kernel(
-    out_ptr,
-    in_ptr,
-    out_row_stride,
-    in_row_stride,
+    y_ptr,
+    x_ptr,
+    y_row_stride,
+    x_row_stride,
     n_rows,
     n_cols,
     # meta-parameters
@@ -62,14 +63,14 @@ def _softmax_forward_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    in_rows = in_ptr + rows[:, None] * in_row_stride
-    out_rows = out_ptr + rows[:, None] * out_row_stride
+    x_rows = x_ptr + rows[:, None] * x_row_stride
+    y_rows = y_ptr + rows[:, None] * y_row_stride
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_BLOCK:
         # The whole row is in registers: read once, write once.
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(in_rows + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
         # A row of all -inf gives m = -inf and x - m = NaN, as torch does.
         shifted = x - tl.max(x, axis=1)[:, None]
         exps = tl.exp(shifted)
@@ -78,7 +79,7 @@ def _softmax_forward_kernel(
             y = shifted - tl.log(total)[:, None]
         else:
             y = exps / total[:, None]
-        tl.store(out_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # Pass 1: running max m and running sum d of exp(x - m).
         m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
@@ -86,25 +87,20 @@ def _softmax_forward_kernel(
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_cols)
-            x = tl.load(in_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            # While a row has seen only -inf, m_new is -inf and exp(m - m_new) would be
-            # exp(-inf + inf) = NaN: shift by 0 instead (d is still 0 then).
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
-            m = m_new
+            x = tl.load(x_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            m, _, d = online_logsumexp_update(m, d, x)
         # Pass 2: write. An all -inf row has m = -inf, d = 0 and yields NaN, as torch does.
         log_total = tl.log(d)
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_cols)
-            x = tl.load(in_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            x = tl.load(x_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
             shifted = x - m[:, None]
             if LOG:
                 y = shifted - log_total[:, None]
             else:
                 y = tl.exp(shifted - log_total[:, None])
-            tl.store(out_rows + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -170,22 +166,23 @@ def _softmax_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _launch_over_rows(kernel, out: torch.Tensor, inputs: tuple, log: bool, block_n) -> None:
-    """Launch a kernel whose arguments are (out, *inputs, their row strides, n_rows, n_cols):
-    rows of the last dimension, contiguous ``out``, inputs of out's shape with any strides."""
-    out_rows = out.view(-1, out.shape[-1])
-    input_rows = [as_rows(t) for t in inputs]
-    n_rows, n_cols = out_rows.shape
+def _launch_over_rows(kernel, *, log: bool, block_n: int | None, **operands) -> None:
+    """Launch a softmax kernel over rows of the last dimension.
+
+    ``operands`` are the kernel's tensors by name (``y=`` for ``y_ptr`` and ``y_row_stride``),
+    the output first (contiguous), then inputs of its shape with any strides.
+    """
+    rows = {name: as_rows(t) for name, t in operands.items()}
+    out = next(iter(operands.values()))
+    n_rows, n_cols = out.numel() // out.shape[-1], out.shape[-1]
     max_block_n = MAX_SINGLE_BLOCK_COLS if n_cols <= MAX_SINGLE_BLOCK_COLS else STREAM_BLOCK_COLS
     block_m, block_n = row_tiles(n_cols, max_block_n, block_n)
-    with device_of(out):
+    with launching_on(out):
         kernel[(triton.cdiv(n_rows, block_m),)](
-            out_rows,
-            *input_rows,
-            out_rows.stride(0),
-            *(rows.stride(0) for rows in input_rows),
-            n_rows,
-            n_cols,
+            **{f"{name}_ptr": r for name, r in rows.items()},
+            **{f"{name}_row_stride": r.stride(0) for name, r in rows.items()},
+            n_rows=n_rows,
+            n_cols=n_cols,
             LOG=log,
             ACC_DTYPE=triton_accumulator_dtype(out.dtype),
             SINGLE_BLOCK=n_cols <= block_n,
@@ -214,7 +211,7 @@ def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
-    _launch_over_rows(_softmax_forward_kernel, out, (x,), log, block_n)
+    _launch_over_rows(_softmax_forward_kernel, log=log, block_n=block_n, y=out, x=x)
     return out
 
 
@@ -239,7 +236,14 @@ def softmax_backward(
     grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if y.numel() == 0:
         return grad_x
-    _launch_over_rows(_softmax_backward_kernel, grad_x, (y, grad_y.to(y.dtype)), log, block_n)
+    _launch_over_rows(
+        _softmax_backward_kernel,
+        log=log,
+        block_n=block_n,
+        grad_x=grad_x,
+        y=y,
+        grad_y=grad_y.to(y.dtype),
+    )
     return grad_x
 
 
