@@ -335,6 +335,99 @@ def test_inplace_backward_refuses_to_corrupt_saved_logits():
         loss.backward()
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(view):
+    # Writing the gradient over a parameter (or a view of one) would corrupt the parameter.
+    weight = torch.nn.Parameter(torch.randn(6, 10, device=DEVICE))
+    logits = weight[:, :] if view else weight
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        ts.cross_entropy(logits, torch.randint(0, 10, (6,), device=DEVICE), inplace_backward=True)
+    assert torch.equal(weight, weight.detach().clone())
+
+
+@pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(z_loss=1e-3), {}])
+def test_zero_summed_weight_gives_nan_as_torch(extra):
+    # "mean" over class-index targets divides by the summed weights: with none, torch's 0/0
+    # is NaN, and so is ours, whatever the smoothing or z-loss terms add to the numerator.
+    x = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 1], device=DEVICE)
+    loss = ts.cross_entropy(x, target, weight=torch.zeros(3, device=DEVICE), **extra)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(x.grad).all()  # torch's gradient is NaN there too
+
+
+def test_infinite_class_weight_leaves_other_rows_finite():
+    x = torch.randn(3, 3, device=DEVICE, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2], device=DEVICE)
+    weight = torch.tensor([1.0, math.inf, 1.0], device=DEVICE, dtype=torch.float64)
+    loss = ts.cross_entropy(x, target, weight=weight, reduction="none")
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, weight=weight, reduction="none"))
+    assert torch.isfinite(loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize(
+    "logits_dtype,target_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_probability_target_dtype_promotes_as_torch(logits_dtype, target_dtype):
+    x = torch.randn(5, 6, device=DEVICE).to(logits_dtype)
+    q = _probabilities((5, 6)).to(target_dtype)
+    loss, ref = ts.cross_entropy(x, q), F.cross_entropy(x, q)
+    assert loss.dtype == ref.dtype
+    torch.testing.assert_close(loss.double(), ref.double(), atol=2e-2, rtol=2e-2)
+
+
+def test_one_d_input_with_a_one_element_target():
+    x = torch.randn(5, device=DEVICE)
+    target = torch.tensor([3], device=DEVICE)
+    for reduction in ("none", "mean", "sum"):
+        loss = ts.cross_entropy(x, target, reduction=reduction)
+        ref = F.cross_entropy(x, target, reduction=reduction)
+        assert loss.shape == ref.shape
+        torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_no_classes_and_no_rows(reduction, kind):
+    x = torch.randn(0, 0, device=DEVICE)
+    target = torch.zeros(0, dtype=torch.long, device=DEVICE) if kind == "index" else x.clone()
+    loss = ts.cross_entropy(x, target, reduction=reduction)
+    ref = F.cross_entropy(x, target, reduction=reduction)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], (1.0, 2.0)])
+def test_non_tensor_input_raises_type_error(bad):
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got"):
+        ts.cross_entropy(bad, torch.tensor([0]))
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="got ndarray"):
+        ts.cross_entropy(np.zeros((1, 2)), torch.tensor([0]))
+    with pytest.raises(TypeError, match="'target' must be a torch.Tensor"):
+        ts.cross_entropy(torch.zeros(1, 2), [0])
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**70])
+def test_ignore_index_outside_int64_raises(value):
+    with pytest.raises(ValueError, match="does not fit in int64"):
+        ts.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index=value)
+
+
+def test_module_returns_lse_when_asked():
+    x = torch.randn(4, 6, device=DEVICE)
+    target = torch.randint(0, 6, (4,), device=DEVICE)
+    loss, lse = ts.CrossEntropyLoss(return_lse=True, label_smoothing=0.1)(x, target)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, label_smoothing=0.1))
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+
+
 def test_int32_targets_are_accepted():
     x = torch.randn(5, 4, device=DEVICE)
     target = torch.randint(0, 4, (5,), device=DEVICE)
@@ -423,12 +516,18 @@ def test_weight_length_raises():
         ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), weight=torch.ones(4))
 
 
-@pytest.mark.parametrize("smoothing", [-0.1, 1.5])
-def test_label_smoothing_range_raises(smoothing):
+def test_label_smoothing_above_one_raises():
     with pytest.raises(ValueError, match="label_smoothing"):
-        ts.cross_entropy(
-            torch.randn(3, 5), torch.zeros(3, dtype=torch.long), label_smoothing=smoothing
-        )
+        ts.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, float("nan")])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_label_smoothing_negative_or_nan_means_none(smoothing, kind):
+    # torch takes its unsmoothed branch for any label_smoothing that is not > 0.
+    x = torch.randn(6, 5, device=DEVICE)
+    target = torch.randint(0, 5, (6,), device=DEVICE) if kind == "index" else _probabilities((6, 5))
+    _check(x, target, label_smoothing=smoothing)
 
 
 def test_ignore_index_with_probabilities_raises():

@@ -1,12 +1,16 @@
-"""The ops as torch sees them: torch.export, the mutating op, and the path without Triton."""
+"""The ops as torch sees them: torch.export, torch.func and forward-mode AD, autocast, threads,
+torch.compile corners, the mutating op, and the path without Triton."""
 
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from conftest import DEVICE
 
 import triton_softmax as ts
@@ -69,6 +73,26 @@ def test_cpu_without_interpreter_takes_the_torch_path():
         torch.testing.assert_close(x.grad, ref.grad)
         assert torch.autograd.gradcheck(
             lambda a: ts.cross_entropy(a, t, weight=w, label_smoothing=0.2, z_loss=0.1), (x,))
+
+        # torch's own functions compute every torch option here: bit-for-bit torch's results
+        # (speed: python -m benchmarks.cpu_path).
+        x32 = torch.randn(64, 10, 3)
+        q = torch.softmax(torch.randn(64, 10, 3), 1)
+        t32 = torch.randint(0, 10, (64, 3)); t32[::7] = 4
+        w32 = torch.rand(10)
+        for reduction in ("none", "mean", "sum"):
+            for target, extra in ((t32, dict(ignore_index=4)), (q, {})):
+                for options in (extra, dict(extra, weight=w32, label_smoothing=0.1)):
+                    a = x32.clone().requires_grad_()
+                    b = x32.clone().requires_grad_()
+                    ours = ts.cross_entropy(a, target, reduction=reduction, **options)
+                    ref = F.cross_entropy(b, target, reduction=reduction, **options)
+                    assert torch.equal(ours, ref), (reduction, options)
+                    ours.sum().backward(); ref.sum().backward()
+                    assert torch.equal(a.grad, b.grad), (reduction, options)
+        for dim in (0, 1, 2):
+            assert torch.equal(ts.softmax(x32, dim), torch.softmax(x32, dim))
+            assert torch.equal(ts.log_softmax(x32, dim), torch.log_softmax(x32, dim))
         print("ok")
         """
     )
@@ -78,3 +102,126 @@ def test_cpu_without_interpreter_takes_the_torch_path():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+# torch.func transforms and forward-mode AD: torch's composite functions compute these calls
+# (the registered ops implement neither), so they must give torch's numbers, never a silent zero.
+def _ce_smoothed(ce):
+    return lambda x, t: ce(x, t, label_smoothing=0.1)
+
+
+TRANSFORM_CASES = {
+    "softmax": (lambda x, t: ts.softmax(x, -1), lambda x, t: F.softmax(x, -1)),
+    "log_softmax": (lambda x, t: ts.log_softmax(x, 0), lambda x, t: F.log_softmax(x, 0)),
+    "cross_entropy": (_ce_smoothed(ts.cross_entropy), _ce_smoothed(F.cross_entropy)),
+}
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_torch_func_transforms_match_torch(case):
+    ours, theirs = TRANSFORM_CASES[case]
+    x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE)
+    v = torch.randn_like(x)
+    t = torch.randint(0, 5, (4,), device=DEVICE)
+    for transform in (
+        lambda f: torch.func.jvp(lambda a: f(a, t), (x,), (v,)),
+        lambda f: torch.func.jacrev(lambda a: f(a, t))(x),
+        lambda f: torch.func.jacfwd(lambda a: f(a, t))(x),
+        lambda f: torch.func.vmap(lambda a, b: f(a[None], b[None]))(x, t),
+    ):
+        torch.testing.assert_close(transform(ours), transform(theirs))
+    if case == "cross_entropy":
+        for transform in (
+            lambda f: torch.func.grad(lambda a: f(a, t))(x),
+            lambda f: torch.func.hessian(lambda a: f(a, t))(x),
+            lambda f: torch.func.vmap(torch.func.grad(lambda a, b: f(a[None], b[None])))(x, t),
+        ):
+            torch.testing.assert_close(transform(ours), transform(theirs))
+
+
+def test_forward_mode_ad_matches_torch():
+    x = torch.randn(6, 7, dtype=torch.float64, device=DEVICE)
+    v = torch.randn_like(x)
+    t = torch.randint(0, 7, (6,), device=DEVICE)
+    t[0] = -100
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, v)
+        cases = [
+            (ts.softmax(dual, 1), F.softmax(dual, 1)),
+            (ts.log_softmax(dual, 0), F.log_softmax(dual, 0)),
+            (
+                ts.cross_entropy(dual, t, z_loss=1e-2),
+                F.cross_entropy(dual, t)
+                + 1e-2 * (torch.logsumexp(dual, 1)[1:] ** 2).sum() / (t != -100).sum(),
+            ),
+        ]
+        for ours, theirs in cases:
+            ours_tangent = fwAD.unpack_dual(ours).tangent
+            assert ours_tangent is not None
+            torch.testing.assert_close(ours_tangent, fwAD.unpack_dual(theirs).tangent)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_follows_torch(dtype):
+    # torch's autocast runs cross_entropy in float32 on CPU and CUDA, softmax and log_softmax
+    # in float32 on CUDA only: our results take the dtypes torch's do, with torch's values.
+    x = torch.randn(8, 33, device=DEVICE).to(dtype)
+    t = torch.randint(0, 33, (8,), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=dtype):
+        pairs = [
+            (ts.softmax(x, -1), F.softmax(x, -1)),
+            (ts.log_softmax(x, -1), F.log_softmax(x, -1)),
+            (ts.cross_entropy(x, t), F.cross_entropy(x, t)),
+            (
+                ts.cross_entropy(x, torch.softmax(x.float(), -1)),
+                F.cross_entropy(x, torch.softmax(x.float(), -1)),
+            ),
+        ]
+    for ours, theirs in pairs:
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_concurrent_calls_from_threads():
+    # Triton's interpreter keeps global state; our launches take turns on a lock.
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(3):
+                x = torch.randn(5, 17 + seed, generator=g, dtype=torch.float64).to(DEVICE)
+                t = torch.randint(0, 17 + seed, (5,), generator=g).to(DEVICE)
+                torch.testing.assert_close(ts.softmax(x, -1), F.softmax(x, -1))
+                torch.testing.assert_close(ts.cross_entropy(x, t), F.cross_entropy(x, t))
+        except Exception as error:  # noqa: BLE001 - reported below with its thread
+            errors.append((seed, error))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_compile_fullgraph_with_implicit_dim():
+    x = torch.randn(3, 4, device=DEVICE)
+    compiled = torch.compile(lambda a: ts.softmax(a), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), F.softmax(x, 1))
+
+
+def test_check_targets_under_compile():
+    x = torch.randn(4, 5, device=DEVICE)
+    good = torch.tensor([0, 1, 4, -100], device=DEVICE)
+    compiled = torch.compile(
+        lambda a, t: ts.cross_entropy(a, t, check_targets=True), backend="aot_eager"
+    )
+    torch.testing.assert_close(compiled(x, good), F.cross_entropy(x, good))
+    with pytest.raises(IndexError, match="5"):
+        compiled(x, torch.tensor([0, 1, 5, 2], device=DEVICE))
+
+
+def test_kernel_path_of_a_meta_tensor_raises():
+    with pytest.raises(ValueError, match="meta"):
+        ts.kernel_path(torch.empty(2, device="meta"))

@@ -196,6 +196,22 @@ def test_bad_dim_raises():
         ts.softmax(torch.randn(3, 4, device=DEVICE), dim=2)
 
 
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("dim", [(1,), 1.0, True], ids=["tuple", "float", "bool"])
+def test_dim_of_the_wrong_type_raises_as_torch(name, dim):
+    x = torch.randn(3, 4, device=DEVICE)
+    with pytest.raises(TypeError, match=f"must be int, not {type(dim).__name__}"):
+        getattr(F, name)(x, dim=dim)  # torch's own error, for comparison
+    with pytest.raises(TypeError, match=f"must be int, not {type(dim).__name__}"):
+        getattr(ts, name)(x, dim=dim)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_non_tensor_input_raises_type_error(name):
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
+        getattr(ts, name)([1.0, 2.0], dim=0)
+
+
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_gradcheck_fp64(name):
     fn = FUNCS[name][0]

@@ -1,33 +1,93 @@
 """Drop-ins for ``torch.nn.functional.softmax``, ``log_softmax`` and ``cross_entropy``.
 
 Same signatures and results as torch; extras are keyword-only. These functions handle ``dim``,
-``dtype``, shapes and validation, then call the registered ops in ``triton_softmax.ops``,
-which always work over the last dimension of 2-D rows.
+``dtype``, shapes, validation and torch's autocast policy, then compute with
+
+- the registered ops in ``triton_softmax.ops`` (Triton kernels, compiled or interpreted), which
+  always work over the last dimension of 2-D rows; or
+- torch's own functions, on the plain-torch CPU path (``kernel_path(x) == "torch"``: torch's
+  results at torch's speed) and under the transforms the registered ops do not implement
+  (``torch.func`` transforms and forward-mode AD, where a custom op would silently give a zero
+  tangent): the same math, so ``grad``, ``vmap``, ``jvp``, ``jacrev`` and ``hessian`` work.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.nn import _reduction
 
 from triton_softmax.ops import cross_entropy as _ce
-from triton_softmax.ops._common import check_floating
+from triton_softmax.ops._common import accumulator_dtype, check_floating, kernel_path
 
 __all__ = ["softmax", "log_softmax", "cross_entropy"]
 
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
+#: Ops that torch's autocast runs in float32, by device type (torch's autocast op lists:
+#: CUDA runs softmax, log_softmax and cross_entropy in float32; the CPU only cross_entropy).
+_AUTOCAST_FLOAT32 = {"cuda": ("softmax", "log_softmax", "cross_entropy"), "cpu": ("cross_entropy",)}
 
-def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
-    # torch's legacy rule for dim=None, with torch's warning.
-    warnings.warn(
-        f"Implicit dimension choice for {name} has been deprecated. "
-        "Change the call to include dim=X as an argument.",
-        stacklevel=stacklevel,
+
+def _require_tensor(value, function: str, argument: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{function}(): argument '{argument}' must be a torch.Tensor, got "
+            f"{type(value).__name__} (convert it with torch.as_tensor)"
+        )
+
+
+def _with_torch(*tensors: torch.Tensor | None) -> bool:
+    """Whether torch's own functions compute this call instead of the registered ops: on the
+    plain-torch CPU path, and (outside torch.compile) under torch.func transforms or
+    forward-mode AD, which the registered ops do not implement."""
+    if kernel_path(tensors[0]) == "torch":
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return any(
+        t is not None
+        and (
+            torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or forward_ad.unpack_dual(t).tangent is not None
+        )
+        for t in tensors
     )
-    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _autocast_float32(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 where torch's autocast would compute op ``name`` in float32."""
+    if (
+        t.dtype in (torch.float16, torch.bfloat16)
+        and name in _AUTOCAST_FLOAT32.get(t.device.type, ())
+        and torch.is_autocast_enabled(t.device.type)
+    ):
+        return t.float()
+    return t
+
+
+def _checked_dim(name: str, dim, ndim: int, stacklevel: int) -> int:
+    if dim is None:
+        # torch's legacy rule for dim=None, with torch's warning (not while compiling, where
+        # a warning would break the graph).
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f"Implicit dimension choice for {name} has been deprecated. "
+                "Change the call to include dim=X as an argument.",
+                stacklevel=stacklevel,
+            )
+        return 0 if ndim in (0, 1, 3) else 1
+    if isinstance(dim, bool):
+        raise TypeError(f"{name}(): argument 'dim' must be int, not bool")
+    try:
+        return operator.index(dim)
+    except TypeError:
+        raise TypeError(f"{name}(): argument 'dim' must be int, not {type(dim).__name__}") from None
 
 
 def _over_dim(op, input: torch.Tensor, dim: int) -> torch.Tensor:
@@ -47,15 +107,15 @@ def _over_dim(op, input: torch.Tensor, dim: int) -> torch.Tensor:
     return op(input.movedim(dim, -1)).movedim(-1, dim).contiguous()
 
 
-def _softmax_like(name: str, op, input, dim, stacklevel, dtype) -> torch.Tensor:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name}(): input must be a Tensor, got {type(input).__name__}")
-    if dim is None:
-        dim = _implicit_dim(name, input.dim(), stacklevel + 1)
-    if dtype is not None:
-        input = input.to(dtype)
-    check_floating(input, f"{name} input")
-    return _over_dim(op, input, dim)
+def _softmax_like(name: str, log: bool, input, dim, stacklevel: int, dtype) -> torch.Tensor:
+    _require_tensor(input, name, "input")
+    dim = _checked_dim(name, dim, input.dim(), stacklevel + 1)
+    check_floating(dtype or input.dtype, f"{name} input")
+    if _with_torch(input):
+        return (torch.log_softmax if log else torch.softmax)(input, dim, dtype=dtype)
+    input = input.to(dtype) if dtype is not None else _autocast_float32(name, input)
+    op = torch.ops.triton_softmax.log_softmax if log else torch.ops.triton_softmax.softmax
+    return _over_dim(op.default, input, dim)
 
 
 def softmax(
@@ -72,10 +132,9 @@ def softmax(
         dtype: cast the input to this dtype first (how to pass integer tensors).
     Returns:
         A tensor of the input's shape and (cast) dtype; rows of all -inf give NaN, as torch.
+        Under ``torch.autocast`` on CUDA, float16/bfloat16 inputs give float32, as torch.
     """
-    return _softmax_like(
-        "softmax", torch.ops.triton_softmax.softmax.default, input, dim, _stacklevel, dtype
-    )
+    return _softmax_like("softmax", False, input, dim, _stacklevel, dtype)
 
 
 def log_softmax(
@@ -88,9 +147,7 @@ def log_softmax(
 
     Args and Returns as :func:`softmax`.
     """
-    return _softmax_like(
-        "log_softmax", torch.ops.triton_softmax.log_softmax.default, input, dim, _stacklevel, dtype
-    )
+    return _softmax_like("log_softmax", True, input, dim, _stacklevel, dtype)
 
 
 def cross_entropy(
@@ -117,48 +174,78 @@ def cross_entropy(
             of the input's shape (soft or one-hot labels), floating.
         weight: (C,) class weights.
         size_average, reduce: deprecated, as in torch (they override ``reduction``).
-        ignore_index: class-index targets equal to it cost 0 and get no gradient; any integer.
+        ignore_index: class-index targets equal to it cost 0 and get no gradient; any int64.
         reduction: "none" | "mean" | "sum". "mean" divides by the summed weights of counted
             targets (class indices) or by the number of rows (probabilities), as torch.
-        label_smoothing: in [0, 1]; torch's formula, weighted classes included.
+        label_smoothing: at most 1; as in torch, a value <= 0 (or NaN) means none. Torch's
+            formula, weighted classes included. On the kernel paths each distinct value
+            compiles its own kernel specialisation once (exact in fp64).
         z_loss: keyword-only; adds ``z_loss * lse**2`` to each counted row's loss (PaLM's
             z-loss), reduced with it: under "mean" with class weights it is divided by the
-            summed weights like the rest.
+            summed weights like the rest. Each distinct value compiles once, as above.
         return_lse: keyword-only; also return the log-sum-exp per row, shaped like
-            the unreduced loss, in float32 (float64 for float64 logits).
+            the unreduced loss, in float32 (float64 for float64 logits); differentiable.
         inplace_backward: keyword-only; the backward writes the gradient into ``input``'s
             memory instead of a new tensor (saves one logits-sized buffer). After
             ``backward()`` the tensor holds the gradient, not the logits: do not read it again
             (e.g. for accuracy). Another op that saved it for its own backward is caught by
-            torch's in-place version check, which raises. Logits whose rows overlap or are
-            not contiguous along the class dimension fall back to the out-of-place backward;
-            (N, C, d1, ..., dk) inputs are copied to rows first, so they gain nothing.
+            torch's in-place version check, which raises. A leaf that requires grad (a
+            parameter) is refused. Logits whose rows overlap or are not contiguous along the
+            class dimension fall back to the out-of-place backward; (N, C, d1, ..., dk) inputs
+            are copied to rows first, so they gain nothing. Without effect on the plain-torch
+            path, where torch's own backward runs.
         check_targets: keyword-only; check class indices on the host even for GPU tensors
-            (one device synchronisation). CPU tensors are always checked. Unchecked
+            (one device synchronisation; under torch.compile a graph break, so
+            ``fullgraph=True`` refuses it). CPU tensors are always checked. Unchecked
             out-of-range indices give a NaN loss, never an out-of-bounds access.
     Returns:
         The loss: a scalar for "mean"/"sum", else the target's batch shape; in the input's
-        dtype. With ``return_lse``, ``(loss, lse)``.
+        dtype (probability targets: the promoted dtype of input and target, as torch; under
+        ``torch.autocast``, float32 as torch). With ``return_lse``, ``(loss, lse)``.
     Raises:
-        TypeError: non-floating logits, or a target that is neither integer nor floating.
-        ValueError: shapes that do not fit (both named), bad weight, reduction or smoothing.
+        TypeError: non-tensor arguments, non-floating logits, or a target that is neither
+            integer nor floating.
+        ValueError: shapes that do not fit (both named), bad weight, reduction, smoothing or
+            ignore_index; ``inplace_backward`` on a leaf that requires grad.
         IndexError: a class index outside [0, C) that is not ``ignore_index``.
     """
+    _require_tensor(input, "cross_entropy", "input")
+    _require_tensor(target, "cross_entropy", "target")
+    if weight is not None:
+        _require_tensor(weight, "cross_entropy", "weight")
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be at most 1, got {label_smoothing}")
+    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0  # torch: NaN, <0
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index={ignore_index} does not fit in int64")
     check_floating(input, "cross_entropy input")
     if input.dim() == 0:
         raise ValueError("cross_entropy input must have a class dimension, got a 0-d tensor")
 
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    logits = _class_dim_last(input)
-
-    if target.is_floating_point():
+    is_index = not target.is_floating_point()
+    if is_index:
+        if target.dtype not in _INTEGER_DTYPES:
+            raise TypeError(
+                "cross_entropy target must hold class indices (an integer dtype) or class "
+                f"probabilities (a floating dtype), got {target.dtype}"
+            )
+        if input.dim() == 1 and target.shape == (1,):
+            target = target.reshape(())  # torch accepts (C,) logits with a (1,) target
+        if target.shape != batch_shape:
+            raise ValueError(
+                f"class-index target shape {tuple(target.shape)} does not fit input shape "
+                f"{tuple(input.shape)} (expected {tuple(batch_shape)})"
+            )
+        target = target.long()
+    else:
         if ignore_index >= 0:
             raise ValueError(
                 f"ignore_index={ignore_index} is not supported for probability (floating) "
@@ -169,56 +256,94 @@ def cross_entropy(
                 f"probability target shape {tuple(target.shape)} does not match "
                 f"input shape {tuple(input.shape)}"
             )
-        target_rows = _class_dim_last(target)
-    elif target.dtype in _INTEGER_DTYPES:
-        if target.shape != batch_shape:
-            raise ValueError(
-                f"class-index target shape {tuple(target.shape)} does not fit input shape "
-                f"{tuple(input.shape)} (expected {tuple(batch_shape)})"
-            )
-        target_rows = target.reshape(-1).to(torch.int64)
-        if check_targets:
-            _ce.check_class_indices(target_rows, n_classes, ignore_index)
-    else:
-        raise TypeError(
-            "cross_entropy target must hold class indices (an integer dtype) or class "
-            f"probabilities (a floating dtype), got {target.dtype}"
-        )
-
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "cross_entropy is not differentiable with respect to weight (as in torch); "
             "pass weight.detach()"
         )
+    if inplace_backward and _is_leaf_requiring_grad(input):
+        raise ValueError(
+            "inplace_backward=True would write the gradient over the input, which is (a view "
+            "of) a leaf tensor that requires grad, such as a parameter; only intermediate "
+            "logits (a layer's output) can be consumed. Pass inplace_backward=False."
+        )
 
+    if _with_torch(input, target, weight):
+        return _torch_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, return_lse
+        )
+
+    input = _autocast_float32("cross_entropy", input)
+    if not is_index:
+        target = _autocast_float32("cross_entropy", target)
+    if is_index and check_targets and target.device.type != "cpu":  # CPU: always checked
+        _check_targets_eagerly(target, n_classes, ignore_index)
+    logits = _class_dim_last(input)
+    target_rows = target.reshape(-1) if is_index else _class_dim_last(target)
     loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(
         logits,
         target_rows,
         weight,
         ignore_index,
-        float(label_smoothing),
+        label_smoothing,
         float(z_loss),
         inplace_backward and _ce.rows_writable(logits),
     )
+    out = _reduce(loss.reshape(batch_shape), target, weight, ignore_index, reduction, n_classes)
+    out = out.to(input.dtype if is_index else torch.result_type(input, target))
+    return (out, lse.reshape(batch_shape)) if return_lse else out
 
+
+@torch.compiler.disable
+def _check_targets_eagerly(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """The host-side check of ``check_targets``; under torch.compile a graph break (it reads
+    the targets on the host), which ``fullgraph=True`` refuses."""
+    _ce.check_class_indices(target, n_classes, ignore_index)
+
+
+def _is_leaf_requiring_grad(t: torch.Tensor) -> bool:
+    """Whether ``t`` or the tensor it is a view of is a leaf that requires grad."""
+    base = t if t._base is None else t._base
+    return base.is_leaf and base.requires_grad
+
+
+def _reduce(per_row, target, weight, ignore_index, reduction, n_classes) -> torch.Tensor:
+    """torch's reduction of per-row losses (already weighted by the target's class weight)."""
     if reduction == "none":
-        out = loss.reshape(batch_shape)
-    elif reduction == "sum":
-        out = loss.sum()
-    elif target_rows.is_floating_point():
-        out = loss.mean()
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if target.is_floating_point():
+        return per_row.mean()
+    counted = target != ignore_index
+    if weight is None:
+        denominator = counted.sum()
     else:
-        counted = target_rows != ignore_index
-        if weight is None:
-            denominator = counted.sum()
-        else:
-            safe = target_rows.clamp(0, n_classes - 1)
-            denominator = (weight.to(loss.dtype)[safe] * counted).sum()
-        out = loss.sum() / denominator
-    out = out.to(input.dtype)
-    if return_lse:
-        return out, lse.reshape(batch_shape)
-    return out
+        safe = target.clamp(0, max(n_classes - 1, 0))
+        denominator = (weight.to(per_row.dtype)[safe] * counted).sum()
+    # No counted weight: NaN, as torch's 0/0 (the z-loss term alone would make it inf).
+    return torch.where(denominator != 0, per_row.sum() / denominator, math.nan)
+
+
+def _torch_cross_entropy(
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, return_lse
+):
+    """Cross-entropy with torch's own functions; the extras composed from torch ops."""
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)  # torch wants them alike; the kernels take any
+    options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if not z_loss and not return_lse:
+        return F.cross_entropy(input, target, reduction=reduction, **options)
+    class_dim = 0 if input.dim() == 1 else 1
+    lse = input.to(accumulator_dtype(input.dtype)).logsumexp(dim=class_dim)
+    loss = F.cross_entropy(input, target, reduction="none", **options)
+    if z_loss and target.is_floating_point():
+        loss = loss + z_loss * lse * lse
+    elif z_loss:
+        loss = loss + torch.where(target != ignore_index, z_loss * lse * lse, 0.0)
+    out = _reduce(loss, target, weight, ignore_index, reduction, input.shape[class_dim])
+    out = out.to(torch.result_type(input, target) if target.is_floating_point() else input.dtype)
+    return (out, lse) if return_lse else out
 
 
 def _class_dim_last(t: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in for :class:`torch.nn.CrossEntropyLoss` computed by
     :func:`triton_softmax.cross_entropy`.
 
-    Takes torch's constructor arguments, plus keyword-only ``z_loss``, ``inplace_backward`` and
-    ``check_targets`` (see :func:`triton_softmax.cross_entropy`).
+    Takes torch's constructor arguments, plus keyword-only ``z_loss``, ``return_lse``,
+    ``inplace_backward`` and ``check_targets`` (see :func:`triton_softmax.cross_entropy`);
+    with ``return_lse=True`` the module returns ``(loss, lse)``.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
+        return_lse: bool = False,
         inplace_backward: bool = False,
         check_targets: bool = False,
     ) -> None:
@@ -50,10 +52,13 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction = _reduction.legacy_get_string(size_average, reduce)
         super().__init__(weight, None, ignore_index, None, reduction, label_smoothing)
         self.z_loss = z_loss
+        self.return_lse = return_lse
         self.inplace_backward = inplace_backward
         self.check_targets = check_targets
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return F.cross_entropy(
             input,
             target,
@@ -62,6 +67,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
+            return_lse=self.return_lse,
             inplace_backward=self.inplace_backward,
             check_targets=self.check_targets,
         )
