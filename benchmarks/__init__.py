@@ -1,8 +1,8 @@
-"""Benchmarks of triton-softmax: the kernels on a GPU, and ONNX serving on a CPU.
+"""Benchmarks of triton-softmax; they run from a clone (not installed), from the repository root.
 
-    python -m benchmarks.kernels          # kernels vs torch eager, torch.compile, Liger, quack
-    python -m benchmarks.serving          # Iris model: onnxruntime vs torch eager vs numpy
-    python -m benchmarks.report --update-readme   # tables, plots and README sections from CSVs
+    python -m benchmarks.kernels                  # kernels vs torch, Liger, quack (a GPU)
+    python -m benchmarks.serving                  # Iris model: onnxruntime vs torch eager vs numpy
+    python -m benchmarks.report --update-readme   # tables, plots, README sections from the CSVs
 
 Nothing runs at import time; see ``benchmarks/README.md``.
 """

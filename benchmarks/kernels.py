@@ -1,617 +1,585 @@
-"""Kernel benchmark: ours against torch eager, torch.compile, Liger-Kernel and quack.
+"""Kernel benchmark on a GPU: ours against torch eager, torch.compile, Liger-Kernel and quack.
 
-    python -m benchmarks.kernels                      # the default grid below (needs a CUDA GPU)
-    python -m benchmarks.kernels --quick              # a subset, for a first look
-    python -m benchmarks.kernels --op cross_entropy --mode forward+backward --dtype bf16
-    python -m benchmarks.kernels --smoke --out DIR    # tiny shapes, any machine, seconds
+    python -m benchmarks.kernels                         # the default grid (needs a CUDA GPU)
+    python -m benchmarks.kernels --op cross_entropy --dtype bf16 -N 128256
+    python -m benchmarks.kernels --smoke --out DIR       # tiny shapes, any machine, seconds
 
-Every provider runs in this process on the same device and inputs. Each provider's output (and
-gradient) is checked against ours before it is timed; a mismatch is recorded and not timed.
-Times are ``triton.testing.do_bench`` medians with 20 % / 80 % quantiles (a perf_counter timer on
-a CPU, where there is no driver for do_bench; those numbers only prove that the harness works).
-Bandwidth is
-counted from the bytes the op must move (``bytes_moved``), and compared with the device-to-device
-copy bandwidth measured at the start of the same run. For cross-entropy forward+backward on CUDA,
-the peak memory the call allocates is reported as a multiple of the logits' size.
+Every provider runs in this process on the same device and inputs, and is checked against ours
+(output, and gradient for forward+backward) before it is timed; a mismatch is recorded, not timed.
+Times: ``triton.testing.do_bench`` median and 20 %/80 % quantiles (under ``--smoke`` on a CPU,
+3 ``perf_counter`` calls that only prove the harness runs). Bandwidth twice: over the minimum
+bytes any implementation must move and over the bytes the provider really moves (``bytes_min``,
+``bytes_moved``), each also as % of the device-to-device copy bandwidth measured in the same run.
+Cross-entropy forward+backward on CUDA also gets its peak extra memory, in logits.
 
-Output (``--out``, default ``benchmarks/results``): ``kernels_<device>_torch<v>_triton<v>.csv``
-(rows are written as they are measured, so an interrupted run keeps what it measured), a markdown
-table and PNG plots of the same name (``benchmarks.report``).
+Output (``--out``, default ``benchmarks/results``): ``kernels_<gpu>_torch<v>_triton<v>.csv``
+(written row by row: a cut-short run keeps what it measured), ``.md`` and a PNG per (op, mode).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
+import importlib
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
 
 import torch
+import torch.nn.functional as F
 
-from benchmarks.machine import cpu_description, slug
-from benchmarks.providers import MODES, OPS, Provider, all_providers
+from benchmarks import common
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
+OPS = ("softmax", "log_softmax", "cross_entropy")
+MODES = ("forward", "forward+backward")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Default grid. softmax / log_softmax: M rows x N columns; cross_entropy: M = BT rows x N = V.
-DEFAULT_ROWS = (4096, 16384)
-DEFAULT_COLS = (256, 1024, 4096, 16384, 32768, 65536, 131072, 262144)
-CE_ROWS = (8192,)
-CE_VOCABS = (32000, 50257, 128256, 151936, 262144)
-DEFAULT_DTYPES = ("fp32", "bf16")
-DEFAULT_MODES = ("forward", "forward+backward")
-# --quick: the shapes the targets of DESIGN.md section 4 name, one row count.
-QUICK_ROWS = (4096,)
-QUICK_COLS = (1024, 4096, 32768, 65536, 262144)
-QUICK_VOCABS = (32000, 128256, 262144)
-# --smoke: tiny shapes the Triton interpreter runs in seconds (both cases fit one block).
-SMOKE_ROWS = (16,)
-SMOKE_COLS = (40, 300)
-SMOKE_CE_ROWS = (8,)
-SMOKE_VOCABS = (100, 700)
-
-#: Order in which (op, mode) stages run, the ones DESIGN.md's targets name first, so that a run
-#: cut short by --time-budget keeps the numbers that matter most.
-STAGE_PRIORITY = (
+# The grid: (rows, columns) for softmax / log_softmax, (BT, V) for cross-entropy.
+GRID = {
+    "softmax": ((4096, 16384), (256, 1024, 4096, 16384, 32768, 65536, 131072, 262144)),
+    "cross_entropy": ((8192,), (32000, 50257, 128256, 151936, 262144)),
+}
+# --smoke: what Triton's interpreter runs in seconds; N = 300 puts 2 rows in a block.
+SMOKE_GRID = {"softmax": ((16,), (40, 300)), "cross_entropy": ((8,), (100, 700))}
+#: Run order, the stages DESIGN.md's targets name first, so that a run cut short keeps them.
+STAGES = [
     ("softmax", "forward"),
     ("cross_entropy", "forward+backward"),
     ("softmax", "forward+backward"),
     ("log_softmax", "forward"),
     ("cross_entropy", "forward"),
     ("log_softmax", "forward+backward"),
-    ("softmax", "backward"),
-    ("log_softmax", "backward"),
-    ("cross_entropy", "backward"),
-)
-
-#: Largest max|out - ref| / max|ref| accepted when a provider is checked against ours.
+]
+#: Largest max|out - ours| / max|ours| accepted before a provider is timed.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+#: Our softmax holds rows up to this many elements in one block (triton_softmax/ops/softmax.py).
+OUR_SINGLE_BLOCK = 8192
+NO_GPU_EXIT, MISMATCH_EXIT = 1, 3
+COLUMNS = (
+    "op mode dtype M N provider status ms_p50 ms_p20 ms_p80 gbps_min pct_copy_min gbps_moved "
+    "pct_copy_moved bytes_min bytes_moved min_formula moved_formula max_rel_err peak_mem_x_logits "
+    "copy_gbps kernel_path timer device versions notes"
+).split()
 
-#: Memory a case needs, in units of one input tensor, with a little slack: the input, dy, our
-#: reference outputs, the provider's outputs and what autograd saves (torch eager cross-entropy
-#: keeps log-softmax and its gradient).
-MEMORY_FACTOR = {
-    ("softmax", "forward"): 4,
-    ("softmax", "backward"): 7,
-    ("softmax", "forward+backward"): 7,
-    ("cross_entropy", "forward"): 4,
-    ("cross_entropy", "backward"): 7,
-    ("cross_entropy", "forward+backward"): 7,
+
+def _bytes(k: int, op: str, m: int, n: int, s: int, what: str) -> tuple[int, str]:
+    factor = f"{k}*" if k > 1 else ""
+    return k * m * n * s, f"{factor}M*{'V' if op == 'cross_entropy' else 'N'}*s ({what})"
+
+
+def bytes_min(op: str, mode: str, m: int, n: int, s: int) -> tuple[int, str]:
+    """The least any implementation moves over M x N (V) elements of s bytes (DESIGN.md §4;
+    int64 targets and per-row statistics are O(M), not counted):
+
+    softmax, log_softmax: forward 2*M*N*s (read x, write y);
+                          forward+backward 5*M*N*s (and read y, read dy, write dx)
+    cross_entropy:        forward M*V*s (read logits);
+                          forward+backward 2*M*V*s (read logits once, write grad once)
+    """
+    k, what = {
+        ("softmax", "forward"): (2, "read x, write y"),
+        ("softmax", "forward+backward"): (5, "read x, write y; read y, dy, write dx"),
+        ("cross_entropy", "forward"): (1, "read logits"),
+        ("cross_entropy", "forward+backward"): (2, "read logits once, write grad once"),
+    }[("cross_entropy" if op == "cross_entropy" else "softmax", mode)]
+    return _bytes(k, op, m, n, s, what)
+
+
+def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tuple[int, str]:
+    """What ``provider`` really moves, read off its source; (0, "not modelled") for torch's.
+
+    cross_entropy forward+backward, ours (both), Liger and quack: 3*M*V*s. The forward reads
+        the logits; the gradient needs them read again and written (ours and quack: in the
+        backward kernel; Liger: in a second pass of its forward, its backward a no-op for a
+        scalar loss). Forward alone: M*V*s, the minimum.
+    softmax / log_softmax, ours, N > 8192: a streamed row is read twice (online max/sum pass,
+        then the write pass), and the backward reads y and dy twice: forward 3*M*N*s,
+        forward+backward 8*M*N*s. N <= 8192: the minimum.
+    softmax, Liger (one block per row, errors above 65536) and quack (the row stays on chip,
+        clusters for long rows): the minimum.
+    torch, torch.compile: not modelled (their kernels and passes depend on the size).
+    """
+    if provider in ("torch", "torch.compile"):
+        return 0, "not modelled"
+    if op == "cross_entropy" and mode == "forward+backward":
+        return _bytes(3, op, m, n, s, "read logits twice, write grad")
+    if op != "cross_entropy" and provider.startswith("triton-softmax") and n > OUR_SINGLE_BLOCK:
+        if mode == "forward":
+            return _bytes(3, op, m, n, s, "N > 8192: read x twice, write y")
+        return _bytes(8, op, m, n, s, "N > 8192: read x twice, write y; read y, dy twice, write dx")
+    return bytes_min(op, mode, m, n, s)
+
+
+# Providers: build(op) -> the function, or why it cannot run. Conventions: softmax / log_softmax
+# f(x [M, N]) over the last dim; cross_entropy f(logits [M, V], target [M]) -> mean loss.
+# The peers are imported from their packages, never re-implemented.
+
+
+def _torch(op: str) -> Callable:
+    return F.cross_entropy if op == "cross_entropy" else lambda x: getattr(F, op)(x, dim=-1)
+
+
+def _ours(op: str, inplace: bool = False) -> Callable:
+    import triton_softmax as ts
+
+    if op == "cross_entropy":
+        return lambda x, t: ts.cross_entropy(x, t, inplace_backward=inplace)
+    return lambda x: getattr(ts, op)(x, dim=-1)
+
+
+def _compiled(op: str, backend: str = "inductor") -> Callable:
+    torch._dynamo.reset()  # compiled afresh for each static shape: no silent fallback to eager
+    return torch.compile(_torch(op), fullgraph=True, dynamic=False, backend=backend)
+
+
+def _peer(module: str, package: str, op: str) -> object | str:
+    if op == "log_softmax":
+        return f"skipped: {package} has no log_softmax"
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        return f"skipped: not installed (pip install {package})"
+    except Exception as e:  # installed but broken: a result, not the end of the run
+        return f"skipped: import failed ({type(e).__name__}: {e})"
+
+
+def _liger(op: str) -> Callable | str:
+    mod = _peer("liger_kernel.transformers.functional", "liger-kernel", op)
+    if isinstance(mod, str):
+        return mod
+    return mod.liger_softmax if op == "softmax" else mod.liger_cross_entropy
+
+
+def _quack(op: str) -> Callable | str:
+    mod = _peer(f"quack.{op}", "quack-kernels", op)
+    if isinstance(mod, str) or not torch.cuda.is_available():
+        return mod if isinstance(mod, str) else "skipped: quack needs a CUDA device"
+    if op == "softmax":
+        return mod.softmax
+    # Older quack releases return per-row losses, newer ones the mean.
+    return lambda x, t: (lambda loss: loss.mean() if loss.dim() else loss)(mod.cross_entropy(x, t))
+
+
+#: name -> (PyPI package, build, writes the gradient into its logits). Ours first: the reference.
+PROVIDERS = {
+    "triton-softmax": ("triton-softmax", _ours, False),
+    "triton-softmax-inplace": ("triton-softmax", lambda op: _ours(op, inplace=True), True),
+    "torch": ("torch", _torch, False),
+    "torch.compile": ("torch", _compiled, False),
+    "liger": ("liger-kernel", _liger, True),
+    "quack": ("quack-kernels", _quack, False),
 }
 
-NO_GPU_EXIT = 1
-MISMATCH_EXIT = 3
-NO_GPU_MESSAGE = (
-    "no CUDA device: the kernel benchmark needs a GPU (torch.cuda.is_available() is False).\n"
-    "Use --smoke to run the harness end to end on tiny shapes on this CPU (Triton interpreter); "
-    "its timings mean nothing."
-)
 
-
-def bytes_moved(op: str, mode: str, rows: int, cols: int, itemsize: int) -> tuple[int, str]:
-    """The bytes ``op`` must move at least, and the formula (s = bytes per element).
-
-    softmax / log_softmax over M x N:
-        forward           read x, write y                          2*M*N*s
-        backward          read y, read dy, write dx                3*M*N*s
-        forward+backward  the two above                            5*M*N*s
-    cross_entropy over M x V logits (int64 targets and fp32 per-row values are O(M), not counted):
-        forward           read logits                              M*V*s
-        backward          read logits, write grad                  2*M*V*s
-        forward+backward  read logits once, write grad once        2*M*V*s
-    """
-    n = rows * cols * itemsize
-    if op == "cross_entropy":
-        if mode == "forward":
-            return n, "M*V*s (read logits)"
-        return 2 * n, "2*M*V*s (read logits once, write grad once)"
-    if mode == "forward":
-        return 2 * n, "2*M*N*s (read x, write y)"
-    if mode == "backward":
-        return 3 * n, "3*M*N*s (read y, read dy, write dx)"
-    return 5 * n, "5*M*N*s (read x, write y; read y, read dy, write dx)"
-
-
-@dataclasses.dataclass
-class Row:
-    """One CSV row: one provider on one case."""
-
-    op: str
-    mode: str
-    dtype: str
-    M: int
-    N: int
-    provider: str
-    status: str = "ok"
-    ms_p50: float = math.nan
-    ms_p20: float = math.nan
-    ms_p80: float = math.nan
-    gbps: float = math.nan
-    pct_copy_bw: float = math.nan
-    bytes: int = 0
-    bytes_formula: str = ""
-    max_rel_err: float = math.nan
-    peak_mem_x_logits: float = math.nan
-    copy_gbps: float = math.nan
-    kernel_path: str = ""
-    timer: str = ""
-    device: str = ""
-    versions: str = ""
-    notes: str = ""
-
-
-CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)]
-
-Timer = Callable[[Callable[[], object]], tuple[float, float, float]]
-
-
-def do_bench_timer(warmup_ms: int, rep_ms: int) -> Timer:
-    """``triton.testing.do_bench`` (CUDA events, L2 flushed between calls): (p50, p20, p80) ms."""
-    from triton.testing import do_bench
-
-    def timer(fn: Callable[[], object]) -> tuple[float, float, float]:
-        p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return p50, p20, p80
-
-    return timer
-
-
-def perf_counter_timer(reps: int, warmup: int = 1) -> Timer:
-    """Wall-clock timer for CPU smoke runs: (p50, p20, p80) ms of ``reps`` calls."""
-
-    def timer(fn: Callable[[], object]) -> tuple[float, float, float]:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        q = torch.quantile(
-            torch.tensor(times, dtype=torch.float64),
-            torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64),
-        )
-        return tuple(q.tolist())
-
-    return timer
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, timer: Timer, n_bytes: int) -> tuple[float, float]:
-    """Device-to-device copy ``dst.copy_(src)`` of ``n_bytes``: (GB/s, ms); bytes = 2 * n_bytes
-    (read src, write dst)."""
-    src = torch.ones(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))[0]
-    return 2 * n_bytes / (ms * 1e-3) / 1e9, ms
-
-
-def max_rel_err(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
-    """max |out - ref| / max |ref| over each pair, computed in row chunks (no full-size fp32
-    temporaries for huge tensors); inf when shapes differ or NaN appears where ref has none."""
+def max_rel_err(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> float:
+    """max |out - ref| / max |ref| over each pair, in row chunks (no full-size fp32 copies of
+    huge tensors); inf when shapes differ or NaN appears where ref has none."""
     worst = 0.0
     for a, b in zip(out, ref, strict=True):
         if a.shape != b.shape:
             return math.inf
-        a2 = a.detach().reshape(-1, a.shape[-1] if a.dim() else 1)
-        b2 = b.detach().reshape(a2.shape)
-        step = max(1, (1 << 26) // a2.shape[1])
-        diff, scale = 0.0, 0.0
-        for i in range(0, a2.shape[0], step):
-            ai, bi = a2[i : i + step].float(), b2[i : i + step].float()
-            d = torch.where(torch.isnan(ai) & torch.isnan(bi), 0.0, (ai - bi).abs())
-            diff = max(diff, d.max().item())
+        a, b = (t.detach().reshape(-1, t.shape[-1] if t.dim() else 1) for t in (a, b))
+        step, diff, scale = max(1, (1 << 26) // a.shape[1]), 0.0, 0.0
+        for i in range(0, a.shape[0], step):
+            ai, bi = a[i : i + step].float(), b[i : i + step].float()
+            d = torch.where(ai.isnan() & bi.isnan(), 0.0, (ai - bi).abs())
+            diff = max(diff, d.nan_to_num(nan=math.inf).max().item())
             scale = max(scale, bi.abs().nan_to_num(nan=0.0).max().item())
-        err = diff / max(scale, 1e-30)
-        worst = math.inf if math.isnan(err) else max(worst, err)
+        worst = max(worst, diff / max(scale, 1e-30))
     return worst
 
 
-class Case:
-    """Inputs of one (op, dtype, M, N) and the closures each mode times."""
+def make_timer(smoke: bool) -> tuple[Callable, str]:
+    """(timer(fn) -> (p50, p20, p80) ms, its name): do_bench on CUDA, 3 perf_counter calls else."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
 
-    def __init__(
-        self,
-        op: str,
-        dtype: torch.dtype,
-        rows: int,
-        cols: int,
-        device: torch.device,
-        *,
-        with_grad_output: bool = True,
-    ) -> None:
-        self.op, self.dtype, self.rows, self.cols, self.device = op, dtype, rows, cols, device
-        self.x = torch.randn(rows, cols, dtype=dtype, device=device)
-        self.target = self.dy = None
-        if op == "cross_entropy":
-            self.target = torch.randint(0, cols, (rows,), device=device)
-        elif with_grad_output:
-            self.dy = torch.randn_like(self.x)
+        warmup, rep = (1, 5) if smoke else (10, 50)
+        timer = lambda fn: do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])  # noqa: E731
+        return timer, f"do_bench(warmup={warmup}, rep={rep})"
 
-    def closures(
-        self, mode: str, fn: Callable[..., torch.Tensor], inplace: bool
-    ) -> tuple[Callable[[], tuple[torch.Tensor, ...]], Callable[[], object], Callable[[], None]]:
-        """(check, timed, reset) for ``mode``.
+    def perf_counter(fn: Callable) -> list[float]:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return [sorted(times)[i] for i in (1, 0, 2)]
 
-        ``check`` returns the outputs compared with ours: (y,) or (loss,) for forward; (dx,) for
-        backward; (y or loss, dx) for forward+backward. ``timed`` is what is timed; ``reset``
-        restores an in-place provider's private logits after the check.
-        """
-        x, t, dy = self.x, self.target, self.dy
-        args = (lambda v: (v, t)) if t is not None else (lambda v: (v,))
-        grad_out = (dy,) if dy is not None else None
-        # In-place providers get a private copy of the logits: whatever they write into it
-        # (the gradient) never reaches `self.x`, which every provider reads.
-        own = x.clone() if inplace else x.detach()
-
-        def reset() -> None:
-            if inplace:
-                with torch.no_grad():
-                    own.copy_(x)
-
-        if mode == "forward":
-
-            def forward() -> tuple[torch.Tensor, ...]:
-                with torch.no_grad():
-                    return (fn(*args(own)),)
-
-            return forward, forward, reset
-
-        leaf = own.requires_grad_(True)
-
-        if mode == "backward":
-            out = fn(*args(leaf))
-
-            def backward() -> tuple[torch.Tensor, ...]:
-                return torch.autograd.grad(out, leaf, grad_out, retain_graph=True)
-
-            return backward, backward, reset
-
-        def check() -> tuple[torch.Tensor, ...]:
-            out = fn(*args(leaf))
-            (dx,) = torch.autograd.grad(out, leaf, grad_out)
-            return out.detach(), dx
-
-        return check, lambda: torch.autograd.grad(fn(*args(leaf)), leaf, grad_out), reset
+    return perf_counter, "perf_counter x 3 (smoke: the times mean nothing)"
 
 
-def _grid(op: str, args: argparse.Namespace) -> list[tuple[int, int]]:
-    ce = op == "cross_entropy"
-    if args.shapes:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    if args.smoke:
-        rows, cols = (SMOKE_CE_ROWS, SMOKE_VOCABS) if ce else (SMOKE_ROWS, SMOKE_COLS)
-    elif args.quick:
-        rows, cols = (CE_ROWS, QUICK_VOCABS) if ce else (QUICK_ROWS, QUICK_COLS)
-    else:
-        rows, cols = (CE_ROWS, CE_VOCABS) if ce else (DEFAULT_ROWS, DEFAULT_COLS)
-    rows = args.rows or rows
-    cols = (args.vocab if ce else args.cols) or cols
-    return [(m, n) for m in rows for n in cols]
+def closures(fn: Callable, x: torch.Tensor, other, mode: str, inplace: bool):
+    """(check, timed, reset) for one provider; ``other`` is the target or, for softmax, dy.
+    ``check`` returns what is compared with ours: (y or loss,) and for forward+backward dx.
+
+    An in-place provider gets a private copy of the logits, which ``reset`` restores after the
+    check, so that the gradient it writes never reaches the inputs of the others. The copy is an
+    intermediate of the graph (our ``inplace_backward`` refuses a leaf: it would be a parameter).
+    """
+    ce = other is not None and not other.is_floating_point()
+    args, dy = ((other,), None) if ce else ((), other)
+    own = x.detach().requires_grad_(mode != "forward")
+    own = own.clone() if inplace else own
+
+    def reset() -> None:
+        with torch.no_grad():
+            own.copy_(x)
+
+    def forward() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return (fn(own, *args),)
+
+    def check() -> tuple[torch.Tensor, ...]:
+        out = fn(own, *args)
+        return out.detach(), *torch.autograd.grad(out, own, dy)
+
+    timed = forward if mode == "forward" else lambda: torch.autograd.grad(fn(own, *args), own, dy)
+    return (forward if mode == "forward" else check), timed, (reset if inplace else lambda: None)
 
 
-def _versions(providers: Sequence[Provider]) -> str:
-    import triton
-
-    import triton_softmax
-
-    parts = [f"torch {torch.__version__}", f"triton {triton.__version__}"]
-    parts.append(f"triton-softmax {triton_softmax.__version__}")
-    for p in providers:
-        if p.package not in ("torch", "triton-softmax"):
-            parts.append(f"{p.package} {p.version() or 'not installed'}")
-    return "; ".join(dict.fromkeys(parts))
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_description()}"
-
-
-def result_stem(device_name: str, smoke: bool) -> str:
-    """``kernels_<device>_torch<v>_triton<v>`` (``kernels-smoke_...`` for smoke runs)."""
-    import triton
-
-    kind = "kernels-smoke" if smoke else "kernels"
-    versions = f"torch{slug(torch.__version__)}_triton{slug(triton.__version__)}"
-    return f"{kind}_{slug(device_name.split(',')[0])}_{versions}"
-
-
-def _free_bytes(device: torch.device) -> int:
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def _peak_extra(device: torch.device, timed: Callable[[], object]) -> int:
+def _peak_extra(timed: Callable) -> int:
     """Bytes allocated at the peak of one call beyond what was allocated before it (the returned
-    gradient counts: it is memory the op needs)."""
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+    gradient counts: the op needs it)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     out = timed()
-    synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.synchronize()
     del out
-    return peak
+    return torch.cuda.max_memory_allocated() - base
 
 
-class Harness:
-    """Runs the cases, writes rows as they are measured."""
+class Run:
+    """One run: the timer, the providers, the copy bandwidth, the rows written so far."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, file: TextIO) -> None:
-        self.args, self.device, self.file = args, device, file
-        self.writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-        self.writer.writeheader()
-        self.providers = [
-            p for p in all_providers("eager" if args.smoke else "inductor") if _wanted(p, args)
-        ]
-        if device.type == "cuda":
-            warmup, rep = (1, 5) if args.smoke else (args.warmup, args.rep)
-            self.timer, self.timer_name = do_bench_timer(warmup, rep), f"do_bench({warmup},{rep})"
-        else:
-            # The correctness check just before each timing is the warm-up call.
-            self.timer, self.timer_name = perf_counter_timer(3, warmup=0), "perf_counter(3)"
-        self.device_name = _device_name(device)
-        self.versions = _versions(self.providers)
-        self.start = time.monotonic()
-        self.copy_gbps = math.nan
-        self.rows: list[Row] = []
-
-    def out_of_time(self) -> bool:
-        budget = self.args.time_budget
-        return budget is not None and time.monotonic() - self.start > budget
-
-    def emit(self, row: Row) -> None:
-        row.device, row.versions, row.timer = self.device_name, self.versions, self.timer_name
-        row.copy_gbps = self.copy_gbps
-        self.rows.append(row)
-        self.writer.writerow(dataclasses.asdict(row))
-        self.file.flush()
-        line = (
-            f"{row.op:13s} {row.mode:16s} {row.dtype:4s} {row.M:>6}x{row.N:<7} {row.provider:23s}"
+    def __init__(self, args: argparse.Namespace, writer: csv.DictWriter) -> None:
+        self.args, self.writer, self.rows, self.start = args, writer, [], time.monotonic()
+        self.cuda = torch.cuda.is_available()
+        self.where = "cuda" if self.cuda else "cpu"
+        self.timer, timer_name = make_timer(args.smoke)
+        self.providers = dict(PROVIDERS)
+        if args.smoke:  # Inductor's C++ compile of each tiny CPU graph would take seconds
+            self.providers["torch.compile"] = ("torch", lambda op: _compiled(op, "eager"), False)
+        packages = dict.fromkeys(["torch", "triton", *(p[0] for p in PROVIDERS.values())])
+        versions = "; ".join(
+            f"{p} {common.package_version(p) or 'not installed'}" for p in packages
         )
-        if row.status == "ok":
-            line += f" {row.ms_p50:9.4f} ms {row.gbps:8.1f} GB/s {row.pct_copy_bw:6.1f}% of copy"
-            if not math.isnan(row.peak_mem_x_logits):
-                line += f"  peak +{row.peak_mem_x_logits:.2f}x logits"
+        self.device = torch.cuda.get_device_name() if self.cuda else common.cpu_description()
+        src = torch.ones(1 << (22 if args.smoke else 30), dtype=torch.uint8, device=self.where)
+        dst = torch.empty_like(src)
+        ms = self.timer(lambda: dst.copy_(src))[0]
+        copy_gbps = 2 * src.numel() / (ms * 1e-3) / 1e9  # read src, write dst
+        self.common = dict(copy_gbps=copy_gbps, timer=timer_name, device=self.device)
+        self.common["versions"] = versions
+
+    def emit(self, row: dict) -> None:
+        row.update(self.common)
+        self.rows.append(row)
+        self.writer.writerow(row)
+        result = row["status"]
+        if result == "ok":
+            result = f"{row['ms_p50']:9.4f} ms {row['gbps_min']:8.1f} GB/s"
+        print(
+            f"{row['op']:13s} {row['mode']:16s} {row['dtype']} {row['M']:>6}x{row['N']:<7} "
+            f"{row['provider']:23s} {result}",
+            flush=True,
+        )
+
+    def case(self, op: str, mode: str, dtype: str, m: int, n: int) -> None:
+        """Inputs for one (op, mode, dtype, M, N), then every provider on them."""
+        s = DTYPES[dtype].itemsize
+        base = dict.fromkeys(COLUMNS, math.nan) | dict(op=op, mode=mode, dtype=dtype, M=m, N=n)
+        base |= dict(status="ok", kernel_path="", notes="")
+        base["bytes_min"], base["min_formula"] = bytes_min(op, mode, m, n, s)
+        budget, skip, x, other = self.args.time_budget, None, None, None
+        if budget is not None and time.monotonic() - self.start > budget:
+            skip = f"skipped: time budget of {budget:.0f} s spent"
         else:
-            line += f" {row.status}"
-        print(line, flush=True)
-
-    def run(self) -> None:
-        n_copy = (1 << 30) if self.device.type == "cuda" else (1 << 24)
-        if self.args.smoke:
-            n_copy = 1 << 22
-        self.copy_gbps, _ = copy_bandwidth(self.device, self.timer, n_copy)
-        print(f"device: {self.device_name}\nversions: {self.versions}")
-        print(f"device-to-device copy: {self.copy_gbps:.1f} GB/s ({n_copy >> 20} MiB buffer)")
-        for op, mode in STAGE_PRIORITY:
-            if op in self.args.op and mode in self.args.mode:
-                for dtype_name in self.args.dtype:
-                    for rows, cols in _grid(op, self.args):
-                        self.run_case(op, mode, dtype_name, rows, cols)
-
-    def run_case(self, op: str, mode: str, dtype_name: str, rows: int, cols: int) -> None:
-        """Inputs for one (op, dtype, M, N), then every provider on them in ``mode``."""
-        row = Row(op, mode, dtype_name, rows, cols, "")
-        if self.out_of_time():
-            return self.skip_all(
-                row, f"skipped: time budget of {self.args.time_budget:.0f} s spent"
-            )
-        dtype = DTYPES[dtype_name]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            free = _free_bytes(self.device)
-            need = MEMORY_FACTOR[(op if op == "cross_entropy" else "softmax", mode)]
-            need *= rows * cols * itemsize
-            if need > 0.92 * free:
-                status = f"skipped: needs about {need / 2**30:.0f} GiB, {free / 2**30:.0f} free"
-                return self.skip_all(row, status)
-        case = Case(op, dtype, rows, cols, self.device, with_grad_output=mode != "forward")
-        self.run_mode(case, mode, dtype_name, itemsize)
-        del case
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def skip_all(self, row: Row, status: str) -> None:
-        for p in self.providers:
-            if p.applies(row.op, row.mode):
-                self.emit(dataclasses.replace(row, provider=p.name, status=status))
-
-    def run_mode(self, case: Case, mode: str, dtype_name: str, itemsize: int) -> None:
-        op, rows, cols = case.op, case.rows, case.cols
-        n_bytes, formula = bytes_moved(op, mode, rows, cols, itemsize)
-        reference: tuple[torch.Tensor, ...] | None = None
-        for p in self.providers:
-            if not p.applies(op, mode):
-                continue
-            row = Row(
-                op, mode, dtype_name, rows, cols, p.name, bytes=n_bytes, bytes_formula=formula
-            )
-            if p.inplace and op == "cross_entropy":
-                row.notes = "writes the gradient into (a private copy of) the logits"
-            if p.name == "torch.compile":
-                row.notes = f"backend={p.backend}" + (" (smoke)" if self.args.smoke else "")
-            reason = p.skip_reason(op, mode, self.device)
-            if reason is None and reference is None and p.name != "triton-softmax":
-                reason = "skipped: no reference (triton-softmax failed on this case)"
-            if reason is not None:
-                row.status = reason
-                self.emit(row)
-                continue
             try:
-                reference = self.measure(p, case, mode, row, reference)
-            except torch.cuda.OutOfMemoryError:
-                row.status = "skipped: out of memory"
-            except Exception as e:  # a provider's failure is a result, not the end of the run
-                row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            if row.status != "ok" and p.name == "triton-softmax":
-                reference = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                x = torch.randn(m, n, dtype=DTYPES[dtype], device=self.where)
+                if op == "cross_entropy":
+                    other = torch.randint(0, n, (m,), device=self.where)
+                elif mode != "forward":
+                    other = torch.randn_like(x)  # dy
+            except torch.OutOfMemoryError:
+                skip = "skipped: out of memory (inputs)"
+        reference = None
+        for name, (_, build, inplace) in self.providers.items():
+            if name == "triton-softmax-inplace" and (op, mode) != STAGES[1]:
+                continue  # inplace_backward changes only cross-entropy forward+backward
+            row = dict(base, provider=name)
+            row["bytes_moved"], row["moved_formula"] = bytes_moved(name, op, mode, m, n, s)
+            if inplace and op == "cross_entropy":
+                row["notes"] = "writes the gradient into (a private copy of) the logits"
+            fn = skip or build(op)
+            if not isinstance(fn, str) and reference is None and name != "triton-softmax":
+                fn = "skipped: no reference (triton-softmax failed on this case)"
+            if isinstance(fn, str):
+                row["status"] = fn
+            else:
+                try:
+                    reference = self.measure(row, fn, x, other, inplace, reference)
+                except torch.OutOfMemoryError:
+                    row["status"] = "skipped: out of memory"
+                except Exception as e:  # a provider's failure is a result, not the end of the run
+                    row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                if self.cuda:
+                    torch.cuda.empty_cache()
             self.emit(row)
 
-    def measure(
-        self,
-        p: Provider,
-        case: Case,
-        mode: str,
-        row: Row,
-        reference: tuple[torch.Tensor, ...] | None,
-    ) -> tuple[torch.Tensor, ...] | None:
-        """Check ``p`` against ``reference`` (ours), then time it; returns the reference."""
-        fn = p.build(case.op)
-        # Only cross-entropy providers write into their input (Liger's softmax does not).
-        check, timed, reset = case.closures(mode, fn, p.inplace and case.op == "cross_entropy")
+    def measure(self, row: dict, fn: Callable, x, other, inplace: bool, reference):
+        """Check ``fn`` against ``reference`` (None: ``fn`` is ours and becomes it), then time
+        it; returns the reference."""
+        ce, fb = row["op"] == "cross_entropy", row["mode"] == "forward+backward"
+        check, timed, reset = closures(fn, x, other, row["mode"], inplace and ce)
         out = tuple(t.detach() for t in check())
-        synchronize(self.device)
-        if p.name == "triton-softmax":
+        if reference is None:
             import triton_softmax as ts
 
-            row.kernel_path = ts.kernel_path(case.x)
-            reference, row.max_rel_err = out, 0.0
+            reference, row["kernel_path"], row["max_rel_err"] = out, ts.kernel_path(x), 0.0
         else:
-            row.max_rel_err = max_rel_err(out, reference)
-            tolerance = TOLERANCE[case.dtype]
-            if not row.max_rel_err <= tolerance:
-                row.status = f"mismatch: max rel err {row.max_rel_err:.3g} > {tolerance:g}"
+            row["max_rel_err"] = err = max_rel_err(out, reference)
+            if not err <= TOLERANCE[x.dtype]:
+                row["status"] = f"mismatch: max rel err {err:.3g} > {TOLERANCE[x.dtype]:g}"
                 return reference
         del out
         reset()
-        row.ms_p50, row.ms_p20, row.ms_p80 = self.timer(timed)
-        row.gbps = row.bytes / (row.ms_p50 * 1e-3) / 1e9
-        row.pct_copy_bw = 100.0 * row.gbps / self.copy_gbps
-        if case.op == "cross_entropy" and mode == "forward+backward" and self.device.type == "cuda":
-            row.peak_mem_x_logits = _peak_extra(self.device, timed) / (
-                case.x.numel() * case.x.element_size()
-            )
+        row["ms_p50"], row["ms_p20"], row["ms_p80"] = self.timer(timed)
+        for kind in ("min", "moved"):
+            if row[f"bytes_{kind}"]:
+                row[f"gbps_{kind}"] = row[f"bytes_{kind}"] / (row["ms_p50"] * 1e-3) / 1e9
+                row[f"pct_copy_{kind}"] = 100 * row[f"gbps_{kind}"] / self.common["copy_gbps"]
+        if ce and fb and self.cuda:
+            row["peak_mem_x_logits"] = _peak_extra(timed) / (x.numel() * x.element_size())
         return reference
 
 
-def _wanted(p: Provider, args: argparse.Namespace) -> bool:
-    return not args.provider or p.name in args.provider
-
-
-def _parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    """Run; exit status 1 without CUDA (unless --smoke), 3 when torch eager disagrees with ours."""
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.kernels",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--op", nargs="+", choices=OPS, default=list(OPS))
-    ap.add_argument(
-        "--mode",
-        nargs="+",
-        choices=(*MODES, "all"),
-        default=None,
-        help=f"default: {' '.join(DEFAULT_MODES)} (--smoke: all)",
-    )
-    ap.add_argument(
-        "--dtype",
-        nargs="+",
-        choices=tuple(DTYPES),
-        default=None,
-        help=f"default: {' '.join(DEFAULT_DTYPES)} (--smoke: fp32)",
-    )
-    ap.add_argument("--rows", "-M", nargs="+", type=int, help="row counts M (BT for cross_entropy)")
-    ap.add_argument("--cols", "-N", nargs="+", type=int, help="softmax / log_softmax columns N")
-    ap.add_argument("--vocab", "-V", nargs="+", type=int, help="cross_entropy classes V")
-    ap.add_argument("--shapes", nargs="+", metavar="MxN", help="explicit shapes for every op")
-    ap.add_argument("--provider", nargs="+", help="only these providers (ours always runs)")
-    ap.add_argument("--quick", action="store_true", help="a subset of the grid, for a first look")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs anywhere in seconds")
-    ap.add_argument("--warmup", type=int, default=10, help="do_bench warmup, ms (default 10)")
-    ap.add_argument("--rep", type=int, default=None, help="do_bench rep, ms (50; --quick 25)")
-    ap.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="seconds after which the remaining cases are recorded as skipped "
-        "(default 480, none with --smoke)",
-    )
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
-    ap.add_argument("--no-report", action="store_true", help="CSV only: no markdown, no plots")
-    ap.add_argument(
-        "--update-readme", action="store_true", help="regenerate the README's kernel section"
-    )
-    return ap
-
-
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    if args.mode is None:
-        args.mode = list(MODES) if args.smoke else list(DEFAULT_MODES)
-    elif "all" in args.mode:
-        args.mode = list(MODES)
-    args.mode = [m for m in MODES if m in args.mode]
-    args.dtype = args.dtype or (["fp32"] if args.smoke else list(DEFAULT_DTYPES))
-    if args.rep is None:
-        args.rep = 25 if args.quick else 50
-    if args.time_budget is None and not args.smoke:
-        args.time_budget = 480.0
-    if args.provider:
-        args.provider = sorted({*args.provider, "triton-softmax"})
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; returns the exit code (1 without CUDA unless --smoke, 3 when torch
-    eager disagrees with ours)."""
-    args = _resolve(_parser().parse_args(argv))
+    ap.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: fp32 bf16")
+    ap.add_argument("-M", "--rows", nargs="+", type=int, help="rows (BT for cross_entropy)")
+    ap.add_argument("-N", "--cols", nargs="+", type=int, help="columns (V for cross_entropy)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any machine, seconds")
+    ap.add_argument("--time-budget", type=float, help="then skip the rest (s; 480, smoke: none)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         if not args.smoke:
-            print(NO_GPU_MESSAGE, file=sys.stderr)
+            print(
+                "no CUDA device: the kernel benchmark needs a GPU and reports no CPU timings.\n"
+                "--smoke runs the harness end to end on tiny shapes on this CPU (Triton "
+                "interpreter); its timings mean nothing.",
+                file=sys.stderr,
+            )
             return NO_GPU_EXIT
-        # The kernels then run through Triton's interpreter; this must precede triton's import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    args.dtype = args.dtype or (["fp32"] if args.smoke else ["fp32", "bf16"])
+    if args.time_budget is None and not args.smoke:
+        args.time_budget = 480.0
     torch.manual_seed(0)
+    import triton
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else common.cpu_model()
+    name = f"{common.slug(gpu)}_torch{common.slug(torch.__version__)}_triton{triton.__version__}"
+    path = args.out / f"kernels{'-smoke' if args.smoke else ''}_{name}.csv"
     args.out.mkdir(parents=True, exist_ok=True)
-    from benchmarks import report
-
-    path = args.out / f"{result_stem(_device_name(device), args.smoke)}.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
-        harness = Harness(args, device, f)
-        harness.run()
-    rows = harness.rows
-    print(f"\nwrote {path}")
-    if not args.no_report:
-        for written in report.write_kernel_report(path):
-            print(f"wrote {written}")
-    if args.update_readme:
-        print(f"updated {report.update_readme()}")
-    return _summarize(rows)
-
-
-def _summarize(rows: Sequence[Row]) -> int:
-    counts: dict[str, int] = {}
-    for r in rows:
-        key = r.status.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-    print("rows: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    for reason in sorted({r.status for r in rows if r.status.startswith("skipped")}):
-        print(f"  {reason}")
-    bad = [r for r in rows if r.status.startswith(("mismatch", "error"))]
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        run = Run(args, writer)
+        print(f"{run.device}: copy {run.common['copy_gbps']:.1f} GB/s; {run.common['versions']}")
+        for op, mode in (
+            stage for stage in STAGES if stage[0] in args.op and stage[1] in args.mode
+        ):
+            rows, cols = (SMOKE_GRID if args.smoke else GRID)[op.replace("log_", "")]
+            for dtype in args.dtype:
+                for m in args.rows or rows:
+                    for n in args.cols or cols:
+                        run.case(op, mode, dtype, m, n)
+                        f.flush()
+    for written in [path, *write_report(path)]:
+        print(f"wrote {written}")
+    bad = [r for r in run.rows if r["status"].startswith(("mismatch", "error"))]
     for r in bad:
-        print(f"  {r.op} {r.mode} {r.dtype} {r.M}x{r.N} {r.provider}: {r.status}")
-    if any(r.provider == "torch" and r.status.startswith("mismatch") for r in rows):
-        print("torch eager disagrees with triton-softmax: see the mismatch rows", file=sys.stderr)
-        return MISMATCH_EXIT
-    return 0
+        print(
+            f"  {r['op']} {r['mode']} {r['dtype']} {r['M']}x{r['N']} {r['provider']}: {r['status']}"
+        )
+    torch_disagrees = any(r["provider"] == "torch" and "mismatch" in r["status"] for r in bad)
+    return MISMATCH_EXIT if torch_disagrees else 0
+
+
+# Report: markdown, plots and the README section, from the CSV.
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _groups(rows: list[dict]) -> list[tuple]:
+    keys = {(r["op"], r["mode"], r["dtype"], r["M"]) for r in rows}
+    return sorted(keys, key=lambda k: (OPS.index(k[0]), k[1], list(DTYPES).index(k[2]), k[3]))
+
+
+def table(rows: list[dict], op: str, mode: str, dtype: str, m: int, level: str = "###") -> list:
+    """Per N and provider: GB/s over the minimum bytes (% of copy bandwidth), and % of copy over
+    the bytes moved where those differ; ours vs torch / Liger time ratios; peak memory."""
+    sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
+    shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
+    by, n_name = {(r["N"], r["provider"]): r for r in sel}, "V" if op == "cross_entropy" else "N"
+    peers = [p for p in ("torch", "liger") if p in shown]
+    moved: dict[str, list[str]] = {}
+    for r in sel:
+        if r["bytes_moved"] and r["moved_formula"] != r["min_formula"]:
+            moved.setdefault(r["moved_formula"], []).append(r["provider"])
+    legend = "; ".join(f"{', '.join(dict.fromkeys(p))} move {f}" for f, p in moved.items())
+    lines = [
+        f"{level} {op}, {mode}, {dtype}, M = {m}",
+        "",
+        f"GB/s over the minimum bytes, {sel[0]['min_formula']} (% of copy bandwidth)"
+        + (f'; "moved": % of copy over the bytes really moved: {legend}' if moved else "")
+        + ".",
+        "",
+    ]
+    body = []
+    for n in sorted({r["N"] for r in sel}):
+        cells, ours = [n], by.get((n, "triton-softmax"))
+        for p in shown:
+            r = by.get((n, p)) or {"status": ""}
+            cell = r["status"].split(":")[0]
+            if r["status"] == "ok":
+                cell = f"{_num(r['gbps_min'])} ({_num(r['pct_copy_min'])} %)"
+                if r["bytes_moved"] and r["bytes_moved"] != r["bytes_min"]:
+                    cell += f", moved {_num(r['pct_copy_moved'])} %"
+                if r["peak_mem_x_logits"] > 0:
+                    cell += f", peak +{r['peak_mem_x_logits']:.2f}× logits"
+            cells.append(cell)
+        for p in peers:
+            r = by.get((n, p))
+            ok = ours and r and ours["status"] == r["status"] == "ok"
+            cells.append(f"{r['ms_p50'] / ours['ms_p50']:.2f}×" if ok else "")
+        body.append(cells)
+    lines += common.md_table([n_name, *shown, *[f"ours vs {p}" for p in peers]], body)
+    notes = {f"{r['provider']}: {r['status']}" for r in sel if r["provider"] not in shown}
+    notes |= {
+        f"{r['provider']} at {n_name} = {r['N']}: {r['status']}"
+        for r in sel
+        if r["provider"] in shown and r["status"] != "ok"
+    }
+    return lines + ["", *[f"- {s}" for s in sorted(notes)]] if notes else lines
+
+
+def _header(rows: list[dict], title: str) -> list[str]:
+    r, ok = rows[0], sum(r["status"] == "ok" for r in rows)
+    bad = sum(r["status"].startswith("mismatch") for r in rows)
+    return [
+        f"{title}: {r['device']}",
+        "",
+        f"Versions: {r['versions']}. Timer: {r['timer']}, ms: median, 20 %/80 % quantiles in the "
+        f"CSV. Device-to-device copy bandwidth in the same run: {r['copy_gbps']:.0f} GB/s. Each "
+        f"provider was checked against triton-softmax before timing: {ok} rows timed, {bad} "
+        f"mismatched, {len(rows) - ok - bad} skipped or failed. 'ours vs X': X's time / ours "
+        "(above 1: ours is faster). Peak: extra memory of one forward+backward.",
+    ]
+
+
+def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
+    """One PNG per (op, mode): GB/s over the minimum bytes against N, a panel per (dtype, M)."""
+    plt, written = common.pyplot(), []
+    for op, mode in sorted(
+        {(r["op"], r["mode"]) for r in rows if r["status"] == "ok"} if plt else ()
+    ):
+        sel = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
+        panels = list(dict.fromkeys(g[2:] for g in _groups(sel)))
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.6 * len(panels)), 4.4))
+        for ax, (dtype, m) in zip(getattr(axes, "flat", [axes]), panels, strict=True):
+            for p in PROVIDERS:
+                pts = sorted(
+                    (r["N"], r["gbps_min"])
+                    for r in sel
+                    if r["status"] == "ok" and (r["provider"], r["dtype"], r["M"]) == (p, dtype, m)
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+            ax.axhline(rows[0]["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth")
+            ns = sorted({r["N"] for r in sel})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ns, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in ns])
+            ax.set(
+                title=f"{dtype}, M = {m}",
+                ylabel="GB/s (minimum bytes / time)",
+                xlabel="V (classes)" if op == "cross_entropy" else "N (columns)",
+            )
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{op} {mode} — {rows[0]['device']}", fontsize=9)
+        fig.tight_layout()
+        written.append(out_dir / f"{stem}_{op}_{mode.replace('+', '_')}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_report(csv_path: Path) -> list[Path]:
+    """``<stem>.md`` and the PNGs next to a kernels CSV."""
+    rows, md = common.read_csv(csv_path), csv_path.with_suffix(".md")
+    lines = _header(rows, "# Kernel benchmark")
+    for group in _groups(rows):
+        lines += ["", *table(rows, *group)]
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [md, *plots(rows, csv_path.parent, csv_path.stem)]
+
+
+def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
+    """The top README's kernel section: the grid; per GPU, softmax forward at the smallest M and
+    cross-entropy forward+backward."""
+    (rows, cols), (bt, vocabs) = GRID["softmax"], GRID["cross_entropy"]
+    set_ = lambda v: "{" + ", ".join(map(str, v)) + "}"  # noqa: E731
+    lines = [
+        "## Benchmarks: kernels",
+        "",
+        "`python -m benchmarks.kernels` times our kernels against torch eager, `torch.compile`, "
+        "Liger-Kernel and quack (when installed) in one process on one GPU, after checking each "
+        f"output against ours: softmax and log_softmax over M ∈ {set_(rows)} rows × N ∈ "
+        f"{set_(cols)}; cross-entropy over BT = {bt[0]} rows × V ∈ {set_(vocabs)}; fp32 and bf16, "
+        "forward and forward+backward. GB/s is counted over the minimum bytes (1 read + 1 write "
+        "for softmax forward and for cross-entropy forward+backward) and, where it differs, over "
+        "the bytes a provider really moves (our cross-entropy forward+backward reads the logits "
+        "twice, as Liger's does; our softmax reads rows longer than 8192 twice), each also as % "
+        "of the copy bandwidth of the same run. A CSV per GPU, markdown and plots go to "
+        "`benchmarks/results/`; `python -m benchmarks.report --update-readme` regenerates this "
+        "section. Details: [benchmarks/README.md](benchmarks/README.md).",
+        "",
+    ]
+    csvs = sorted(results_dir.glob("kernels_*.csv"))
+    if not csvs:
+        lines.append(
+            "**No GPU numbers have been measured yet**: no session so far had a GPU, and the "
+            "benchmark refuses to report CPU timings as kernel results (without CUDA it exits "
+            "with an error; `--smoke` checks the harness itself on tiny shapes under the Triton "
+            "interpreter)."
+        )
+    for path in csvs:
+        rows = common.read_csv(path)
+        lines += _header(rows, "### Measured on")
+        small = min((r["M"] for r in rows if r["op"] == "softmax"), default=None)
+        for op, mode, dtype, m in _groups(rows):
+            if (op, mode) == STAGES[1] or (op, mode, m) == (*STAGES[0], small):
+                lines += ["", *table(rows, op, mode, dtype, m, level="####")]
+        pngs = sorted(path.parent.glob(f"{path.stem}_*.png"))
+        links = [common.link(path.with_suffix(".md"), "full table")]
+        links += [common.link(p, p.stem.removeprefix(path.stem + "_")) for p in pngs]
+        lines += ["", f"All ops, modes and shapes: {', '.join(links)}.", ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":

@@ -1,114 +1,63 @@
 """Serving benchmark on a CPU: the trained Iris model through onnxruntime, torch eager and numpy.
 
-    python -m benchmarks.serving                     # about 3 minutes, into benchmarks/results
-    python -m benchmarks.serving --smoke --out DIR   # tiny sizes, seconds (the test suite runs it)
+    python -m benchmarks.serving                     # about 3 minutes on 2 cores
+    python -m benchmarks.serving --smoke --out DIR   # tiny sizes, seconds (the tests run it)
 
-The model is trained on the embedded Iris data and exported with the project's own API
-(``triton_softmax.regression.train`` and ``save_checkpoint``,
-``export.onnx_export.export_and_verify``), then served by:
+The model is trained on the embedded Iris data and exported with the project's own API, then
+served by: ``onnxruntime`` (a plain ``InferenceSession.run``, CPU provider); ``OnnxClassifier``
+(the project's wrapper, which also validates every input); ``torch eager`` (the trained
+``SoftmaxRegression`` under ``inference_mode``: our op's plain-torch CPU path); ``torch eager
+(F.softmax)`` (the same Linear layer with ``torch.softmax``); ``numpy`` (normalisation folded
+into the weights, matmul + stable softmax); ``scikit-learn`` (``LogisticRegression.predict_proba``
+with the same weights, when installed). All take and return numpy arrays, and every provider's
+probabilities are checked against torch eager (1e-5) before timing.
 
-- ``onnxruntime``: a plain ``InferenceSession.run`` of the exported file (CPU provider);
-- ``OnnxClassifier``: the project's serving wrapper (``export.runtime``), which also validates the
-  input (shape, dtype, NaN/inf) on every call;
-- ``torch eager``: the trained ``SoftmaxRegression`` loaded with ``load_checkpoint`` (its softmax
-  is ``triton_softmax``'s op, which on a CPU without the interpreter is the op's plain-torch path),
-  under ``inference_mode``;
-- ``torch eager (F.softmax)``: the same Linear layer with ``torch.softmax``, without our op;
-- ``numpy``: the same weights, normalisation folded in, matmul + stable softmax;
-- ``scikit-learn``: ``LogisticRegression.predict_proba`` with the same weights, when installed.
-
-Each provider runs in a process of its own that imports only what it serves with (onnxruntime and
-numpy need no torch), as it would in production: in one process, the idle-spinning thread pools
-of onnxruntime, torch's OpenMP and numpy's BLAS slow each other down on a small machine. All take
-and return numpy arrays (conversions count). Before timing, every provider's probabilities are
-checked against torch eager. Batch 1: p50 / p99 latency of single-row calls. Larger batches
-(1e3 ... 1e6 rows): p50 / p99 of whole-batch calls, rows per second from the p50. The workers run
-in 5 rounds over all providers, in a rotated order each round, and each provider's timings are
-pooled over the rounds.
+Each provider runs in a process of its own that imports only what it serves with, as a server
+would: in one process the idle-spinning thread pools of onnxruntime, torch's OpenMP and numpy's
+BLAS slow each other down on a small machine. Batch 1: p50 / p99 of single-row calls. 1e3 ... 1e6
+rows: p50 / p99 of whole-batch calls, rows per second from the p50. The workers run in 5 rounds
+over all providers in a rotated order, and each provider's timings are pooled over the rounds;
+the lowest and highest single-round p50 are kept too. Refuses ``TRITON_INTERPRET=1`` (torch eager
+would then be the interpreter). Output: ``serving_<cpu>.csv``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import cpu_count, cpu_description, cpu_model, package_version, slug
+from benchmarks import common
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROVIDERS = (
-    "onnxruntime",
-    "OnnxClassifier",
-    "torch eager",
-    "torch eager (F.softmax)",
-    "numpy",
-    "scikit-learn",
-)
-SIZES = (1_000, 10_000, 100_000, 1_000_000)
-#: Whole-batch calls timed per size and provider.
+PROVIDERS = ("onnxruntime", "OnnxClassifier", "torch eager", "torch eager (F.softmax)")
+PROVIDERS += ("numpy", "scikit-learn")
+#: Whole-batch calls per round at each size; batch 1 gets BATCH1_CALLS single-row calls.
 REPS = {1_000: 400, 10_000: 100, 100_000: 24, 1_000_000: 8}
-BATCH1_CALLS = 4000
-SMOKE_SIZES = (1_000,)
 SMOKE_REPS = {1_000: 3}
-SMOKE_BATCH1_CALLS = 24
-#: Largest |p - p_torch| accepted (fp32 probabilities of a 4 -> 3 model).
-ATOL = 1e-5
+BATCH1_CALLS, SMOKE_BATCH1_CALLS = 4000, 24
+ATOL = 1e-5  # largest |p - p_torch| accepted
 CHECK_ROWS = 1000
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-@dataclasses.dataclass
-class Row:
-    """One CSV row: one provider at one batch size."""
-
-    provider: str
-    rows: int
-    status: str = "ok"
-    p50_us: float = math.nan
-    p99_us: float = math.nan
-    mean_us: float = math.nan
-    p50_round_min_us: float = math.nan
-    p50_round_max_us: float = math.nan
-    rows_per_s: float = math.nan
-    calls: int = 0
-    max_abs_err: float = math.nan
-    threads: str = ""
-    load_avg: float = math.nan
-    load_avg_end: float = math.nan
-    machine: str = ""
-    model: str = ""
-    versions: str = ""
-    notes: str = ""
+def rows_like(mean: np.ndarray, std: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` float32 rows drawn per feature from a normal with the Iris features' mean and std."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(mean, std, size=(n, mean.shape[0])).astype(np.float32)
 
 
-CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)]
-
-
-class Unavailable(Exception):
-    """The provider cannot run here; the message is the row's status."""
-
-
-def prepare(workdir: Path, epochs: int | None = None) -> dict[str, object]:
-    """Train on Iris, export ``model.onnx``, save ``model.safetensors`` and the shared inputs
-    (``inputs.npz``: check rows, torch eager's probabilities on them, folded weights, feature
-    statistics) into ``workdir``, with the project's API.
-
-    Returns:
-        Facts for the CSV: number of features and classes, and the torch kernel path.
-    """
+def prepare(workdir: Path, epochs: int | None) -> dict:
+    """Train, export ``model.onnx``, save ``model.safetensors`` and ``inputs.npz`` (check rows,
+    torch eager's probabilities on them, folded weights, feature statistics) into ``workdir``."""
     import torch
 
     import triton_softmax as ts
@@ -125,31 +74,19 @@ def prepare(workdir: Path, epochs: int | None = None) -> dict[str, object]:
         workdir / "model.safetensors", model, config=config, metrics=run.metrics, **names
     )
     mean, std = data.features.mean(axis=0), data.features.std(axis=0)
-    check = synthetic_rows(mean, std, CHECK_ROWS, seed=1)
+    check = rows_like(mean, std, CHECK_ROWS, seed=1)
     with torch.inference_mode():
         reference = model(torch.from_numpy(check)).numpy()
     w, b = (t.numpy() for t in fold_standardisation(model))
     np.savez(workdir / "inputs.npz", check=check, reference=reference, w=w, b=b, mean=mean, std=std)
-    return {
-        "features": data.n_features,
-        "classes": data.n_classes,
-        "kernel_path": ts.kernel_path(torch.empty(1)),
-    }
+    model_name = f"Iris softmax regression ({data.n_features} features → {data.n_classes} classes)"
+    return {"model": model_name + ", ONNX", "kernel_path": ts.kernel_path(torch.empty(1))}
 
 
-def synthetic_rows(mean: np.ndarray, std: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` float32 rows drawn per feature from a normal with the Iris features' mean and std."""
-    rng = np.random.default_rng(seed)
-    return rng.normal(mean, std, size=(n, mean.shape[0])).astype(np.float32)
-
-
-def build(name: str, workdir: Path, inputs: dict[str, np.ndarray]) -> tuple[Predict, str, str]:
-    """(predict_proba, threads, notes) of one provider; imports only what it serves with.
-
-    Raises:
-        Unavailable: the provider's package is not installed.
-    """
-    ort_threads = f"onnxruntime default ({cpu_count()} logical CPUs)"
+def build(name: str, workdir: Path, inputs: dict) -> tuple[Predict, str, str] | str:
+    """(predict_proba, threads, notes) of one provider, importing only what it serves with; or
+    the reason it cannot run."""
+    ort_threads = f"onnxruntime default ({common.cpu_count()} logical CPUs)"
     if name == "onnxruntime":
         import onnxruntime as ort
 
@@ -167,20 +104,19 @@ def build(name: str, workdir: Path, inputs: dict[str, np.ndarray]) -> tuple[Pred
         from triton_softmax.regression import load_checkpoint
 
         model = load_checkpoint(workdir / "model.safetensors").model
-        threads = f"torch {torch.get_num_threads()}"
-        if name == "torch eager":
+        threads, path = f"torch {torch.get_num_threads()}", ts.kernel_path(torch.empty(1))
 
-            def eager(x: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    return model(torch.from_numpy(x)).numpy()
-
-            return eager, threads, f"kernel path: {ts.kernel_path(torch.empty(1))}"
-        linear, mean, std = model.linear, model.feature_mean, model.feature_std
+        def eager(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).numpy()
 
         def plain(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return torch.softmax(linear((torch.from_numpy(x) - mean) / std), dim=-1).numpy()
+                z = model.linear((torch.from_numpy(x) - model.feature_mean) / model.feature_std)
+                return torch.softmax(z, dim=-1).numpy()
 
+        if name == "torch eager":
+            return eager, threads, f"kernel path: {path}"
         return plain, threads, ""
     w, b = inputs["w"], inputs["b"]
     if name == "numpy":
@@ -194,84 +130,71 @@ def build(name: str, workdir: Path, inputs: dict[str, np.ndarray]) -> tuple[Pred
             return z
 
         return numpy_softmax, "BLAS default", ""
-    if name == "scikit-learn":
-        if package_version("scikit-learn") is None:
-            raise Unavailable("skipped: not installed (pip install scikit-learn)")
-        from sklearn.linear_model import LogisticRegression
+    if common.package_version("scikit-learn") is None:
+        return "skipped: not installed (pip install scikit-learn)"
+    from sklearn.linear_model import LogisticRegression
 
-        lr = LogisticRegression()
-        # The fitted state predict_proba reads: multinomial softmax of x @ coef_.T + intercept_.
-        lr.coef_, lr.intercept_ = w.astype(np.float64), b.astype(np.float64)
-        lr.classes_ = np.arange(w.shape[0])
-        lr.n_features_in_ = w.shape[1]
-        lr.n_iter_ = np.array([0])
-        return lr.predict_proba, "BLAS default", ""
-    raise ValueError(f"unknown provider {name!r}")
+    lr = LogisticRegression()  # the fitted state predict_proba reads: softmax(x @ coef_.T + b)
+    lr.coef_, lr.intercept_ = w.astype(np.float64), b.astype(np.float64)
+    lr.classes_, lr.n_features_in_, lr.n_iter_ = np.arange(w.shape[0]), w.shape[1], np.array([0])
+    return lr.predict_proba, "BLAS default", ""
 
 
-def _timings(predict: Predict, x: np.ndarray, calls: int) -> list[int]:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter_ns()
-        predict(x)
-        times.append(time.perf_counter_ns() - start)
-    return times
-
-
-def measure(name: str, workdir: Path, smoke: bool) -> list[dict[str, object]]:
-    """One provider: check against torch eager, then batch 1 and every size (worker side)."""
+def measure(name: str, workdir: Path, smoke: bool) -> list[dict]:
+    """Worker side: check one provider against torch eager, then time batch 1 and each size."""
     inputs = dict(np.load(workdir / "inputs.npz"))
-    sizes = SMOKE_SIZES if smoke else SIZES
     reps = SMOKE_REPS if smoke else REPS
-    try:
-        predict, threads, notes = build(name, workdir, inputs)
-    except Unavailable as e:
-        return [dict(provider=name, rows=n, status=str(e)) for n in (1, *sizes)]
+    built = build(name, workdir, inputs)
+    if isinstance(built, str):
+        return [dict(provider=name, rows=n, status=built) for n in (1, *reps)]
+    predict, threads, notes = built
     err = float(np.abs(predict(inputs["check"]).astype(np.float64) - inputs["reference"]).max())
     base = dict(provider=name, threads=threads, notes=notes, max_abs_err=err)
     if not err <= ATOL:
         status = f"mismatch: max abs err {err:.3g} > {ATOL:g} vs torch eager"
-        return [dict(base, rows=n, status=status) for n in (1, *sizes)]
+        return [dict(base, rows=n, status=status) for n in (1, *reps)]
     results = []
-    for n in (1, *sizes):
-        x = synthetic_rows(inputs["mean"], inputs["std"], n, seed=n)
+    for n in (1, *reps):
+        x = rows_like(inputs["mean"], inputs["std"], n, seed=n)
         calls = (SMOKE_BATCH1_CALLS if smoke else BATCH1_CALLS) if n == 1 else reps[n]
-        _timings(predict, x, max(2, calls // 10))  # warm-up
-        results.append(dict(base, rows=n, times_ns=_timings(predict, x, calls)))
+        times = []
+        for _ in range(calls + max(2, calls // 10)):  # the first tenth is warm-up
+            start = time.perf_counter_ns()
+            predict(x)
+            times.append(time.perf_counter_ns() - start)
+        results.append(dict(base, rows=n, status="ok", times_ns=times[-calls:]))
     return results
 
 
-def summarize(rows: Sequence[dict[str, object]]) -> dict[str, object]:
-    """One provider and size over all rounds: the rounds' timings pooled into p50 / p99 / mean,
-    and the lowest and highest p50 of a single round (how much the machine drifted)."""
-    row = {k: v for k, v in rows[0].items() if k != "times_ns"}
-    if row.get("status", "ok") != "ok":
+def summarize(rounds: list[dict]) -> dict:
+    """One provider and size: the rounds' timings pooled into p50 / p99 / mean µs, and the
+    lowest and highest p50 of a single round (how much the machine drifted)."""
+    row = {k: v for k, v in rounds[0].items() if k != "times_ns"}
+    if row["status"] != "ok":
         return row
-    rounds = [np.asarray(r["times_ns"], dtype=np.float64) / 1e3 for r in rows]
-    us = np.concatenate(rounds)
-    p50 = float(np.percentile(us, 50))
-    round_p50 = [float(np.percentile(t, 50)) for t in rounds]
-    row.update(
+    us = [np.asarray(r["times_ns"], dtype=np.float64) / 1e3 for r in rounds]
+    pooled, p50s = np.concatenate(us), [float(np.percentile(t, 50)) for t in us]
+    p50 = float(np.percentile(pooled, 50))
+    return row | dict(
         p50_us=p50,
-        p99_us=float(np.percentile(us, 99)),
-        mean_us=float(us.mean()),
-        p50_round_min_us=min(round_p50),
-        p50_round_max_us=max(round_p50),
-        calls=int(us.size),
+        p99_us=float(np.percentile(pooled, 99)),
+        mean_us=float(pooled.mean()),
+        p50_round_min_us=min(p50s),
+        p50_round_max_us=max(p50s),
         rows_per_s=row["rows"] / (p50 * 1e-6),
+        calls=int(pooled.size),
     )
-    return row
 
 
-def run_worker(name: str, workdir: Path, smoke: bool) -> list[dict[str, object]]:
-    """``measure`` in a fresh process (``--worker``); its rows come back through a JSON file."""
-    out = workdir / f"worker-{slug(name)}.json"
+def run_worker(name: str, workdir: Path, smoke: bool) -> list[dict]:
+    """``measure`` in a fresh process; its rows come back through a JSON file."""
+    out = workdir / f"worker-{common.slug(name)}.json"
     cmd = [sys.executable, "-m", "benchmarks.serving", "--worker", name, "--dir", str(workdir)]
     done = subprocess.run(
         [*cmd, *(["--smoke"] if smoke else [])],
-        cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
+        cwd=Path(__file__).resolve().parent.parent,
         timeout=600,
     )
     if done.returncode != 0 or not out.exists():
@@ -280,103 +203,194 @@ def run_worker(name: str, workdir: Path, smoke: bool) -> list[dict[str, object]]
     return json.loads(out.read_text())
 
 
-def _versions() -> str:
-    names = ("onnxruntime", "torch", "numpy", "scikit-learn", "onnx")
-    parts = [f"python {platform.python_version()}"]
-    parts += [f"{n} {package_version(n)}" for n in names if package_version(n)]
-    return "; ".join(parts)
+# ----------------------------------------------------------------------------------------------
+# Report: markdown, plot and the README section, from the CSV
+# ----------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the serving benchmark; returns the exit code."""
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.serving",
-        description=__doc__.split("\n\n")[0],
+def _size(n: int) -> str:
+    return "batch 1" if n == 1 else f"{n:.0e}".replace("e+0", "e") + " rows"
+
+
+def _speedup(by: dict, fast: str, slow: str, n: int) -> float:
+    a, b = by.get((fast, n)), by.get((slow, n))
+    ok = a and b and a["status"] == b["status"] == "ok"
+    return b["p50_us"] / a["p50_us"] if ok else math.nan
+
+
+def tables(rows: list[dict]) -> list[str]:
+    """Latency / throughput per provider, onnxruntime's speed-ups, DESIGN.md's targets."""
+    by = {(r["provider"], r["rows"]): r for r in rows}
+    names = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    sizes = sorted({r["rows"] for r in rows if r["rows"] > 1})
+    body = []
+    for p in names:
+        one, cells = by.get((p, 1)), [p]
+        if one and one["status"] == "ok":
+            spread = f"{one['p50_round_min_us']:.1f}–{one['p50_round_max_us']:.1f}"
+            cells += [f"{one['p50_us']:.1f}", spread, f"{one['p99_us']:.1f}"]
+        else:
+            cells += [one["status"].split(":")[0] if one else "", "", ""]
+        for n in sizes:
+            r = by.get((p, n))
+            ok = r and r["status"] == "ok"
+            cells.append(
+                f"{r['rows_per_s'] / 1e6:.2f} M" if ok else r["status"].split(":")[0] if r else ""
+            )
+        body.append(cells)
+    header = ["provider", "batch 1 p50 µs", "rounds' p50 µs", "batch 1 p99 µs"]
+    lines = common.md_table(header + [f"{_size(n)}/s" for n in sizes], body)
+    ok_sizes = {r["rows"] for r in rows if r["status"] == "ok" and r["rows"] > 1}
+    if ok_sizes:
+        big = 100_000 if 100_000 in ok_sizes else max(ok_sizes)
+        present = {r["provider"] for r in rows if r["status"] == "ok"}
+        pairs = [(f, s) for f in PROVIDERS[:2] for s in PROVIDERS[2:] if {f, s} <= present]
+        lines += [
+            "",
+            "Speed-up of onnxruntime (p50 time of the other / p50 time of onnxruntime; "
+            "above 1: onnxruntime is faster):",
+            "",
+        ]
+        lines += common.md_table(
+            ["", "batch 1", _size(big)],
+            [
+                [f"{f} vs {s}", f"{_speedup(by, f, s, 1):.2f}×", f"{_speedup(by, f, s, big):.2f}×"]
+                for f, s in pairs
+            ],
+        )
+        targets = []
+        for f in PROVIDERS[:2]:
+            s1, s5 = _speedup(by, f, "torch eager", 1), _speedup(by, f, "torch eager", big)
+            if big == 100_000 and not math.isnan(s1 + s5):
+                met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+                targets.append(
+                    f"- {f}: ≥ 2× torch eager at 1e5 rows: {met(s5 >= 2)} ({s5:.2f}×); "
+                    f"no slower at batch 1: {met(s1 >= 1)} ({s1:.2f}×)"
+                )
+        if targets:
+            lines += ["", "Targets (DESIGN.md §4, torch eager = the trained model):", "", *targets]
+    skipped = sorted({f"{r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"})
+    return lines + (["", *[f"- {s}" for s in skipped]] if skipped else [])
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Rows per second against rows per call (batch 1 included), one line per provider."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for p in PROVIDERS:
+        pts = sorted((r["rows"], r["rows_per_s"]) for r in rows if r["provider"] == p
+                     and r["status"] == "ok")  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+    ax.set(xscale="log", yscale="log", xlabel="rows per call", ylabel="rows / s (from the p50)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{rows[0]['model']} — {rows[0]['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _measured_on(r: dict) -> str:
+    return (
+        f"{r['machine']}; 1-minute load average {r['load_avg']:.2f} at the start, "
+        f"{r['load_avg_end']:.2f} at the end; {r['versions']}"
     )
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
-    ap.add_argument("--no-report", action="store_true", help="CSV only")
-    ap.add_argument("--update-readme", action="store_true", help="regenerate the README section")
-    ap.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+
+
+def write_report(csv_path: Path) -> list[Path]:
+    rows = common.read_csv(csv_path)
+    lines = [
+        f"# Serving benchmark: {rows[0]['model']}",
+        "",
+        f"Measured on {_measured_on(rows[0])}.",
+        "",
+        "Batch 1: latency of single-row calls (p50 / p99 over all calls of all rounds; \"rounds' "
+        'p50": the lowest and highest p50 of a single round). Larger batches: rows per second '
+        "from the p50 time of one call on the whole batch. Each provider ran in a process of its "
+        "own; every provider's probabilities were checked against torch eager before timing.",
+        "",
+        *tables(rows),
+    ]
+    md = csv_path.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [p for p in (md, plot(rows, csv_path.with_suffix(".png"))) if p]
+
+
+def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
+    lines = [
+        "## Benchmarks: serving on a CPU",
+        "",
+        "`python -m benchmarks.serving` trains the Iris model, exports it to ONNX and times "
+        "batch-1 latency and throughput up to 1e6 rows through onnxruntime (the raw session and "
+        "the `OnnxClassifier` wrapper), torch eager, numpy and scikit-learn (when installed).",
+        "",
+    ]
+    csvs = sorted(results_dir.glob("serving_*.csv"))
+    for path in csvs:
+        rows = common.read_csv(path)
+        lines += [f"Measured on {_measured_on(rows[0])}:", "", *tables(rows), ""]
+        files = [path, path.with_suffix(".md"), path.with_suffix(".png")]
+        links = [common.link(p, p.suffix[1:]) for p in files if p.exists()]
+        lines += [f"Files: {', '.join(links)}.", ""]
+    return "\n".join(lines if csvs else [*lines, "No serving numbers have been measured yet."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round, seconds")
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     ap.add_argument("--rounds", type=int, default=5, help="rounds over all providers (default 5)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         rows = measure(args.worker, args.dir, args.smoke)
-        (args.dir / f"worker-{slug(args.worker)}.json").write_text(json.dumps(rows))
+        (args.dir / f"worker-{common.slug(args.worker)}.json").write_text(json.dumps(rows))
         return 0
-
-    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         facts = prepare(workdir, epochs=3 if args.smoke else None)
         if facts["kernel_path"] != "torch" and not args.smoke:
+            path = facts["kernel_path"]
             print(
-                f"torch eager would run {facts['kernel_path']!r} on the CPU (TRITON_INTERPRET=1?): "
-                "its timings would not be torch's. Unset TRITON_INTERPRET and run again.",
+                f"torch eager would run {path!r}, not torch: unset TRITON_INTERPRET",
                 file=sys.stderr,
             )
             return 2
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-        machine = cpu_description()
-        print(f"machine: {machine}; 1-minute load average at the start: {load:.2f}", flush=True)
-        base = Row(
-            provider="",
-            rows=0,
-            machine=machine,
-            model=f"Iris softmax regression ({facts['features']} features → {facts['classes']} "
-            "classes), ONNX",
-            versions=_versions(),
-            load_avg=load,
+        base = dict(
+            machine=common.cpu_description(),
+            model=facts["model"],
+            versions=common.versions(("onnxruntime", "torch", "numpy", "scikit-learn", "onnx")),
+            load_avg=common.load_average(),
         )
-        # Rounds rotate the provider order, so that a slow spell of the machine does not land
-        # on one provider only; each round's timings are pooled.
+        print(f"machine: {base['machine']}; load average {base['load_avg']:.2f}", flush=True)
         rounds = 1 if args.smoke else args.rounds
-        got: dict[tuple[str, int], list[dict[str, object]]] = {}
-        for k in range(rounds):
-            order = [*args.provider[k:], *args.provider[:k]]
-            for name in order:
+        got: dict[tuple[str, int], list[dict]] = {}
+        for k in range(rounds):  # a rotated order: a slow spell does not land on one provider
+            for name in [*PROVIDERS[k:], *PROVIDERS[:k]]:
                 for r in run_worker(name, workdir, args.smoke):
                     got.setdefault((name, r["rows"]), []).append(r)
             print(f"round {k + 1}/{rounds} done", flush=True)
-        rows = [
-            dataclasses.replace(base, **summarize(got[key]))
-            for key in sorted(got, key=lambda key: (args.provider.index(key[0]), key[1]))
-        ]
-        for name in args.provider:
-            print(
-                f"{name:24s} "
-                + ", ".join(
-                    f"{_size(r.rows)} {r.p50_us:.1f} µs" if r.status == "ok" else r.status
-                    for r in rows
-                    if r.provider == name
-                ),
-                flush=True,
-            )
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    print(f"1-minute load average at the end: {load_end:.2f}")
-    for r in rows:
-        r.load_avg_end = load_end
-    stem = ("serving-smoke_" if args.smoke else "serving_") + slug(cpu_model())
-    csv_path = args.out / f"{stem}.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(dataclasses.asdict(r) for r in rows)
-    print(f"wrote {csv_path}")
-    from benchmarks import report
-
-    if not args.no_report:
-        for written in report.write_serving_report(csv_path):
-            print(f"wrote {written}")
-    if args.update_readme:
-        print(f"updated {report.update_readme()}")
+    columns = (
+        "provider rows status p50_us p99_us mean_us p50_round_min_us p50_round_max_us "
+        "rows_per_s calls max_abs_err threads load_avg load_avg_end machine model "
+        "versions notes"
+    ).split()
+    base = dict.fromkeys(columns, math.nan) | dict(threads="", notes="") | base
+    base["load_avg_end"] = common.load_average()
+    order = sorted(got, key=lambda key: (PROVIDERS.index(key[0]), key[1]))
+    rows = [base | summarize(got[key]) for key in order]
+    print("\n".join(tables(rows)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = ("serving-smoke_" if args.smoke else "serving_") + common.slug(common.cpu_model())
+    csv_path = common.write_csv(args.out / f"{stem}.csv", rows)
+    for written in [csv_path, *write_report(csv_path)]:
+        print(f"wrote {written}")
     return 0
-
-
-def _size(n: int) -> str:
-    return "batch 1" if n == 1 else f"{n:.0e}".replace("e+0", "e")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The benchmark harnesses end to end on tiny shapes, so that they cannot rot on CPU-only CI.
 
-The kernel benchmark runs in smoke mode (all three ops, all three modes, through the Triton
-interpreter without a GPU) into pytest's tmp_path; the tests then read back the CSV, the markdown
-table and the plots it wrote, and check the README generator on them.
+The kernel benchmark runs in smoke mode (every op and mode, through the Triton interpreter without
+a GPU), and so does the serving benchmark. The tests then read back what they wrote and check the
+report step on it. These run from the repository root (``python -m
+pytest``): ``benchmarks`` is not installed.
 """
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import kernels, report
-from benchmarks.providers import MODES, OPS
+from benchmarks import common, kernels, report, serving
 
 REPO = Path(__file__).resolve().parent.parent
 ALWAYS_THERE = ("triton-softmax", "torch", "torch.compile")
@@ -26,87 +27,107 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernels")
     code = kernels.main(["--smoke", "--out", str(out)])
     (csv_path,) = out.glob("kernels-smoke_*.csv")
-    return code, out, csv_path, report.read_csv(csv_path)
+    return code, out, csv_path, common.read_csv(csv_path)
 
 
-def test_smoke_run_succeeds_and_writes_every_column(smoke):
+def test_kernel_smoke_run_writes_every_op_and_mode(smoke):
     code, _, csv_path, rows = smoke
     assert code == 0
-    header = csv_path.read_text().splitlines()[0].split(",")
-    assert header == kernels.CSV_COLUMNS
-    assert {(r["op"], r["mode"]) for r in rows} == {(op, mode) for op in OPS for mode in MODES}
+    assert csv_path.read_text().splitlines()[0].split(",") == kernels.COLUMNS
+    assert {(r["op"], r["mode"]) for r in rows} == {
+        (o, m) for o in kernels.OPS for m in kernels.MODES
+    }
 
 
-def test_smoke_rows_are_checked_and_timed(smoke):
-    _, _, _, rows = smoke
+def test_kernel_rows_are_checked_timed_and_counted(smoke):
     import triton_softmax as ts
 
-    for op in OPS:
-        for mode in MODES:
-            case = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
-            by_provider = {r["provider"]: r for r in case if r["N"] == case[0]["N"]}
-            for name in ALWAYS_THERE:
-                r = by_provider[name]
-                assert r["status"] == "ok", (op, mode, name, r["status"])
-                for column in ("ms_p50", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "copy_gbps"):
-                    assert math.isfinite(r[column]) and r[column] > 0, (op, mode, name, column)
-                assert r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
-                assert r["max_rel_err"] <= kernels.TOLERANCE[torch.float32]
-                n_bytes, formula = kernels.bytes_moved(op, mode, r["M"], r["N"], 4)
-                assert (r["bytes"], r["bytes_formula"]) == (n_bytes, formula)
-                assert r["gbps"] == pytest.approx(n_bytes / (r["ms_p50"] * 1e-3) / 1e9)
-            assert by_provider["triton-softmax"]["kernel_path"] == ts.kernel_path(torch.empty(1))
-            # The peers are either measured or skipped with the reason written down.
-            for name in ("liger", "quack"):
-                status = by_provider[name]["status"]
-                assert status == "ok" or status.startswith("skipped: "), status
-            inplace = by_provider.get("triton-softmax-inplace")
-            assert (inplace is not None) == ((op, mode) == ("cross_entropy", "forward+backward"))
+    for r in smoke[3]:
+        if r["provider"] in ("liger", "quack"):  # measured or skipped with the reason written down
+            assert r["status"] == "ok" or r["status"].startswith("skipped: "), r["status"]
+        if r["provider"] not in ALWAYS_THERE:
+            continue
+        case = (r["op"], r["mode"], r["N"], r["provider"])
+        assert r["status"] == "ok", (case, r["status"])
+        assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"], case
+        assert r["max_rel_err"] <= kernels.TOLERANCE[torch.float32], case
+        args = (r["op"], r["mode"], r["M"], r["N"], 4)
+        assert (r["bytes_min"], r["min_formula"]) == kernels.bytes_min(*args)
+        assert (r["bytes_moved"], r["moved_formula"]) == kernels.bytes_moved(r["provider"], *args)
+        assert r["gbps_min"] == pytest.approx(r["bytes_min"] / (r["ms_p50"] * 1e-3) / 1e9)
+        assert r["pct_copy_min"] == pytest.approx(100 * r["gbps_min"] / r["copy_gbps"])
+        if r["provider"] == "triton-softmax":
+            assert r["kernel_path"] == ts.kernel_path(torch.empty(1))
+            if (r["op"], r["mode"]) == ("cross_entropy", "forward+backward"):
+                assert r["pct_copy_moved"] == pytest.approx(1.5 * r["pct_copy_min"])
+    inplace = {(r["op"], r["mode"]) for r in smoke[3] if r["provider"] == "triton-softmax-inplace"}
+    assert inplace == {("cross_entropy", "forward+backward")}
 
 
-def test_smoke_report_has_tables_and_plots(smoke):
+def test_byte_formulas():
+    M, N, s = 4, 8, 2
+    assert kernels.bytes_min("softmax", "forward", M, N, s) == (128, "2*M*N*s (read x, write y)")
+    assert kernels.bytes_min("log_softmax", "forward+backward", M, N, s)[0] == 5 * M * N * s
+    assert kernels.bytes_min("cross_entropy", "forward", M, N, s) == (64, "M*V*s (read logits)")
+    assert kernels.bytes_min("cross_entropy", "forward+backward", M, N, s)[0] == 2 * M * N * s
+    # Cross-entropy forward+backward reads the logits twice and writes once: ours and Liger's.
+    for provider in ("triton-softmax", "triton-softmax-inplace", "liger", "quack"):
+        moved = kernels.bytes_moved(provider, "cross_entropy", "forward+backward", M, N, s)
+        assert moved[0] == 3 * M * N * s
+    # Our softmax reads a row twice once it no longer fits one block.
+    long = kernels.OUR_SINGLE_BLOCK + 1
+    assert (
+        kernels.bytes_moved("triton-softmax", "softmax", "forward", M, long, s)[0]
+        == 3 * M * long * s
+    )
+    assert kernels.bytes_moved("triton-softmax", "log_softmax", "forward+backward", M, long, s)[
+        0
+    ] == (8 * M * long * s)
+    assert kernels.bytes_moved("triton-softmax", "softmax", "forward", M, long - 1, s)[0] == (
+        2 * M * (long - 1) * s
+    )
+    assert kernels.bytes_moved("liger", "softmax", "forward", M, long, s)[0] == 2 * M * long * s
+    assert kernels.bytes_moved("torch", "softmax", "forward", M, N, s) == (0, "not modelled")
+
+
+def test_kernel_report_has_tables_and_plots(smoke):
     _, out, csv_path, _ = smoke
     md = csv_path.with_suffix(".md").read_text()
     assert "### softmax, forward, fp32, M = 16" in md
     assert "### cross_entropy, forward+backward, fp32, M = 8" in md
-    assert "Bytes counted: 2*M*V*s (read logits once, write grad once)." in md
-    assert "quack: skipped: not installed" in md or "quack" in md.split("\n### ")[1]
+    assert "GB/s over the minimum bytes, 2*M*V*s (read logits once, write grad once)" in md
+    assert "move 3*M*V*s (read logits twice, write grad)" in md and ", moved " in md
     pytest.importorskip("matplotlib")
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len(pngs) == len(OPS) * len(MODES)
-    assert all(p.stat().st_size > 10_000 for p in out.glob("*.png"))
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) == len(kernels.OPS) * len(kernels.MODES)
+    assert all(p.stat().st_size > 10_000 for p in pngs)
 
 
-def test_readme_kernel_section_is_generated_from_csvs(smoke, tmp_path):
+def test_readme_sections_are_generated_from_csvs(smoke, tmp_path):
     _, _, csv_path, _ = smoke
-    empty = report.readme_kernels_section(tmp_path, REPO / "README.md")
-    assert "No GPU numbers have been measured yet" in empty
-    (tmp_path / "kernels_fake-gpu.csv").write_bytes(csv_path.read_bytes())
-    section = report.readme_kernels_section(tmp_path, REPO / "README.md")
+    assert "No GPU numbers have been measured yet" in kernels.readme_section(tmp_path)
+    shutil.copy(csv_path, tmp_path / "kernels_fake-gpu.csv")
+    section = kernels.readme_section(tmp_path)
     assert "#### softmax, forward, fp32, M = 16" in section
     assert "#### cross_entropy, forward+backward, fp32, M = 8" in section
     assert "No GPU numbers" not in section
-    text = "a\n<!-- bench:kernels:start -->\nold\n<!-- bench:kernels:end -->\nb\n"
-    new = report.replace_section(text, "bench:kernels", "new table")
-    assert new == "a\n<!-- bench:kernels:start -->\nnew table\n<!-- bench:kernels:end -->\nb\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "a\n<!-- bench:kernels:start -->\nold\n<!-- bench:kernels:end -->\n"
+        "<!-- bench:serving:start -->\n<!-- bench:serving:end -->\nb\n"
+    )
+    text = report.update_readme(readme, tmp_path).read_text()
+    assert text.startswith("a\n<!-- bench:kernels:start -->\n## Benchmarks: kernels\n")
+    assert "old" not in text and "No serving numbers" in text
     with pytest.raises(ValueError, match="markers"):
-        report.replace_section("no markers", "bench:kernels", "x")
+        common.replace_section("no markers", "bench:kernels", "x")
 
 
 def test_time_budget_records_the_rest_as_skipped(tmp_path):
     args = ["--smoke", "--op", "softmax", "--mode", "forward", "--time-budget", "0"]
-    assert kernels.main([*args, "--no-report", "--out", str(tmp_path)]) == 0
-    (csv_path,) = tmp_path.glob("*.csv")
-    rows = report.read_csv(csv_path)
+    assert kernels.main([*args, "--out", str(tmp_path)]) == 0
+    rows = common.read_csv(next(tmp_path.glob("*.csv")))
     assert rows and all(r["status"].startswith("skipped: time budget") for r in rows)
-
-
-def test_bytes_formulas():
-    assert kernels.bytes_moved("softmax", "forward", 4, 8, 2) == (128, "2*M*N*s (read x, write y)")
-    assert kernels.bytes_moved("log_softmax", "backward", 4, 8, 4)[0] == 3 * 4 * 8 * 4
-    assert kernels.bytes_moved("softmax", "forward+backward", 4, 8, 4)[0] == 5 * 4 * 8 * 4
-    assert kernels.bytes_moved("cross_entropy", "forward", 4, 8, 2)[0] == 4 * 8 * 2
-    assert kernels.bytes_moved("cross_entropy", "forward+backward", 4, 8, 2)[0] == 2 * 4 * 8 * 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -126,20 +147,11 @@ def test_full_kernel_benchmark_without_cuda_exits_nonzero_and_says_why():
 
 
 def test_serving_smoke_checks_times_and_reports(tmp_path):
-    from benchmarks import serving
-
     assert serving.main(["--smoke", "--out", str(tmp_path)]) == 0
     (csv_path,) = tmp_path.glob("serving-smoke_*.csv")
-    rows = report.read_csv(csv_path)
-    by = {(r["provider"], r["rows"]): r for r in rows}
-    for name in (
-        "onnxruntime",
-        "OnnxClassifier",
-        "torch eager",
-        "torch eager (F.softmax)",
-        "numpy",
-    ):
-        for n in (1, *serving.SMOKE_SIZES):
+    by = {(r["provider"], r["rows"]): r for r in common.read_csv(csv_path)}
+    for name in serving.PROVIDERS[:-1]:
+        for n in (1, *serving.SMOKE_REPS):
             r = by[(name, n)]
             assert r["status"] == "ok", (name, n, r["status"])
             assert r["max_abs_err"] <= serving.ATOL
@@ -147,6 +159,5 @@ def test_serving_smoke_checks_times_and_reports(tmp_path):
     sklearn = by[("scikit-learn", 1)]["status"]
     assert sklearn == "ok" or sklearn.startswith("skipped: not installed")
     md = csv_path.with_suffix(".md").read_text()
-    assert "| onnxruntime vs torch eager |" in md and "Machine: " in md
-    section = report.readme_serving_section(tmp_path, REPO / "README.md")
-    assert "No serving numbers" in section  # smoke CSVs never reach the README
+    assert "| onnxruntime vs torch eager |" in md and "Measured on " in md
+    assert "No serving numbers" in serving.readme_section(tmp_path)  # smoke CSVs stay out
