@@ -13,15 +13,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import common, kernels, serving
+from benchmarks import common, cpu_path, kernels, serving
 
 #: README marker name -> (CSV prefix, module); the sections appear in this order.
-SECTIONS = {"bench:kernels": ("kernels_", kernels), "bench:serving": ("serving_", serving)}
+SECTIONS = {
+    "bench:kernels": ("kernels_", kernels),
+    "bench:serving": ("serving_", serving),
+    "bench:cpu": ("cpu_path_", cpu_path),
+}
 
 
 def update_readme(readme: Path = common.README, results: Path = common.RESULTS_DIR) -> Path:
-    """Rewrite the README's sections."""
+    """Rewrite the README's sections; a missing ``bench:cpu`` section is added after serving."""
     text = readme.read_text(encoding="utf-8")
+    if "<!-- bench:cpu:start -->" not in text:
+        end = "<!-- bench:serving:end -->"
+        text = text.replace(end, f"{end}\n\n<!-- bench:cpu:start -->\n<!-- bench:cpu:end -->", 1)
     for name, (_, module) in SECTIONS.items():
         text = common.replace_section(text, name, module.readme_section(results))
     readme.write_text(text, encoding="utf-8")

@@ -1,8 +1,9 @@
 """The benchmark harnesses end to end on tiny shapes, so that they cannot rot on CPU-only CI.
 
 The kernel benchmark runs in smoke mode (every op and mode, through the Triton interpreter without
-a GPU), and so does the serving benchmark. The tests then read back what they wrote and check the
-report step on it. These run from the repository root (``python -m
+a GPU); the serving and CPU-path benchmarks run in smoke mode too, the CPU path in a process of
+its own without TRITON_INTERPRET (which this test session sets). The tests then read back what
+they wrote and check the report step on it. These run from the repository root (``python -m
 pytest``): ``benchmarks`` is not installed.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, kernels, report, serving
+from benchmarks import common, cpu_path, kernels, report, serving
 
 REPO = Path(__file__).resolve().parent.parent
 ALWAYS_THERE = ("triton-softmax", "torch", "torch.compile")
@@ -106,6 +107,7 @@ def test_kernel_report_has_tables_and_plots(smoke):
 def test_readme_sections_are_generated_from_csvs(smoke, tmp_path):
     _, _, csv_path, _ = smoke
     assert "No GPU numbers have been measured yet" in kernels.readme_section(tmp_path)
+    assert "No CPU-path numbers" in cpu_path.readme_section(tmp_path)
     shutil.copy(csv_path, tmp_path / "kernels_fake-gpu.csv")
     section = kernels.readme_section(tmp_path)
     assert "#### softmax, forward, fp32, M = 16" in section
@@ -118,6 +120,7 @@ def test_readme_sections_are_generated_from_csvs(smoke, tmp_path):
     )
     text = report.update_readme(readme, tmp_path).read_text()
     assert text.startswith("a\n<!-- bench:kernels:start -->\n## Benchmarks: kernels\n")
+    assert text.index("bench:serving:end") < text.index("bench:cpu:start") < text.index("\nb\n")
     assert "old" not in text and "No serving numbers" in text
     with pytest.raises(ValueError, match="markers"):
         common.replace_section("no markers", "bench:kernels", "x")
@@ -161,3 +164,35 @@ def test_serving_smoke_checks_times_and_reports(tmp_path):
     md = csv_path.with_suffix(".md").read_text()
     assert "| onnxruntime vs torch eager |" in md and "Measured on " in md
     assert "No serving numbers" in serving.readme_section(tmp_path)  # smoke CSVs stay out
+
+
+def test_cpu_path_benchmark_refuses_the_interpreter(tmp_path, capsys):
+    import triton_softmax as ts
+
+    if ts.kernel_path(torch.empty(1)) == "torch":
+        pytest.skip("this session runs the plain-torch path")
+    assert cpu_path.main(["--smoke", "--out", str(tmp_path)]) == cpu_path.REFUSAL_EXIT
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cpu_path_smoke_checks_times_and_reports(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "benchmarks.cpu_path", "--smoke", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (csv_path,) = tmp_path.glob("cpu_path-smoke_*.csv")
+    rows = common.read_csv(csv_path)
+    options = {r["options"] for r in rows if r["op"] == "cross_entropy"}
+    assert {"weight", "label_smoothing=0.1", "probability targets", "z_loss=1e-4"} <= options
+    assert {(r["op"], r["mode"]) for r in rows} == {
+        (op, mode) for op in ("softmax", "log_softmax", "cross_entropy") for mode in cpu_path.MODES
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["kernel_path"] == "torch", r
+        assert r["ours_us"] > 0 and r["torch_us"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_us"] / r["torch_us"])
+        assert r["threads"] == common.cpu_count()
+    md = csv_path.with_suffix(".md").read_text()
+    assert "per-call overhead at 4x3" in md and "| cross_entropy | weight |" in md

@@ -1,0 +1,314 @@
+"""CPU path benchmark: triton_softmax's plain-torch path against ``torch.nn.functional``.
+
+    python -m benchmarks.cpu_path                    # a couple of minutes on 2 cores
+    python -m benchmarks.cpu_path --smoke --out DIR  # tiny shapes, seconds (the tests run it)
+
+On a CPU without ``TRITON_INTERPRET`` our ops run a plain-torch implementation; DESIGN.md §4 wants
+it within 1.3x of torch's own functions and its per-call overhead within 2x of torch's. This times
+``triton_softmax.softmax / log_softmax / cross_entropy`` against ``F.softmax / F.log_softmax /
+F.cross_entropy`` on fp32 inputs of 4x3 (per-call overhead), 256x1000, 4096x1000 and 1024x32000,
+forward and forward+backward (a fresh leaf per call, ``torch.autograd.backward`` of the outputs),
+for every cross-entropy option torch has (class indices, weight, ignore_index with a quarter of the
+rows ignored, label_smoothing=0.1, probability targets, reduction none / sum / mean) and two of our
+extras, for which torch's side is composed from torch ops: ``z_loss=1e-4`` as
+``F.cross_entropy(x, t) + 1e-4 * logsumexp(x).square().mean()``, ``return_lse`` as
+``(F.cross_entropy(x, t), logsumexp(x))``.
+
+Each pair's outputs and gradients are compared (``assert_close``) before timing; a mismatch is
+recorded and not timed. Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange``
+blocks pooled over ``--rounds`` rounds that alternate which side runs first, with
+``torch.set_num_threads`` at the machine's logical CPU count. Refuses to run unless our ops take
+the plain-torch path (``kernel_path == "torch"``: no GPU, no ``TRITON_INTERPRET``).
+
+Output: ``cpu_path_<cpu>.csv`` and ``.md`` (``--out``, default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from benchmarks import common
+
+SHAPES = ((4, 3), (256, 1000), (4096, 1000), (1024, 32000))
+SMOKE_SHAPES = ((4, 3), (16, 10))
+MODES = ("forward", "forward+backward")
+#: DESIGN.md §4: ours / torch at most this at 4x3 (per-call overhead) and at >= 256 rows.
+OVERHEAD_TARGET, SPEED_TARGET = 2.0, 1.3
+EXTRAS = ("z_loss", "return_lse")  # ours only; torch's side is composed from torch ops
+REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
+
+Outputs = tuple[torch.Tensor, ...]
+
+
+def cases(m: int, c: int) -> Iterator[tuple[str, str, Callable, Callable, Outputs]]:
+    """(op, options, ours(x), torch(x), output gradients) at m x c; outputs are tuples."""
+    import triton_softmax as ts
+
+    for op in ("softmax", "log_softmax"):
+        ours, ref, g = getattr(ts, op), getattr(F, op), torch.randn(m, c)
+        yield op, "dim=-1", lambda x, f=ours: (f(x, -1),), lambda x, f=ref: (f(x, -1),), (g,)
+    t, one, g = torch.randint(0, c, (m,)), torch.tensor(1.0), torch.randn(m)
+    ignored = torch.where(torch.arange(m) % 4 == 0, -100, t)
+    for options, target, kw, grads in (
+        ("class indices", t, {}, (one,)),
+        ("weight", t, {"weight": torch.rand(c) + 0.5}, (one,)),
+        ("ignore_index (1/4 of rows)", ignored, {"ignore_index": -100}, (one,)),
+        ("label_smoothing=0.1", t, {"label_smoothing": 0.1}, (one,)),
+        ("probability targets", torch.randn(m, c).softmax(-1), {}, (one,)),
+        ("reduction=none", t, {"reduction": "none"}, (g,)),
+        ("reduction=sum", t, {"reduction": "sum"}, (one,)),
+        ("z_loss=1e-4", t, {"z_loss": 1e-4}, (one,)),
+        ("return_lse", t, {"return_lse": True}, (one, g)),
+    ):
+
+        def ours(x: torch.Tensor, t=target, kw=kw) -> Outputs:
+            out = ts.cross_entropy(x, t, **kw)
+            return out if isinstance(out, tuple) else (out,)
+
+        def ref(x: torch.Tensor, t=target, kw=kw) -> Outputs:
+            loss = F.cross_entropy(x, t, **{k: v for k, v in kw.items() if k not in EXTRAS})
+            if "z_loss" in kw:  # composed: z * lse**2, averaged like the loss
+                return (loss + kw["z_loss"] * torch.logsumexp(x, -1).square().mean(),)
+            return (loss, torch.logsumexp(x, -1)) if "return_lse" in kw else (loss,)
+
+        yield "cross_entropy", options, ours, ref, grads
+
+
+def _step(fn: Callable, x: torch.Tensor, mode: str, grads: Outputs) -> Callable[[], object]:
+    if mode == "forward":
+        return lambda: fn(x)
+
+    def forward_backward() -> torch.Tensor:
+        leaf = x.detach().requires_grad_()
+        torch.autograd.backward(fn(leaf), grads)
+        return leaf.grad
+
+    return forward_backward
+
+
+def _results(fn: Callable, x: torch.Tensor, mode: str, grads: Outputs) -> Outputs:
+    if mode == "forward":
+        return tuple(fn(x))
+    leaf = x.detach().requires_grad_()
+    outs = fn(leaf)
+    torch.autograd.backward(outs, grads)
+    return (*(o.detach() for o in outs), leaf.grad)
+
+
+def check(ours: Outputs, ref: Outputs) -> None:
+    """assert_close per output: rtol 1e-4, atol 1e-5 of the reference's largest magnitude."""
+    assert len(ours) == len(ref), f"{len(ours)} outputs, torch gives {len(ref)}"
+    for a, b in zip(ours, ref, strict=True):
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30))
+
+
+def time_pair(a: Callable, b: Callable, threads: int, rounds: int, min_time: float) -> list[float]:
+    """Median seconds per call of ``a`` and ``b``: blocked_autorange blocks pooled over
+    ``rounds`` rounds, alternating which runs first (min_time 0: 3 calls, for smoke runs)."""
+    times: list[list[float]] = [[], []]
+    for k in range(rounds):
+        for i in (0, 1) if k % 2 == 0 else (1, 0):
+            timer = Timer("fn()", globals={"fn": (a, b)[i]}, num_threads=threads)
+            m = timer.blocked_autorange(min_run_time=min_time) if min_time else timer.timeit(3)
+            times[i] += m.times
+    return [statistics.median(t) for t in times]
+
+
+def run(shapes, rounds: int, min_time: float) -> list[dict]:
+    import triton_softmax as ts
+
+    torch.set_num_threads(common.cpu_count())
+    timer = f"blocked_autorange(min_run_time={min_time}) x {rounds} rounds, median"
+    base = dict(
+        machine=common.cpu_description(),
+        threads=torch.get_num_threads(),
+        versions=common.versions(("torch", "triton", "triton-softmax", "numpy")),
+        kernel_path=ts.kernel_path(torch.empty(1)),
+        timer=timer if min_time else "timeit(3) (smoke)",
+        load_avg=round(common.load_average(), 2),
+    )
+    rows = []
+    for m, c in shapes:
+        x = torch.randn(m, c)
+        for op, options, ours, ref, grads in cases(m, c):
+            for mode in MODES:
+                row = base | dict(op=op, shape=f"{m}x{c}", options=options, mode=mode, status="ok")
+                row |= dict.fromkeys(("ours_us", "torch_us", "ratio"), float("nan"))
+                try:
+                    check(_results(ours, x, mode, grads), _results(ref, x, mode, grads))
+                except AssertionError as e:
+                    row["status"] = "mismatch: " + " ".join(str(e).split())[:200]
+                else:
+                    a, b = _step(ours, x, mode, grads), _step(ref, x, mode, grads)
+                    t_ours, t_torch = time_pair(a, b, base["threads"], rounds, min_time)
+                    row |= dict(
+                        ours_us=t_ours * 1e6, torch_us=t_torch * 1e6, ratio=t_ours / t_torch
+                    )
+                rows.append(row)
+                result = f"{row['ratio']:.2f}x" if row["status"] == "ok" else row["status"]
+                print(f"{op:13s} {m}x{c:<6} {options:27s} {mode:16s} {result}", flush=True)
+    return [row | {"load_avg_end": round(common.load_average(), 2)} for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: markdown and the README section, from the CSV
+# ----------------------------------------------------------------------------------------------
+
+
+def _target(shape: str) -> float:
+    return OVERHEAD_TARGET if shape == "4x3" else SPEED_TARGET
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """DESIGN.md §4's two targets, met or not, with the cases that miss them."""
+    lines = []
+    for name, sel in (
+        (f"per-call overhead at 4x3: ours ≤ {OVERHEAD_TARGET}× torch", "4x3"),
+        (f"≥ 256 rows: ours ≤ {SPEED_TARGET}× torch", None),
+    ):
+        got = [r for r in rows if (r["shape"] == sel if sel else r["shape"] != "4x3")]
+        if not got:
+            continue
+        bad = [r for r in got if not r["ratio"] <= _target(r["shape"])]
+        worst = max(got, key=lambda r: r["ratio"] if r["status"] == "ok" else float("inf"))
+        verdict = "met" if not bad else f"NOT met in {len(bad)} of {len(got)} cases"
+        lines.append(
+            f"- {name}: **{verdict}** (worst: {worst['ratio']:.2f}× — {worst['op']} "
+            f"{worst['shape']} {worst['options']}, {worst['mode']})"
+        )
+        for r in sorted(bad, key=lambda r: -r["ratio"] if r["status"] == "ok" else -1e9)[:8]:
+            lines.append(
+                f"  - {r['op']} {r['shape']} {r['options']} {r['mode']}: "
+                + (f"{r['ratio']:.2f}×" if r["status"] == "ok" else r["status"])
+            )
+        if len(bad) > 8:
+            lines.append(f"  - … and {len(bad) - 8} more (see the full table)")
+    return lines
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    """ours / torch, one line per (op, options), one column per (shape, mode)."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    cols = [(s, m) for s in shapes for m in MODES]
+    by = {(r["op"], r["options"], r["shape"], r["mode"]): r for r in rows}
+    header = ["op", "options", *[f"{s} {'fwd' if m == 'forward' else 'fwd+bwd'}" for s, m in cols]]
+    body = []
+    for op, options in dict.fromkeys((r["op"], r["options"]) for r in rows):
+        cells = []
+        for s, m in cols:
+            r = by.get((op, options, s, m))
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                cells.append(r["status"].split(":")[0])
+            else:
+                mark = "" if r["ratio"] <= _target(s) else " ✗"
+                cells.append(f"{r['ratio']:.2f}×{mark}")
+        body.append([op, options, *cells])
+    return common.md_table(header, body)
+
+
+def _intro(rows: list[dict]) -> list[str]:
+    r = rows[0]
+    return [
+        f"Measured on {r['machine']}, torch threads {r['threads']} (1-minute load average "
+        f"{r['load_avg']:.2f} at the start, {r['load_avg_end']:.2f} at the end; {r['versions']}; "
+        f"our kernel path: `{r['kernel_path']}`; timer: {r['timer']}). Cells: our median time / "
+        f"torch's (below 1: ours is faster); ✗ misses the target (≤ {OVERHEAD_TARGET}× at 4x3, "
+        f"≤ {SPEED_TARGET}× from 256 rows). Outputs and gradients were checked against torch "
+        "before timing. Torch's side of `z_loss` and `return_lse` is composed from torch ops.",
+    ]
+
+
+def markdown(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}×" if r["status"] == "ok" else r["status"]
+        body.append(
+            [
+                r["op"],
+                r["shape"],
+                r["options"],
+                r["mode"],
+                f"{r['ours_us']:.1f}",
+                f"{r['torch_us']:.1f}",
+                ratio,
+            ]
+        )
+    header = ["op", "shape", "options", "mode", "ours µs", "torch µs", "ours / torch"]
+    full = common.md_table(header, body)
+    lines = ["# CPU path benchmark: triton_softmax (plain-torch path) vs torch", "", *_intro(rows)]
+    lines += ["", "Targets (DESIGN.md §4):", "", *targets(rows), "", *ratio_table(rows), "", *full]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(csv_path: Path) -> list[Path]:
+    md = csv_path.with_suffix(".md")
+    md.write_text(markdown(common.read_csv(csv_path)), encoding="utf-8")
+    return [md]
+
+
+def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
+    lines = [
+        "## Benchmarks: the CPU path",
+        "",
+        "`python -m benchmarks.cpu_path` times our ops' plain-torch CPU path (no GPU, no "
+        "`TRITON_INTERPRET`) against `torch.nn.functional` at 4x3 (per-call overhead), 256x1000, "
+        "4096x1000 and 1024x32000, forward and forward+backward, softmax, log_softmax and every "
+        "cross-entropy option (plus our `z_loss` and `return_lse`).",
+        "",
+    ]
+    csvs = sorted(results_dir.glob("cpu_path_*.csv"))
+    if not csvs:
+        return "\n".join([*lines, "No CPU-path numbers have been measured yet."]) + "\n"
+    for path in csvs:
+        rows = common.read_csv(path)
+        lines += [*_intro(rows), "", *targets(rows), "", *ratio_table(rows), ""]
+        lines += [
+            f"Files: {common.link(path, 'csv')}, {common.link(path.with_suffix('.md'), 'md')}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_path", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 calls each, seconds")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds per case (default 3)")
+    ap.add_argument("--min-time", type=float, default=0.1, help="blocked_autorange seconds")
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    args = ap.parse_args(argv)
+    import triton_softmax as ts
+
+    path = ts.kernel_path(torch.empty(1))
+    if path != "torch":
+        print(
+            f"our ops would run {path!r} here, not the plain-torch path: unset TRITON_INTERPRET "
+            "(and run without a GPU) to measure the CPU path.",
+            file=sys.stderr,
+        )
+        return REFUSAL_EXIT
+    torch.manual_seed(0)
+    if args.smoke:
+        args.rounds, args.min_time = 1, 0.0
+    rows = run(SMOKE_SHAPES if args.smoke else SHAPES, args.rounds, args.min_time)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = ("cpu_path-smoke_" if args.smoke else "cpu_path_") + common.slug(common.cpu_model())
+    csv_path = common.write_csv(args.out / f"{stem}.csv", rows)
+    for written in [csv_path, *write_report(csv_path)]:
+        print(f"wrote {written}")
+    print("\n".join(targets(rows)))
+    return MISMATCH_EXIT if any(r["status"] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
