@@ -295,20 +295,32 @@ def _check_operands(
     check_floating(logits, "cross_entropy input")
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy op expects 2-D logits [M, C], got {tuple(logits.shape)}")
-    n_rows, n_classes = logits.shape
+    return check_targets(*logits.shape, logits.device, target, weight)
+
+
+def check_targets(
+    n_rows: int,
+    n_classes: int,
+    device: torch.device,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> bool:
+    """Validate targets and class weights for [n_rows, n_classes] logits on ``device``;
+    return whether the targets are class indices."""
+    logits_shape = (n_rows, n_classes)
     if n_classes == 0 and n_rows > 0:
         raise ValueError("cross_entropy needs at least one class, got logits of shape (M, 0)")
     if target.dtype == torch.int64:
         if target.shape != (n_rows,):
             raise ValueError(
                 f"class-index target must have shape ({n_rows},) for logits "
-                f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+                f"{logits_shape}, got {tuple(target.shape)}"
             )
         is_index = True
     elif target.is_floating_point():
-        if target.shape != logits.shape:
+        if target.shape != logits_shape:
             raise ValueError(
-                f"probability target must have the logits' shape {tuple(logits.shape)}, "
+                f"probability target must have the logits' shape {logits_shape}, "
                 f"got {tuple(target.shape)}"
             )
         is_index = False
@@ -318,9 +330,9 @@ def _check_operands(
             f"got {target.dtype}"
         )
     for name, operand in (("target", target), ("weight", weight)):
-        if operand is not None and operand.device != logits.device:
+        if operand is not None and operand.device != device:
             raise ValueError(
-                f"cross_entropy {name} is on {operand.device} but the logits are on {logits.device}"
+                f"cross_entropy {name} is on {operand.device} but the logits are on {device}"
             )
     if weight is not None:
         check_floating(weight, "cross_entropy weight")
