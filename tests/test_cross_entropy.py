@@ -428,6 +428,43 @@ def test_module_returns_lse_when_asked():
     torch.testing.assert_close(lse, torch.logsumexp(x, 1))
 
 
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("block_n", [None, 16])  # one block, and streamed over several
+def test_softcap_matches_torch(kind, block_n):
+    # Gemma 2's soft-capping: the loss of softcap * tanh(x / softcap), inside the kernels.
+    x = (torch.randn(9, 40, device=DEVICE, dtype=torch.float64) * 20).requires_grad_()
+    target = torch.randint(0, 40, (9,), device=DEVICE) if kind == "index" else None
+    if target is None:
+        target = _probabilities((9, 40)).double()
+    else:
+        target[2] = -100
+    weight = torch.rand(40, device=DEVICE, dtype=torch.float64) + 0.5
+    options = dict(weight=weight, label_smoothing=0.1, reduction="none")
+    loss, lse = ts.cross_entropy(x, target, softcap=15.0, z_loss=1e-3, return_lse=True, **options)
+    x_ref = x.detach().clone().requires_grad_()
+    capped = 15.0 * torch.tanh(x_ref / 15.0)
+    ref_lse = torch.logsumexp(capped, 1)
+    counted = (target != -100) if kind == "index" else torch.ones(9, dtype=torch.bool)
+    ref = F.cross_entropy(capped, target, **options) + 1e-3 * ref_lse**2 * counted
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    upstream = torch.rand(9, device=DEVICE, dtype=torch.float64)
+    (loss * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if block_n is not None:  # the same through the op's launcher, streamed over 16-class blocks
+        rows = ce_ops.cross_entropy_forward(
+            x.detach(), target, weight, -100, 0.1, 1e-3, 15.0, block_n=block_n
+        )
+        torch.testing.assert_close(rows[0], ref.detach())
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, math.inf, math.nan, "30"])
+def test_bad_softcap_raises(softcap):
+    with pytest.raises(ValueError, match="softcap"):
+        ts.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), softcap=softcap)
+
+
 def test_int32_targets_are_accepted():
     x = torch.randn(5, 4, device=DEVICE)
     target = torch.randint(0, 4, (5,), device=DEVICE)
@@ -588,11 +625,11 @@ def test_opcheck(kind):
     weight = torch.rand(9, device=DEVICE)
     op = torch.ops.triton_softmax.cross_entropy.default
     for args in [
-        (x, target, None, -100, 0.0, 0.0, False),
-        (x, target, weight, -100, 0.2, 1e-3, False),
+        (x, target, None, -100, 0.0, 0.0, 0.0, False),
+        (x, target, weight, -100, 0.2, 1e-3, 4.0, False),
     ]:
         torch.library.opcheck(op, args)
-    _, _, stats = op(x.detach(), target, weight, -100, 0.2, 1e-3, False)
+    _, _, stats = op(x.detach(), target, weight, -100, 0.2, 1e-3, 4.0, False)
     backward_args = (
         torch.rand(6, device=DEVICE),
         torch.randn(6, device=DEVICE),
@@ -603,6 +640,7 @@ def test_opcheck(kind):
         -100,
         0.2,
         1e-3,
+        4.0,
     )
     torch.library.opcheck(torch.ops.triton_softmax.cross_entropy_backward.default, backward_args)
 
@@ -627,8 +665,8 @@ def test_compile_fullgraph_no_graph_breaks(backend):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the torch path serves CPU tensors")
 @pytest.mark.parametrize("kind", ["index", "probability"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_torch_path_matches_kernels(monkeypatch, kind, smoothing):
+@pytest.mark.parametrize("smoothing,softcap", [(0.0, 0.0), (0.2, 3.0)])
+def test_torch_path_matches_kernels(monkeypatch, kind, smoothing, softcap):
     x = torch.randn(10, 33) * 2
     x[0, 4] = -math.inf
     if kind == "index":
@@ -636,7 +674,7 @@ def test_torch_path_matches_kernels(monkeypatch, kind, smoothing):
         target[1] = -100
     else:
         target = _probabilities((10, 33))
-    options = (torch.rand(33) + 0.5, -100, smoothing, 1e-3)
+    options = (torch.rand(33) + 0.5, -100, smoothing, 1e-3, softcap)
     upstream = (torch.rand(10), None)
     kernel = ce_ops.cross_entropy_forward(x, target, *options)
     kernel_grad = ce_ops.cross_entropy_backward(

@@ -24,15 +24,28 @@ CROSS_ENTROPY_CASES = [  # (dtype, TARGET_IS_INDEX, HAS_WEIGHT, LABEL_SMOOTHING,
     ("fp64", True, False, 0.0, 0.0, False, 1, 4096),
     ("fp16", True, False, 0.1, 1e-3, True, 128, 32),
 ]
+LINEAR_CASES = [  # (dtype, TARGET_IS_INDEX, LABEL_SMOOTHING, SOFTCAP, HAS_BIAS, BM, BV, BK)
+    ("bf16", True, 0.1, 30.0, True, 64, 128, 64),
+    ("fp32", False, 0.0, 0.0, False, 64, 64, 32),
+    ("fp64", True, 0.0, 0.0, True, 32, 64, 32),
+]
 
 
 def _compile_all() -> int:
+    import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from triton_softmax.ops import cross_entropy, softmax
+    from triton_softmax.ops import cross_entropy, linear_cross_entropy, softmax
+
+    _TORCH_DTYPES = {
+        "fp32": torch.float32,
+        "fp64": torch.float64,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+    }
 
     target = GPUTarget("cuda", 90, 32)
     acc_types = {"fp64": (tl.float64, "*fp64")}
@@ -75,6 +88,7 @@ def _compile_all() -> int:
         meta = dict(
             LABEL_SMOOTHING=smoothing,
             Z_LOSS=z_loss,
+            SOFTCAP=30.0 if smoothing else 0.0,
             TARGET_IS_INDEX=is_index,
             HAS_WEIGHT=weight,
             ACC_DTYPE=acc,
@@ -99,6 +113,31 @@ def _compile_all() -> int:
             dict(meta, HAS_GRAD_LSE=grad_lse),
         )
         count += 2
+    for dtype, is_index, smoothing, softcap, bias, block_m, block_v, block_k in LINEAR_CASES:
+        acc, acc_pointer = acc_types.get(dtype, (tl.float32, "*fp32"))
+        meta = dict(
+            LABEL_SMOOTHING=smoothing,
+            SOFTCAP=softcap,
+            TARGET_IS_INDEX=is_index,
+            HAS_WEIGHT=True,
+            HAS_BIAS=bias,
+            DOT_PRECISION=linear_cross_entropy._dot_precision(_TORCH_DTYPES[dtype]),
+            ACC_DTYPE=acc,
+            BLOCK_M=block_m,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+        )
+        pointers = {
+            **{p: f"*{dtype}" for p in ("x_ptr", "w_ptr", "b_ptr", "weight_ptr")},
+            "target_ptr": "*i64" if is_index else f"*{dtype}",
+        }
+        kernel = linear_cross_entropy._linear_cross_entropy_forward_kernel
+        pointers.update({p: acc_pointer for p in kernel.arg_names if p not in pointers})
+        compile_kernel(kernel, pointers, dict(meta, SPLITS=2))
+        kernel = linear_cross_entropy._linear_cross_entropy_backward_kernel
+        pointers.update({p: acc_pointer for p in kernel.arg_names if p not in pointers})
+        compile_kernel(kernel, pointers, dict(meta, GRAD_X=True, GRAD_W=True, GRAD_B=bias))
+        count += 2
     return count
 
 
@@ -110,7 +149,10 @@ def test_kernels_compile_for_sm90():
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas is not available on this machine")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.strip() == f"compiled {2 * len(SOFTMAX_CASES + CROSS_ENTROPY_CASES)}"
+    assert (
+        result.stdout.strip()
+        == f"compiled {2 * len(SOFTMAX_CASES + CROSS_ENTROPY_CASES + LINEAR_CASES)}"
+    )
 
 
 if __name__ == "__main__":

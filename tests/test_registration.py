@@ -46,9 +46,9 @@ def test_opcheck_inplace_backward_op():
     x = torch.randn(5, 8, device=DEVICE)
     target = torch.tensor([0, 7, -100, 2, 2], device=DEVICE)
     _, _, stats = torch.ops.triton_softmax.cross_entropy.default(
-        x, target, None, -100, 0.1, 0.0, False
+        x, target, None, -100, 0.1, 0.0, 0.0, False
     )
-    args = (torch.rand(5, device=DEVICE), None, x.clone(), target, None, stats, -100, 0.1, 0.0)
+    args = (torch.rand(5, device=DEVICE), None, x.clone(), target, None, stats, -100, 0.1, 0.0, 0.0)
     torch.library.opcheck(torch.ops.triton_softmax.cross_entropy_backward_.default, args)
 
 

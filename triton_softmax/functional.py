@@ -160,6 +160,7 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    softcap: float | None = None,
     z_loss: float = 0.0,
     return_lse: bool = False,
     inplace_backward: bool = False,
@@ -180,6 +181,8 @@ def cross_entropy(
         label_smoothing: at most 1; as in torch, a value <= 0 (or NaN) means none. Torch's
             formula, weighted classes included. On the kernel paths each distinct value
             compiles its own kernel specialisation once (exact in fp64).
+        softcap: keyword-only; the loss is taken on ``softcap * tanh(input / softcap)``
+            (Gemma 2's logit soft-capping), computed inside the kernels; None for none.
         z_loss: keyword-only; adds ``z_loss * lse**2`` to each counted row's loss (PaLM's
             z-loss), reduced with it: under "mean" with class weights it is divided by the
             summed weights like the rest. Each distinct value compiles once, as above.
@@ -210,57 +213,21 @@ def cross_entropy(
         IndexError: a class index outside [0, C) that is not ``ignore_index``.
     """
     _require_tensor(input, "cross_entropy", "input")
-    _require_tensor(target, "cross_entropy", "target")
-    if weight is not None:
-        _require_tensor(weight, "cross_entropy", "weight")
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be at most 1, got {label_smoothing}")
-    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0  # torch: NaN, <0
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index={ignore_index} does not fit in int64")
     check_floating(input, "cross_entropy input")
     if input.dim() == 0:
         raise ValueError("cross_entropy input must have a class dimension, got a 0-d tensor")
-
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    is_index = not target.is_floating_point()
-    if is_index:
-        if target.dtype not in _INTEGER_DTYPES:
-            raise TypeError(
-                "cross_entropy target must hold class indices (an integer dtype) or class "
-                f"probabilities (a floating dtype), got {target.dtype}"
-            )
-        if input.dim() == 1 and target.shape == (1,):
+    if input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,):
+        if not target.is_floating_point():
             target = target.reshape(())  # torch accepts (C,) logits with a (1,) target
-        if target.shape != batch_shape:
-            raise ValueError(
-                f"class-index target shape {tuple(target.shape)} does not fit input shape "
-                f"{tuple(input.shape)} (expected {tuple(batch_shape)})"
-            )
-        target = target.long()
-    else:
-        if ignore_index >= 0:
-            raise ValueError(
-                f"ignore_index={ignore_index} is not supported for probability (floating) "
-                "targets; as in torch, only a negative ignore_index (which does nothing) is"
-            )
-        if target.shape != input.shape:
-            raise ValueError(
-                f"probability target shape {tuple(target.shape)} does not match "
-                f"input shape {tuple(input.shape)}"
-            )
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "cross_entropy is not differentiable with respect to weight (as in torch); "
-            "pass weight.detach()"
-        )
+    target, weight, reduction, label_smoothing, ignore_index, softcap = _checked_options(
+        "cross_entropy", target, weight, reduction, label_smoothing, ignore_index, softcap,
+        batch_shape, tuple(input.shape),
+    )  # fmt: skip
+    is_index = not target.is_floating_point()
     if inplace_backward and _is_leaf_requiring_grad(input):
         raise ValueError(
             "inplace_backward=True would write the gradient over the input, which is (a view "
@@ -270,8 +237,9 @@ def cross_entropy(
 
     if _with_torch(input, target, weight):
         return _torch_cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, return_lse
-        )
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            return_lse,
+        )  # fmt: skip
 
     input = _autocast_float32("cross_entropy", input)
     if not is_index:
@@ -287,11 +255,70 @@ def cross_entropy(
         ignore_index,
         label_smoothing,
         float(z_loss),
+        softcap,
         inplace_backward and _ce.rows_writable(logits),
     )
     out = _reduce(loss.reshape(batch_shape), target, weight, ignore_index, reduction, n_classes)
     out = out.to(input.dtype if is_index else torch.result_type(input, target))
     return (out, lse.reshape(batch_shape)) if return_lse else out
+
+
+def _checked_options(
+    function, target, weight, reduction, label_smoothing, ignore_index, softcap, batch_shape,
+    logits_shape,
+):  # fmt: skip
+    """Validate what cross_entropy and linear_cross_entropy share, in torch's terms.
+
+    Returns (target, weight, reduction, label_smoothing, ignore_index, softcap) normalised:
+    class indices as int64 of ``batch_shape``, or probabilities of ``logits_shape``;
+    label_smoothing 0.0 when not > 0 (torch ignores negative and NaN values); softcap 0.0
+    for none.
+    """
+    _require_tensor(target, function, "target")
+    if weight is not None:
+        _require_tensor(weight, function, "weight")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be at most 1, got {label_smoothing}")
+    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index={ignore_index} does not fit in int64")
+    if softcap is None:
+        softcap = 0.0
+    elif not (isinstance(softcap, (int, float)) and 0.0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    if target.is_floating_point():
+        if ignore_index >= 0:
+            raise ValueError(
+                f"ignore_index={ignore_index} is not supported for probability (floating) "
+                "targets; as in torch, only a negative ignore_index (which does nothing) is"
+            )
+        if tuple(target.shape) != tuple(logits_shape):
+            raise ValueError(
+                f"probability target shape {tuple(target.shape)} does not match the logits' "
+                f"shape {tuple(logits_shape)}"
+            )
+    elif target.dtype in _INTEGER_DTYPES:
+        if tuple(target.shape) != tuple(batch_shape):
+            raise ValueError(
+                f"class-index target shape {tuple(target.shape)} does not fit logits of shape "
+                f"{tuple(logits_shape)} (expected {tuple(batch_shape)})"
+            )
+        target = target.long()
+    else:
+        raise TypeError(
+            f"{function} target must hold class indices (an integer dtype) or class "
+            f"probabilities (a floating dtype), got {target.dtype}"
+        )
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{function} is not differentiable with respect to weight (as in torch); "
+            "pass weight.detach()"
+        )
+    return target, weight, reduction, label_smoothing, ignore_index, float(softcap)
 
 
 @torch.compiler.disable
@@ -326,9 +353,11 @@ def _reduce(per_row, target, weight, ignore_index, reduction, n_classes) -> torc
 
 
 def _torch_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, return_lse
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse
 ):
     """Cross-entropy with torch's own functions; the extras composed from torch ops."""
+    if softcap:
+        input = softcap * torch.tanh(input / softcap)
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)  # torch wants them alike; the kernels take any
     options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)

@@ -3,4 +3,8 @@
 Importing this package registers ``torch.ops.triton_softmax.*``.
 """
 
-from triton_softmax.ops import cross_entropy, softmax  # noqa: F401  (registers the ops)
+from triton_softmax.ops import (  # noqa: F401  (registers the ops)
+    cross_entropy,
+    linear_cross_entropy,
+    softmax,
+)

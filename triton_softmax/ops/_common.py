@@ -149,3 +149,12 @@ def online_logsumexp_update(m, d, x):
     m_new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     d = d * tl.exp(m - m_new_shift) + tl.sum(tl.exp(x - m_new_shift[:, None]), axis=1)
     return m_new, m_new_shift, d
+
+
+@triton.jit
+def tanh(y):
+    """tanh from exp (the interpreter has no libdevice), sign-symmetric so that large |y|
+    saturates to +-1 without inf / inf; used for logit soft-capping, c tanh(z / c)."""
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0, -t, t)

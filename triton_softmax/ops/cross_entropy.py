@@ -51,6 +51,7 @@ from triton_softmax.ops._common import (
     num_warps_for,
     online_logsumexp_update,
     row_tiles,
+    tanh,
     triton_accumulator_dtype,
 )
 
@@ -134,6 +135,7 @@ def _cross_entropy_forward_kernel(
     # meta-parameters
     LABEL_SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -155,6 +157,8 @@ def _cross_entropy_forward_kernel(
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        if SOFTCAP > 0:
+            x = tl.where(mask, SOFTCAP * tanh(x / SOFTCAP), float("-inf"))
         m_new, m_new_shift, d = online_logsumexp_update(m, d, x)
         # Without smoothing, class-index targets need only the target logit: a, s stay 0.
         if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
@@ -183,6 +187,8 @@ def _cross_entropy_forward_kernel(
             mask=counted & ~bad,
             other=0.0,
         ).to(ACC_DTYPE)
+        if SOFTCAP > 0:
+            x_target = SOFTCAP * tanh(x_target / SOFTCAP)
         hot = (1.0 - LABEL_SMOOTHING) * w_target
         loss += hot * ((m - x_target) + log_d)
         s += hot
@@ -222,6 +228,7 @@ def _cross_entropy_backward_kernel(
     # meta-parameters
     LABEL_SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
@@ -268,6 +275,9 @@ def _cross_entropy_backward_kernel(
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        if SOFTCAP > 0:
+            t = tanh(x / SOFTCAP)
+            x = SOFTCAP * t
         p = tl.exp((x - m[:, None]) - log_d[:, None])
         r = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
         if TARGET_IS_INDEX:
@@ -278,6 +288,8 @@ def _cross_entropy_backward_kernel(
                 LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
         grad = p * p_scale[:, None] - g[:, None] * r
+        if SOFTCAP > 0:
+            grad *= 1.0 - t * t  # d(c tanh(z / c))/dz
         if not HAS_GRAD_LSE:
             grad = tl.where(counted[:, None], grad, 0.0)  # an ignored all -inf row has p = NaN
         tl.store(grad_rows + c[None, :], grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -358,7 +370,9 @@ def check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int)
         )
 
 
-def _launch(kernel, logits, target, weight, ignore_index, label_smoothing, z_loss, block_n, **rest):
+def _launch(
+    kernel, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n, **rest
+):
     """Launch a cross-entropy kernel over the rows of 2-D ``logits``; ``rest`` holds the
     kernel's own operands by name (pointers, their strides, flags)."""
     is_index = target.dtype == torch.int64
@@ -377,6 +391,7 @@ def _launch(kernel, logits, target, weight, ignore_index, label_smoothing, z_los
             ignore_index=ignore_index,
             LABEL_SMOOTHING=label_smoothing,
             Z_LOSS=z_loss,
+            SOFTCAP=softcap,
             TARGET_IS_INDEX=is_index,
             HAS_WEIGHT=weight is not None,
             ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
@@ -387,11 +402,21 @@ def _launch(kernel, logits, target, weight, ignore_index, label_smoothing, z_los
         )
 
 
-def _plain_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, loss, lse, stats):
+def _softcapped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch path: (c tanh(z / c), tanh(z / c)), or (z, None) without a softcap."""
+    if softcap > 0:
+        t = torch.tanh(logits / softcap)
+        return softcap * t, t
+    return logits, None
+
+
+def _plain_forward(
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, stats
+):
     """Plain-torch forward of the same math as the kernel, writing loss, lse and stats."""
     acc = loss.dtype
     n_classes = logits.shape[1]
-    x = logits.to(acc)
+    x = _softcapped(logits.to(acc), softcap)[0]
     m = x.amax(dim=1)
     m_shift = torch.where(m == -math.inf, 0.0, m)
     shifted = x - m_shift[:, None]
@@ -441,6 +466,7 @@ def cross_entropy_forward(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float = 0.0,
     *,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -455,6 +481,7 @@ def cross_entropy_forward(
             ``label_smoothing`` and ``z_loss`` compiles its own kernel specialisation once
             (they are compile-time constants, exact in fp64).
         z_loss: coefficient of lse**2 added per counted row.
+        softcap: 0 for none, else c: the loss is taken on c tanh(logits / c) (Gemma 2).
         block_n: override the class block (a power of two; tests use it).
     Returns:
         loss [M], lse [M] and stats [3, M] = (row max m, lse - m, target mass S) for the
@@ -472,13 +499,13 @@ def cross_entropy_forward(
         check_class_indices(target, n_classes, ignore_index)
     if kernel_path(logits) == "torch":
         _plain_forward(
-            logits, target, weight, ignore_index, label_smoothing, z_loss, loss, lse, stats
+            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, stats
         )
         return loss, lse, stats
     row_max, log_sum, target_mass = stats
     _launch(
         _cross_entropy_forward_kernel,
-        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n,
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n,
         loss_ptr=loss,
         lse_ptr=lse,
         row_max_ptr=row_max,
@@ -508,7 +535,17 @@ def rows_writable(logits: torch.Tensor) -> bool:
 
 
 def _plain_backward(
-    grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss, out
+    grad_loss,
+    grad_lse,
+    logits,
+    target,
+    weight,
+    stats,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    out,
 ):
     """Plain-torch backward of the same math as the kernel, written into ``out``."""
     acc = stats.dtype
@@ -522,7 +559,8 @@ def _plain_backward(
     p_scale = torch.where(counted, g * (mass + 2.0 * z_loss * (m + log_d)), 0.0)
     if grad_lse is not None:
         p_scale = p_scale + grad_lse.to(acc)
-    grad = torch.exp((logits.to(acc) - m[:, None]) - log_d[:, None]) * p_scale[:, None]
+    x, t = _softcapped(logits.to(acc), softcap)
+    grad = torch.exp((x - m[:, None]) - log_d[:, None]) * p_scale[:, None]
     if is_index:
         safe = target.clamp(0, n_classes - 1)
         hot = (1.0 - label_smoothing) * (1.0 if w is None else w[safe])
@@ -532,6 +570,8 @@ def _plain_backward(
     else:
         r = target.to(acc) * (1.0 - label_smoothing) + smooth
         grad -= g[:, None] * (r if w is None else r * w)
+    if softcap > 0:
+        grad *= 1.0 - t * t
     if grad_lse is None:
         grad = torch.where(counted[:, None], grad, 0.0)
     out.copy_(grad)
@@ -547,6 +587,7 @@ def cross_entropy_backward(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float = 0.0,
     *,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
@@ -589,14 +630,14 @@ def cross_entropy_backward(
     if kernel_path(logits) == "torch":
         _plain_backward(
             grad_loss, grad_lse, logits, target, weight, stats,
-            ignore_index, label_smoothing, z_loss, out,
+            ignore_index, label_smoothing, z_loss, softcap, out,
         )  # fmt: skip
         return out
     lse_pointer = grad_loss if grad_lse is None else grad_lse  # unread without grad_lse
     row_max, log_sum, target_mass = stats
     _launch(
         _cross_entropy_backward_kernel,
-        logits, target, weight, ignore_index, label_smoothing, z_loss, block_n,
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n,
         grad_logits_ptr=out,
         grad_loss_ptr=grad_loss,
         grad_lse_ptr=lse_pointer,
@@ -624,6 +665,7 @@ def cross_entropy_op(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
     inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of 2-D logits; see the module docstring.
@@ -631,11 +673,13 @@ def cross_entropy_op(
     ``inplace_backward`` makes the backward write the gradient into ``logits``' memory, which
     must then have non-overlapping rows with unit column stride.
     """
-    return cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, z_loss)
+    return cross_entropy_forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
+    )
 
 
 @cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward):
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace_backward):
     _check_operands(logits, target, weight)
     acc = accumulator_dtype(logits.dtype)
     n_rows = logits.shape[0]
@@ -657,15 +701,17 @@ def cross_entropy_backward_op(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
 ) -> torch.Tensor:
     """The logits' gradient as a new tensor."""
     return cross_entropy_backward(
-        grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss
-    )
+        grad_loss, grad_lse, logits, target, weight, stats,
+        ignore_index, label_smoothing, z_loss, softcap,
+    )  # fmt: skip
 
 
 @cross_entropy_backward_op.register_fake
-def _(grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss):
+def _(grad_loss, grad_lse, logits, target, weight, stats, *options):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -680,6 +726,7 @@ def cross_entropy_backward_inplace_op(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
 ) -> None:
     """The logits' gradient written over ``logits``. Declared as mutating ``logits``, so
     autograd bumps its version counter: any other use of those logits saved for backward raises
@@ -694,22 +741,24 @@ def cross_entropy_backward_inplace_op(
         ignore_index,
         label_smoothing,
         z_loss,
+        softcap,
         out=logits,
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward = inputs
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace = inputs
     _, _, stats = output
     ctx.save_for_backward(logits, target, weight, stats)
-    ctx.options = (ignore_index, label_smoothing, z_loss, inplace_backward)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+    ctx.inplace_backward = inplace
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_lse, _grad_stats):
     logits, target, weight, stats = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, inplace_backward = ctx.options
+    ignore_index, label_smoothing, z_loss, softcap = ctx.options
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[0])
 
@@ -717,17 +766,17 @@ def _backward(ctx, grad_loss, grad_lse, _grad_stats):
     if ctx.needs_input_grad[1]:
         # Probability targets only: d/dq_j of -sum_j w_j q'_j log p_j.
         row_max, log_sum = stats[0, :, None], stats[1, :, None]
-        log_p = (logits.to(stats.dtype) - row_max) - log_sum
+        log_p = (_softcapped(logits.to(stats.dtype), softcap)[0] - row_max) - log_sum
         w = 1.0 if weight is None else weight.to(stats.dtype)
         grad_target = (-(1.0 - label_smoothing) * w * log_p * grad_loss[:, None]).to(target.dtype)
 
-    args = (grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing)
-    if inplace_backward:
-        cross_entropy_backward_inplace_op(*args, z_loss)
+    args = (grad_loss, grad_lse, logits, target, weight, stats, *ctx.options)
+    if ctx.inplace_backward:
+        cross_entropy_backward_inplace_op(*args)
         grad_logits = logits
     else:
-        grad_logits = cross_entropy_backward_op(*args, z_loss)
-    return grad_logits, grad_target, None, None, None, None, None
+        grad_logits = cross_entropy_backward_op(*args)
+    return grad_logits, grad_target, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
