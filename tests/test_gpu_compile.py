@@ -32,20 +32,12 @@ LINEAR_CASES = [  # (dtype, TARGET_IS_INDEX, LABEL_SMOOTHING, SOFTCAP, HAS_BIAS,
 
 
 def _compile_all() -> int:
-    import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from triton_softmax.ops import cross_entropy, linear_cross_entropy, softmax
-
-    _TORCH_DTYPES = {
-        "fp32": torch.float32,
-        "fp64": torch.float64,
-        "bf16": torch.bfloat16,
-        "fp16": torch.float16,
-    }
 
     target = GPUTarget("cuda", 90, 32)
     acc_types = {"fp64": (tl.float64, "*fp64")}
@@ -121,7 +113,8 @@ def _compile_all() -> int:
             TARGET_IS_INDEX=is_index,
             HAS_WEIGHT=True,
             HAS_BIAS=bias,
-            DOT_PRECISION=linear_cross_entropy._dot_precision(_TORCH_DTYPES[dtype]),
+            DOT_DTYPE={"bf16": tl.bfloat16, "fp16": tl.float16}.get(dtype, acc),
+            DOT_PRECISION="ieee" if dtype in ("fp32", "fp64") else "tf32",
             ACC_DTYPE=acc,
             BLOCK_M=block_m,
             BLOCK_V=block_v,

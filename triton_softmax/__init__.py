@@ -21,9 +21,11 @@ _LAZY = {
     "softmax": "triton_softmax.functional",
     "log_softmax": "triton_softmax.functional",
     "cross_entropy": "triton_softmax.functional",
+    "linear_cross_entropy": "triton_softmax.functional",
     "Softmax": "triton_softmax.nn",
     "LogSoftmax": "triton_softmax.nn",
     "CrossEntropyLoss": "triton_softmax.nn",
+    "LinearCrossEntropyLoss": "triton_softmax.nn",
     "kernel_path": "triton_softmax.ops._common",
 }
 

@@ -25,7 +25,7 @@ from torch.nn import _reduction
 from triton_softmax.ops import cross_entropy as _ce
 from triton_softmax.ops._common import accumulator_dtype, check_floating, kernel_path
 
-__all__ = ["softmax", "log_softmax", "cross_entropy"]
+__all__ = ["softmax", "log_softmax", "cross_entropy", "linear_cross_entropy"]
 
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -44,10 +44,13 @@ def _require_tensor(value, function: str, argument: str) -> None:
 
 def _with_torch(*tensors: torch.Tensor | None) -> bool:
     """Whether torch's own functions compute this call instead of the registered ops: on the
-    plain-torch CPU path, and (outside torch.compile) under torch.func transforms or
-    forward-mode AD, which the registered ops do not implement."""
-    if kernel_path(tensors[0]) == "torch":
-        return True
+    plain-torch CPU path, and under the transforms the registered ops do not implement."""
+    return kernel_path(tensors[0]) == "torch" or _under_transforms(*tensors)
+
+
+def _under_transforms(*tensors: torch.Tensor | None) -> bool:
+    """Whether (outside torch.compile) a torch.func transform or forward-mode AD sees these
+    tensors: a custom op would give them a silent zero tangent."""
     if torch.compiler.is_compiling():
         return False
     return any(
@@ -319,6 +322,131 @@ def _checked_options(
             "pass weight.detach()"
         )
     return target, weight, reduction, label_smoothing, ignore_index, float(softcap)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without ever
+    holding the logits, as ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13).
+
+    Args:
+        input: (H,), (N, H) or (*, H) features (language models pass (B, T, H)); floating.
+        linear_weight: (V, H) classifier weight of the input's dtype; (V, d1, ..., dk, H) for
+            torch's K-dimensional loss over logits (N, V, d1, ..., dk) (computed as one fused
+            call per position).
+        target: class indices of shape (), (*) or (N, d1, ..., dk); or class probabilities of
+            the logits' shape (*, V) or (N, V, d1, ..., dk).
+        linear_bias: (V,) (or (V, d1, ..., dk)) bias, or None.
+        weight, reduction, label_smoothing, softcap, z_loss, return_lse: as
+            :func:`cross_entropy`.
+        ignore_index: as in torch: None means -100 for class indices; with probability
+            targets it must stay None.
+        options: accepted for compatibility with torch's ``LinearCrossEntropyOptions`` and
+            ignored: our kernels never hold the [N, V] logits whatever it says (on a GPU they
+            work tile by tile; on the CPU they run over row chunks of about 4M logits).
+    Returns:
+        The loss (a scalar for "mean"/"sum", else the target's batch shape), in the input's
+        dtype (float32 under ``torch.autocast``, as torch); with ``return_lse``, also the
+        log-sum-exp per row in float32 (float64 for float64 input).
+    Raises:
+        TypeError, ValueError, IndexError: as :func:`cross_entropy`, plus shapes of
+            ``linear_weight`` and ``linear_bias`` that do not fit the input.
+        NotImplementedError (at backward): a probability target that requires grad.
+
+    The gradients for ``input``, ``linear_weight`` and ``linear_bias`` are exact (no tile is
+    skipped); on a GPU they are summed with fp32 atomics, so not bitwise reproducible.
+    """
+    _require_tensor(input, "linear_cross_entropy", "input")
+    _require_tensor(linear_weight, "linear_cross_entropy", "linear_weight")
+    _require_tensor(target, "linear_cross_entropy", "target")
+    check_floating(input, "linear_cross_entropy input")
+    if input.dim() == 0 or linear_weight.dim() < 2:
+        raise ValueError(
+            "linear_cross_entropy expects input (H,), (N, H) or (*, H) and linear_weight "
+            f"(V, H), got {tuple(input.shape)} and {tuple(linear_weight.shape)}"
+        )
+    n_features, n_classes = input.shape[-1], linear_weight.shape[0]
+    positions = tuple(linear_weight.shape[1:-1])  # torch's K-dimensional loss: (d1, ..., dk)
+    if linear_weight.shape[-1] != n_features:
+        raise ValueError(
+            f"input has {n_features} features but linear_weight "
+            f"{tuple(linear_weight.shape)} expects {linear_weight.shape[-1]}"
+        )
+    if positions and input.dim() != 2:
+        raise ValueError(
+            f"a K-dimensional loss (linear_weight {tuple(linear_weight.shape)}) needs input "
+            f"(N, {n_features}), got {tuple(input.shape)}"
+        )
+    if linear_bias is not None:
+        _require_tensor(linear_bias, "linear_cross_entropy", "linear_bias")
+        if linear_bias.shape != (n_classes, *positions):
+            raise ValueError(
+                f"linear_bias must have shape {(n_classes, *positions)}, "
+                f"got {tuple(linear_bias.shape)}"
+            )
+    batch_shape = (*input.shape[:-1], *positions)
+    logits_shape = (*input.shape[:-1], n_classes, *positions)
+    if target.is_floating_point() and ignore_index is not None:
+        raise ValueError(
+            "ignore_index cannot be given when target contains probabilities (as in torch)"
+        )
+    target, weight, reduction, label_smoothing, ignore_index, softcap = _checked_options(
+        "linear_cross_entropy", target, weight, reduction, label_smoothing,
+        -100 if ignore_index is None else ignore_index, softcap, batch_shape, logits_shape,
+    )  # fmt: skip
+    is_index = not target.is_floating_point()
+    out_dtype = input.dtype if is_index else torch.result_type(input, target)
+    if torch.is_autocast_enabled(input.device.type):
+        # torch's linear runs in the autocast dtype, its cross_entropy returns float32.
+        low = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight, linear_bias = (
+            None if t is None else t.to(low) if t.dtype != torch.float64 else t
+            for t in (input, linear_weight, linear_bias)
+        )
+        out_dtype = torch.float32
+
+    x = input.reshape(-1, n_features)
+    n_positions = math.prod(positions)
+    weights = linear_weight.reshape(n_classes, n_positions, n_features)
+    biases = None if linear_bias is None else linear_bias.reshape(n_classes, n_positions)
+    if is_index:
+        targets = target.reshape(x.shape[0], n_positions)
+    else:
+        targets = target.reshape(x.shape[0], n_classes, n_positions)
+    use_composite = _under_transforms(x, linear_weight, linear_bias, target)
+    losses, lses = [], []
+    for p in range(n_positions):
+        w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
+        t_p = targets[:, p] if is_index else targets[:, :, p]
+        if use_composite:  # the same math with torch's functions, for torch.func / forward AD
+            loss, lse = cross_entropy(
+                F.linear(x, w_p, b_p), t_p, weight, ignore_index=ignore_index, reduction="none",
+                label_smoothing=label_smoothing, softcap=softcap or None, z_loss=z_loss,
+                return_lse=True,
+            )  # fmt: skip
+        else:
+            loss, lse, _ = torch.ops.triton_softmax.linear_cross_entropy.default(
+                x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss), softcap
+            )
+        losses.append(loss)
+        lses.append(lse)
+    loss = (losses[0] if n_positions == 1 else torch.stack(losses, 1)).reshape(batch_shape)
+    lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
+    out = _reduce(loss, target, weight, ignore_index, reduction, n_classes).to(out_dtype)
+    return (out, lse) if return_lse else out
 
 
 @torch.compiler.disable

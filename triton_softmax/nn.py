@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import _reduction
 
 from triton_softmax import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss"]
+__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class Softmax(nn.Softmax):
@@ -70,4 +72,81 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             return_lse=self.return_lse,
             inplace_backward=self.inplace_backward,
             check_targets=self.check_targets,
+        )
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Drop-in for :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.13) computed by
+    :func:`triton_softmax.linear_cross_entropy`: a classifier head and its loss in one, never
+    holding the logits.
+
+    Same constructor arguments and parameters as torch's (``self.linear`` holds the head as an
+    ``nn.Linear`` of ``num_classes * prod(out_features)`` outputs; ``self.weight`` the class
+    weights), plus keyword-only ``softcap``, ``z_loss`` and ``return_lse``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options=None,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_lse: bool = False,
+    ) -> None:
+        super().__init__()
+        if weight is not None and weight.shape != (num_classes,):
+            raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.return_lse = return_lse
+        self.linear = nn.Linear(
+            in_features,
+            math.prod(self.out_features, start=num_classes),
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias
+        return F.linear_cross_entropy(
+            input,
+            self.linear.weight.reshape(*shape, self.linear.in_features),
+            target,
+            linear_bias=None if bias is None else bias.reshape(shape),
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            return_lse=self.return_lse,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+            f"reduction={self.reduction}, softcap={self.softcap}, z_loss={self.z_loss}"
         )

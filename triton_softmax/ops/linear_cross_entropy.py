@@ -78,6 +78,7 @@ def _logits_tile(
     n_features,
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -102,7 +103,13 @@ def _logits_tile(
             mask=class_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(
+            x.to(DOT_DTYPE),
+            tl.trans(w.to(DOT_DTYPE)),
+            acc,
+            input_precision=DOT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
     if HAS_BIAS:
         acc += tl.load(b_ptr + classes, mask=class_mask, other=0.0).to(ACC_DTYPE)[None, :]
     if SOFTCAP > 0:
@@ -135,6 +142,7 @@ def _linear_cross_entropy_forward_kernel(
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     SPLITS: tl.constexpr,
@@ -164,7 +172,7 @@ def _linear_cross_entropy_forward_kernel(
         z, _ = _logits_tile(
             x_ptr, w_ptr, b_ptr, rows, classes, x_row_stride, w_row_stride,
             n_rows, n_classes, n_features,
-            SOFTCAP, HAS_BIAS, DOT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K,
+            SOFTCAP, HAS_BIAS, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         z = tl.where(mask, z, float("-inf"))
         m_new, m_new_shift, d = online_logsumexp_update(m, d, z)
@@ -218,6 +226,7 @@ def _linear_cross_entropy_backward_kernel(
     GRAD_X: tl.constexpr,
     GRAD_W: tl.constexpr,
     GRAD_B: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -235,7 +244,7 @@ def _linear_cross_entropy_backward_kernel(
     z, t = _logits_tile(
         x_ptr, w_ptr, b_ptr, rows, classes, x_row_stride, w_row_stride,
         n_rows, n_classes, n_features,
-        SOFTCAP, HAS_BIAS, DOT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K,
+        SOFTCAP, HAS_BIAS, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K,
     )  # fmt: skip
     m = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     log_d = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
@@ -258,7 +267,8 @@ def _linear_cross_entropy_backward_kernel(
 
     if GRAD_B:
         tl.atomic_add(grad_b_ptr + classes, tl.sum(grad, axis=0), mask=class_mask)
-    grad_dot = grad.to(x_ptr.dtype.element_ty)
+    # Rounded to the input's dtype as torch's unfused backward would, then to DOT_DTYPE.
+    grad_dot = grad.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
     ks = tl.arange(0, BLOCK_K)
     for k in range(0, n_features, BLOCK_K):
         k_mask = (k + ks) < n_features
@@ -268,7 +278,9 @@ def _linear_cross_entropy_backward_kernel(
                 mask=class_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            part = tl.dot(grad_dot, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            part = tl.dot(
+                grad_dot, w.to(DOT_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+            )
             tl.atomic_add(
                 grad_x_ptr + rows[:, None] * n_features + (k + ks)[None, :],
                 part,
@@ -280,7 +292,12 @@ def _linear_cross_entropy_backward_kernel(
                 mask=row_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            part = tl.dot(tl.trans(grad_dot), x, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            part = tl.dot(
+                tl.trans(grad_dot),
+                x.to(DOT_DTYPE),
+                input_precision=DOT_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
             tl.atomic_add(
                 grad_w_ptr + classes[:, None] * n_features + (k + ks)[None, :],
                 part,
@@ -342,9 +359,18 @@ def _tiles(input: torch.Tensor, n_classes: int, tiles: tuple[int, int, int] | No
     return 64, 128, 64, 8
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 in full precision, as torch's default matmul (no TF32); 16-bit on tensor cores.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+def _dot_types(input: torch.Tensor):
+    """(DOT_DTYPE, DOT_PRECISION): the input's dtype on a GPU (16-bit types on tensor cores,
+    fp32 in full IEEE precision as torch's default matmul, not TF32). Triton's interpreter
+    multiplies 16-bit operands wrongly, so there they go through fp32, which gives the same
+    products (a bf16 or fp16 product is exact in fp32)."""
+    dtype = input.dtype
+    if dtype in (torch.float16, torch.bfloat16) and kernel_path(input) == "triton-interpreter":
+        dtype = torch.float32
+    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(
+        dtype, triton_accumulator_dtype(dtype)
+    )
+    return dot_dtype, ("ieee" if dtype in (torch.float32, torch.float64) else "tf32")
 
 
 def _kernel_options(input, linear_bias, target, weight, label_smoothing, softcap, tiles):
@@ -355,7 +381,8 @@ def _kernel_options(input, linear_bias, target, weight, label_smoothing, softcap
         TARGET_IS_INDEX=target.dtype == torch.int64,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=linear_bias is not None,
-        DOT_PRECISION=_dot_precision(input.dtype),
+        DOT_DTYPE=_dot_types(input)[0],
+        DOT_PRECISION=_dot_types(input)[1],
         ACC_DTYPE=triton_accumulator_dtype(input.dtype),
         BLOCK_M=block_m,
         BLOCK_V=block_v,
@@ -464,8 +491,8 @@ def linear_cross_entropy_forward(
     class_tiles = triton.cdiv(n_classes, options["BLOCK_V"])
     splits = min(class_tiles, _splits_for(input, row_blocks))
     partials = input.new_empty(5, splits, n_rows, dtype=acc)
-    x, w = input.contiguous(), linear_weight.contiguous()
-    target_rows = target if is_index else target.contiguous()
+    x, w, b = _unit_column_stride(input), _unit_column_stride(linear_weight), linear_bias
+    target_rows = target if is_index else _unit_column_stride(target)
     with launching_on(input):
         _linear_cross_entropy_forward_kernel[(row_blocks, splits)](
             row_max_ptr=partials[0],
@@ -475,7 +502,7 @@ def linear_cross_entropy_forward(
             target_logit_ptr=partials[4],
             x_ptr=x,
             w_ptr=w,
-            b_ptr=w if linear_bias is None else linear_bias,  # unread without a bias
+            b_ptr=w if b is None else b.contiguous(),  # unread without a bias
             target_ptr=target_rows,
             weight_ptr=w if weight is None else weight.contiguous(),  # unread without weight
             x_row_stride=x.stride(0),
@@ -488,6 +515,11 @@ def linear_cross_entropy_forward(
             **options,
         )
     return _merge_splits(partials, target, weight, n_classes, ignore_index, label_smoothing, z_loss)
+
+
+def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are unit-stride (any row stride), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _splits_for(input: torch.Tensor, row_blocks: int) -> int:
@@ -578,8 +610,8 @@ def linear_cross_entropy_backward(
         input, linear_bias, target, weight, label_smoothing, softcap,
         _tiles(input, n_classes, tiles),
     )  # fmt: skip
-    x, w = input.contiguous(), linear_weight.contiguous()
-    target_rows = target if is_index else target.contiguous()
+    x, w, b = _unit_column_stride(input), _unit_column_stride(linear_weight), linear_bias
+    target_rows = target if is_index else _unit_column_stride(target)
     grid = (triton.cdiv(n_rows, options["BLOCK_M"]), triton.cdiv(n_classes, options["BLOCK_V"]))
     with launching_on(input):
         _linear_cross_entropy_backward_kernel[grid](
@@ -588,7 +620,7 @@ def linear_cross_entropy_backward(
             grad_b_ptr=grad_b,
             x_ptr=x,
             w_ptr=w,
-            b_ptr=w if linear_bias is None else linear_bias,
+            b_ptr=w if b is None else b.contiguous(),
             target_ptr=target_rows,
             weight_ptr=w if weight is None else weight.contiguous(),
             row_max_ptr=row_max,
