@@ -29,7 +29,7 @@ from torch import nn
 
 import triton_softmax as ts
 import triton_softmax.functional  # noqa: F401  (registers torch.ops.triton_softmax.*)
-from triton_softmax.regression._atomic import atomic_path
+from triton_softmax._atomic import atomic_path
 from triton_softmax.regression.model import SoftmaxRegression
 
 from .runtime import CPU_PROVIDER, OnnxClassifier

@@ -465,7 +465,7 @@ def _compact(d: dict[str, Any]) -> str:
 
 def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
     """Write text through a temporary file in the same folder, then rename it over ``path``."""
-    from triton_softmax.regression._atomic import atomic_path
+    from triton_softmax._atomic import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         write(f)

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import triton_softmax as ts
+from triton_softmax._atomic import atomic_path
 
-from ._atomic import atomic_path
 from .data import Dataset, stratified_split
 from .model import SoftmaxRegression
 
