@@ -5,8 +5,11 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 
@@ -15,8 +18,9 @@ import pytest
 import torch
 
 from triton_softmax import cli
+from triton_softmax._atomic import WriteError, atomic_path
 from triton_softmax.export.runtime import OnnxClassifier
-from triton_softmax.regression import load_checkpoint, load_iris
+from triton_softmax.regression import TrainConfig, load_checkpoint, load_iris
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,10 +189,14 @@ def _bad_inputs(folder: Path, model: Path, ckpt: Path) -> list[tuple[list[object
         "one_class.csv": "a,b,label\n1,2,x\n2,3,x\n",
         "nan.csv": f"{names}\n1,2,3,4\n1,nan,3,4\n",
         "cols.csv": "sepal_length,petal_width\n1,2\n",
+        "junk.safetensors": "not a checkpoint\n",
+        "a_file": "a regular file where a folder is wanted\n",
     }
     for name, text in files.items():
         (folder / name).write_text(text)
     f = folder
+    good = f / "good.csv"
+    good.write_text(f"{names}\n1,2,3,4\n")
     return [
         (["train", "--data", f / "nope.csv"], "nope.csv: no such file"),
         (["train", "--data", f / "empty.csv"], "empty.csv: the file is empty"),
@@ -201,6 +209,16 @@ def _bad_inputs(folder: Path, model: Path, ckpt: Path) -> list[tuple[list[object
         (["train", "--test-size", "1.5"], "test size must be strictly between 0 and 1"),
         (["train", "--opset", "17"], "--opset must be at least 18"),
         (["train", "--label-column", "kind"], "--label-column needs --data"),
+        (["train", "--ignore-columns", "id"], "--ignore-columns needs --data"),
+        (["train", "--data", f / "text.csv", "--ignore-columns", "c"], "to ignore 'c'"),
+        (["train", "--out", f / "a_file"], "a_file: exists and is not a folder"),
+        (["train", "--out", f / "a_file" / "run"], "a_file is a file, not a folder"),
+        (["predict", model, good, "-o", f], f"{f}: is a folder; give a file name"),
+        (["predict", model, good, "-o", "."], ".: is a folder; give a file name"),
+        (["predict", model, good, "-o", f / "a_file" / "p.csv"], "is a file, not a folder"),
+        (["predict", model, good, "--keep-columns", "id"], "missing column(s) to keep 'id'"),
+        (["predict", model, good, "--keep-columns", "label"], "has a column of that name"),
+        (["export", ckpt, "-o", f], "is a folder; give a file name"),
         (["predict", model, f / "nan.csv"], "row 3, column 'sepal_width': 'nan' is not a finite"),
         (["predict", model, f / "cols.csv"], "missing feature column(s) 'sepal_width'"),
         (["predict", model, f / "empty.csv"], "the file is empty"),
@@ -210,7 +228,8 @@ def _bad_inputs(folder: Path, model: Path, ckpt: Path) -> list[tuple[list[object
         (["info", f / "text.csv"], "expected a .onnx model or a .safetensors checkpoint"),
         (["info", f / "nope.onnx"], "no such model file"),
         (["export", f / "nope.safetensors"], "no such checkpoint file"),
-        (["export", model], "not a safetensors file"),
+        (["export", model], "export wants the .safetensors checkpoint written by train"),
+        (["export", f / "junk.safetensors"], "not a safetensors file"),
         (["export", ckpt, "--data", f / "cols.csv"], "missing feature column(s)"),
     ]
 
@@ -226,8 +245,139 @@ def test_bad_input_exits_non_zero_with_one_line(flowers, tmp_path, monkeypatch):
         assert stderr.count("\n") == 1, (argv, stderr)
         assert stderr.startswith(f"triton-softmax {argv[0]}: error: "), (argv, stderr)
         assert message in stderr, (argv, stderr)
-        assert "Traceback" not in stderr
+        assert "Traceback" not in stderr and ".tmp" not in stderr
+        assert not stdout  # refused before any work (training prints as it goes)
     assert not (tmp_path / "runs").exists()  # nothing written by the failed commands
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.suffix) == ["a_file"]
+
+
+def test_predict_keeps_named_input_columns_first(flowers, tmp_path):
+    names = list(flowers["iris"].feature_names)
+    rows = [["a1", 5.1, 3.5, 1.4, 0.2, "x"], ["b2", 6.7, 3.0, 5.2, 2.3, "y"]]
+    new = _write_csv(tmp_path / "new.csv", ["id", *names, "note"], rows)
+    code, stdout, stderr = _main(
+        "predict", flowers["out"] / "model.onnx", new, "--keep-columns", "id,note"
+    )
+    assert code == 0, stderr
+    table = list(csv.reader(io.StringIO(stdout)))
+    assert table[0][:4] == ["id", "note", "label", "class"]
+    assert [r[:2] for r in table[1:]] == [["a1", "x"], ["b2", "y"]]
+    assert [r[3] for r in table[1:]] == ["setosa", "virginica"]
+
+
+def test_train_ignores_id_and_note_columns(flowers, tmp_path):
+    iris = flowers["iris"]
+    rows = [
+        [f"r{i}", *map(float, x), iris.class_names[y], "some note"]
+        for i, (x, y) in enumerate(zip(iris.features, iris.labels, strict=True))
+    ]
+    data = _write_csv(tmp_path / "noted.csv", ["id", *iris.feature_names, "kind", "note"], rows)
+    out = tmp_path / "run"
+    argv = ["train", "--data", data, "--ignore-columns", "id,note", "--out", out]
+    code, stdout, stderr = _main(*argv, "--epochs", 5, "--no-reference", "-q")
+    assert code == 0, stderr
+    assert "data: " in stdout and ", 4 features, 3 classes" in stdout
+    ckpt = load_checkpoint(out / "model.safetensors")
+    assert ckpt.feature_names == list(iris.feature_names)
+    assert ckpt.class_names == list(iris.class_names)
+
+
+def test_train_never_overwrites_a_previous_model_unless_forced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fast = ["--epochs", "3", "--no-reference", "-q"]
+    previous = tmp_path / "runs" / "iris"
+    previous.mkdir(parents=True)
+    (previous / "model.onnx").write_text("a previous model\n")
+    # Without --out: the next free runs/iris-N.
+    code, stdout, stderr = _main("train", *fast)
+    assert code == 0, stderr
+    assert stdout.rstrip().endswith(f"model: {Path('runs', 'iris-2', 'model.onnx')}")
+    assert (previous / "model.onnx").read_text() == "a previous model\n"
+    # An explicit --out holding a model: refused before training, unless --force.
+    code, stdout, stderr = _main("train", "--out", previous, *fast)
+    assert code == 1 and not stdout
+    assert f"{previous} already holds a model (model.onnx)" in stderr and "--force" in stderr
+    assert (previous / "model.onnx").read_text() == "a previous model\n"
+    code, _, stderr = _main("train", "--out", previous, "--force", *fast)
+    assert code == 0, stderr
+    assert OnnxClassifier(previous / "model.onnx").n_classes == 3
+
+
+def test_training_options_come_from_the_config_fields(capsys):
+    parser = cli._parser()
+    argv = ["train", "--epochs", "7", "--lr", "0.5", "--optimizer", "sgd", "--min-delta", "0.01"]
+    expected = TrainConfig(epochs=7, lr=0.5, optimizer="sgd", min_delta=0.01)
+    assert cli._train_config(parser.parse_args(argv)) == expected
+    assert cli._train_config(parser.parse_args(["train"])) == TrainConfig()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    usage = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')} " in usage, f.name
+
+
+def test_missing_onnx_extra_is_one_line_with_the_install_command(flowers, monkeypatch):
+    # As if `pip install triton-softmax` had run without the [onnx] extra.
+    for name in ("triton_softmax.export.runtime", "triton_softmax.export.onnx_export"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in ("onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)
+    model, data = flowers["out"] / "model.onnx", flowers["data"]
+    for argv in (["train", "--epochs", "3"], ["predict", model, data]):
+        code, stdout, stderr = _main(*argv)
+        assert code == 1 and not stdout
+        assert stderr.count("\n") == 1, stderr
+        assert stderr.startswith(f"triton-softmax {argv[0]}: error: onnx")
+        assert stderr.rstrip().endswith('pip install "triton-softmax[onnx]"')
+
+
+def test_write_errors_name_the_destination_never_the_temporary_file(tmp_path, monkeypatch):
+    with pytest.raises(WriteError, match=r"is a folder; give a file name") as e:
+        with atomic_path(tmp_path) as tmp:
+            tmp.write_text("x")
+    assert str(e.value).startswith(str(tmp_path)) and ".tmp" not in str(e.value)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(WriteError, match=r"a_file/out.csv: cannot write there") as e:
+        with atomic_path(tmp_path / "a_file" / "out.csv") as tmp:
+            tmp.write_text("x")
+
+    def replace(src, dst):
+        raise IsADirectoryError(21, "Is a directory", str(src), str(dst))
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(WriteError, match=r"out.csv: Is a directory") as e:
+        with atomic_path(tmp_path / "out.csv") as tmp:
+            tmp.write_text("x")
+    assert ".tmp" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("moment", ["during-imports", "during-training"])
+def test_ctrl_c_exits_130_with_one_line(tmp_path, moment):
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--epochs", "100000", "--patience", "0", "-q"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "triton_softmax.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A shell without job control starts background jobs with SIGINT ignored; undo that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    if moment == "during-imports":
+        time.sleep(0.5)  # importing torch alone takes longer; onnxruntime comes after it
+    else:
+        for line in proc.stdout:  # the last line before training starts
+            if line.startswith("data: "):
+                break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr == "triton-softmax: interrupted\n"
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_console_script_default_run(tmp_path):

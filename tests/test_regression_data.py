@@ -9,6 +9,7 @@ from triton_softmax.regression.data import (
     DataError,
     load_csv,
     load_iris,
+    read_columns,
     read_features,
     stratified_split,
 )
@@ -123,6 +124,30 @@ def test_read_features_selects_by_name_and_ignores_other_columns(tmp_path):
         read_features(path, ["a", "c"])
     with pytest.raises(DataError, match=r"row 3, column 'b': 'x' is not a number"):
         read_features(_write(tmp_path, "a,b\n1,2\n3,x\n", "bad.csv"), ["a", "b"])
+
+
+def test_csv_ignore_columns_are_neither_features_nor_label(tmp_path):
+    # `note` is text and last: ignored, it is not read, and the label defaults to `kind`.
+    path = _write(tmp_path, "id,a,b,kind,note\n1,1,2,dog,x y\n2,3,4,cat,\n3,5,6,dog,z\n")
+    data = load_csv(path, ignore_columns=["id", "note"])
+    assert data.feature_names == ("a", "b")
+    assert data.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(data.features, np.float32([[1, 2], [3, 4], [5, 6]]))
+    with pytest.raises(DataError, match=r"missing column\(s\) to ignore 'nope'"):
+        load_csv(path, ignore_columns=["nope", "note"])
+    with pytest.raises(DataError, match="label column 'kind' cannot also be ignored"):
+        load_csv(path, label_column="kind", ignore_columns=["kind", "note"])
+    with pytest.raises(DataError, match="no feature columns besides .* and the ignored ones"):
+        load_csv(path, ignore_columns=["id", "a", "b", "note"])
+
+
+def test_read_columns_keeps_named_columns_as_text(tmp_path):
+    path = _write(tmp_path, "id,b,note,a\nr7,2,hello,1\nr8,4,,3\n")
+    features, kept = read_columns(path, ["a", "b"], ["note", "id"])
+    np.testing.assert_array_equal(features, np.float32([[1, 2], [3, 4]]))
+    assert kept == [["hello", "r7"], ["", "r8"]]
+    with pytest.raises(DataError, match=r"missing column\(s\) to keep 'key'"):
+        read_columns(path, ["a"], ["key"])
 
 
 def test_stratified_split_keeps_proportions_and_is_deterministic():

@@ -109,6 +109,17 @@ def test_early_stop_on_a_plateau():
     assert run.fit.stopped_early and run.fit.epochs_run == 4
 
 
+def test_progress_bar_ends_at_the_number_of_epochs_run(capsys):
+    run = train(
+        _blobs(3),
+        TrainConfig(epochs=50, patience=3, min_delta=10.0),
+        progress=True,
+        reference=False,
+    )
+    final = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert run.fit.epochs_run == 4 and " 4/50 " in final, final
+
+
 def test_diverging_loss_raises_a_clear_error():
     config = TrainConfig(epochs=5, optimizer="sgd", lr=1e38, momentum=0.0, patience=0)
     with pytest.raises(TrainingError, match="lower the learning rate"):

@@ -8,16 +8,23 @@ Bad input ends with one line on stderr and a non-zero exit status, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from triton_softmax.regression.train import TrainConfig
 
 PROG = "triton-softmax"
 DEFAULT_OUT = Path("runs")
@@ -25,6 +32,15 @@ ONNX_NAME = "model.onnx"
 CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
 SYNTHETIC_PARITY_ROWS = 256
+#: What ``pip install "triton-softmax[onnx]"`` adds; train, export, predict and info need it.
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+#: The slow imports of each command, done before it starts with Ctrl-C deferred (see ``main``).
+SLOW_IMPORTS = {
+    "train": ("triton_softmax.functional", "triton_softmax.export.onnx_export"),
+    "export": ("triton_softmax.export.onnx_export",),
+    "predict": ("triton_softmax.export.runtime",),
+    "info": ("onnx", "triton_softmax.export.runtime", "triton_softmax.regression.train"),
+}
 
 
 class CommandError(Exception):
@@ -39,11 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 1 on bad input or a failed check, 2 on a usage error,
-        130 when interrupted, 141 when stdout is closed early.
+        130 when interrupted (at any point, the slow imports included), 141 when stdout is
+        closed early.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
+    prefix = PROG  # "triton-softmax train" once the command is known
     try:
+        with _interrupts_deferred():
+            args = _parser().parse_args(argv)
+            prefix = f"{PROG} {args.command}"
+            for module in SLOW_IMPORTS[args.command]:
+                importlib.import_module(module)
         with warnings.catch_warnings():
             # Triton's interpreter also evaluates masked-off lanes, whose -inf arithmetic makes
             # numpy warn; the results are unaffected, so keep the command's output readable.
@@ -56,12 +77,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`... | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in ONNX_PACKAGES:
+            raise
+        print(
+            f"{prefix}: error: {e.name} is not installed; the ONNX extra has it: "
+            f'pip install "triton-softmax[onnx]"',
+            file=sys.stderr,
+        )
+        return 1
     except Exception as e:
         if not _expected(e):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Act on Ctrl-C only when the block ends, by raising ``KeyboardInterrupt`` there.
+
+    Extension modules being imported (torch, onnxruntime) do not pass a ``KeyboardInterrupt`` on:
+    onnxruntime turns it into ``ImportError: initialization failed``, and one that passes through
+    ``PyRun_String`` makes the interpreter end with SIGINT whatever ``main`` returns. So the
+    imports run with a handler that only takes note. Outside the main thread, or when SIGINT is
+    ignored (``nohup``), nothing changes.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _expected(error: Exception) -> bool:
@@ -100,13 +156,30 @@ def _parser() -> argparse.ArgumentParser:
         "--data", type=Path, metavar="CSV", help="CSV with a header (default: embedded Iris)"
     )
     train.add_argument(
-        "--label-column", metavar="NAME", help="name of the label column (default: the last column)"
+        "--label-column",
+        metavar="NAME",
+        help="name of the label column (default: the last column not ignored)",
     )
     train.add_argument(
+        "--ignore-columns",
+        type=_names,
+        action="extend",
+        default=[],
+        metavar="A,B",
+        help="columns that are neither features nor the label, e.g. id,note",
+    )
+    train.add_argument(
+        "-o",
         "--out",
         type=Path,
         metavar="DIR",
-        help="output folder (default: runs/iris or runs/<CSV name>)",
+        help=(
+            "output folder; refused if it holds a model, unless --force (default: runs/iris or "
+            "runs/<CSV name>, or the first of runs/<name>-2, -3, ... that holds none)"
+        ),
+    )
+    train.add_argument(
+        "--force", action="store_true", help="overwrite the model files in an existing --out"
     )
     _add_training_options(train)
     train.add_argument(
@@ -163,6 +236,14 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, metavar="CSV", help="output CSV (default: stdout)"
     )
     predict.add_argument(
+        "--keep-columns",
+        type=_names,
+        action="extend",
+        default=[],
+        metavar="A,B",
+        help="input columns to copy into the output, before the predictions, e.g. id",
+    )
+    predict.add_argument(
         "--provider",
         action="append",
         metavar="NAME",
@@ -181,91 +262,62 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from triton_softmax.regression.train import OPTIMIZERS, TrainConfig
+    """One option per ``TrainConfig`` field, described by the field's metadata."""
+    from triton_softmax.regression.train import TrainConfig
 
-    d = TrainConfig()
-    g = parser.add_argument_group("training")
-    g.add_argument(
-        "--epochs", type=int, metavar="N", default=d.epochs, help=f"maximum epochs ({d.epochs})"
-    )
-    g.add_argument("--lr", type=float, metavar="LR", default=d.lr, help=f"learning rate ({d.lr})")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(%(default)s)")
-    g.add_argument(
-        "--momentum",
-        type=float,
-        metavar="M",
-        default=d.momentum,
-        help=f"SGD momentum ({d.momentum})",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        metavar="L2",
-        default=d.weight_decay,
-        help=f"L2 ({d.weight_decay})",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        default=d.batch_size,
-        help="rows per step; 0 = full batch (0)",
-    )
-    g.add_argument(
-        "--test-size",
-        type=float,
-        metavar="FRACTION",
-        default=d.test_size,
-        help=f"held-out fraction ({d.test_size})",
-    )
-    g.add_argument(
-        "--seed", type=int, metavar="N", default=d.seed, help=f"split, init and order ({d.seed})"
-    )
-    g.add_argument(
-        "--patience",
-        type=int,
-        metavar="N",
-        default=d.patience,
-        help=f"stop after this many epochs without progress; 0 = never ({d.patience})",
-    )
-    g.add_argument(
-        "--min-delta",
-        type=float,
-        metavar="DELTA",
-        default=d.min_delta,
-        help=f"loss fall that counts as progress ({d.min_delta})",
-    )
+    group = parser.add_argument_group("training")
+    for f in fields(TrainConfig):
+        options = dict(f.metadata)
+        help_text = options.pop("help")
+        if "choices" not in options:
+            options["type"] = type(f.default)
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=f.default,
+            help=f"{help_text} (%(default)s)",
+            **options,
+        )
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of the options added by ``_add_training_options``."""
+    from triton_softmax.regression.train import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list of column names (``--ignore-columns id,note``)."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty column name in {text!r}")
+    return names
 
 
 def _train(args: argparse.Namespace) -> int:
     import triton_softmax as ts
     from triton_softmax.export.onnx_export import export_and_verify
-    from triton_softmax.regression import TrainConfig, load_csv, load_iris, save_checkpoint, train
+    from triton_softmax.regression import load_csv, load_iris, save_checkpoint, train
     from triton_softmax.regression.train import KERNEL_PATHS, library_versions, resolve_device
 
     start = time.perf_counter()
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        test_size=args.test_size,
-        seed=args.seed,
-        patience=args.patience,
-        min_delta=args.min_delta,
-    )
+    config = _train_config(args)
     config.validate()
     opset = _opset(args.opset)
     if args.data is None:
-        if args.label_column is not None:
-            raise CommandError("--label-column needs --data")
+        for option, value in (
+            ("--label-column", args.label_column),
+            ("--ignore-columns", args.ignore_columns),
+        ):
+            if value:
+                raise CommandError(f"{option} needs --data")
         data = load_iris()
-        out = args.out or DEFAULT_OUT / "iris"
+        name = "iris"
     else:
-        data = load_csv(args.data, args.label_column)
-        out = args.out or DEFAULT_OUT / args.data.stem
+        data = load_csv(args.data, args.label_column, args.ignore_columns)
+        name = args.data.stem
+    out = _run_folder(args.out, DEFAULT_OUT / name, args.force)
     device = resolve_device(args.device)
     kernel = ts.kernel_path(device)
     print(f"kernel path: {kernel} - {KERNEL_PATHS.get(kernel, kernel)}")
@@ -332,10 +384,23 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from triton_softmax._atomic import check_writable
     from triton_softmax.export.onnx_export import export_and_verify
     from triton_softmax.regression import load_checkpoint, read_features
 
     opset = _opset(args.opset)
+    if args.checkpoint.suffix != ".safetensors":
+        hint = (
+            f"; for a model trained with `train`, that is "
+            f"{args.checkpoint.with_suffix('.safetensors')}"
+            if args.checkpoint.suffix == ".onnx"
+            else ""
+        )
+        raise CommandError(
+            f"{args.checkpoint}: export wants the .safetensors checkpoint written by train{hint}"
+        )
+    out = args.output or args.checkpoint.with_suffix(".onnx")
+    check_writable(out)
     ckpt = load_checkpoint(args.checkpoint)
     if args.data is not None:
         rows = read_features(args.data, ckpt.feature_names)
@@ -350,7 +415,6 @@ def _export(args: argparse.Namespace) -> int:
             np.float32
         )
         source = f"{SYNTHETIC_PARITY_ROWS} synthetic rows (training mean and std)"
-    out = args.output or args.checkpoint.with_suffix(".onnx")
     report = export_and_verify(
         ckpt.model,
         out,
@@ -380,20 +444,33 @@ def _opset(value: int | None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from triton_softmax._atomic import check_writable
     from triton_softmax.export.runtime import OnnxClassifier
-    from triton_softmax.regression.data import read_features
+    from triton_softmax.regression.data import read_columns
 
+    if args.output is not None:
+        check_writable(args.output)
     clf = OnnxClassifier(args.model, providers=args.provider)
-    features = read_features(args.csv, clf.feature_names)
-    label, proba = clf.run(features)
     header = ["label", "class", *(f"probability_{c}" for c in clf.classes_)]
+    clash = [c for c in args.keep_columns if c in header]
+    if clash:
+        raise CommandError(
+            f"--keep-columns {', '.join(clash)}: the output has a column of that name already"
+        )
+    features, kept = read_columns(args.csv, clf.feature_names, args.keep_columns)
+    label, proba = clf.run(features)
 
     def write(f: TextIO) -> None:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
+        writer.writerow([*args.keep_columns, *header])
         for i in range(label.shape[0]):
             writer.writerow(
-                [int(label[i]), clf.classes_[label[i]], *(f"{p:.8g}" for p in proba[i])]
+                [
+                    *kept[i],
+                    int(label[i]),
+                    clf.classes_[label[i]],
+                    *(f"{p:.8g}" for p in proba[i]),
+                ]
             )
 
     if args.output is None:
@@ -461,6 +538,31 @@ def _info_checkpoint(path: Path) -> None:
 
 def _compact(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _run_folder(out: Path | None, default: Path, force: bool) -> Path:
+    """The folder ``train`` writes into, checked before training starts.
+
+    An explicit ``--out`` that already holds a model is refused unless ``force``; without
+    ``--out``, the first of ``default``, ``default-2``, ``default-3``, ... that holds no model is
+    used, so running the same command twice never overwrites the first run.
+    """
+    from triton_softmax._atomic import check_writable
+
+    def holds_model(folder: Path) -> list[str]:
+        return [n for n in (ONNX_NAME, CHECKPOINT_NAME, METRICS_NAME) if (folder / n).exists()]
+
+    if out is None:
+        out, n = default, 1
+        while out.is_dir() and holds_model(out):
+            n += 1
+            out = default.with_name(f"{default.name}-{n}")
+    elif out.is_dir() and holds_model(out) and not force:
+        raise CommandError(
+            f"{out} already holds a model ({', '.join(holds_model(out))}); "
+            "choose another --out or pass --force to overwrite it"
+        )
+    return check_writable(out, folder=True)
 
 
 def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:

@@ -90,27 +90,34 @@ def load_iris() -> Dataset:
     return _to_dataset(header, rows, "species", "iris.csv", "iris (embedded)")
 
 
-def load_csv(path: str | Path, label_column: str | None = None) -> Dataset:
+def load_csv(
+    path: str | Path, label_column: str | None = None, ignore_columns: Sequence[str] = ()
+) -> Dataset:
     """Load a labelled CSV: a header, numeric feature columns and one label column.
 
     Args:
         path: the CSV file (UTF-8, comma-separated, header row first).
-        label_column: name of the label column; the last column when ``None``. Every other column
-            is a feature and must hold finite numbers.
+        label_column: name of the label column; when ``None``, the last column not in
+            ``ignore_columns``. Every other column is a feature and must hold finite numbers.
+        ignore_columns: columns that are neither feature nor label (ids, notes); not read.
 
     Returns:
         The dataset, classes sorted (numerically when every label is an integer).
 
     Raises:
-        DataError: the file is missing, empty or not UTF-8; the label column is absent; a cell is
-            missing or not a finite number (the message names file, row and column); a row has the
-            wrong number of fields; fewer than two classes.
+        DataError: the file is missing, empty or not UTF-8; the label column or an ignored column
+            is absent, or the label column is ignored; a cell is missing or not a finite number
+            (the message names file, row and column); a row has the wrong number of fields; fewer
+            than two classes.
     """
     name = str(path)
     header, rows = _parse(_read_lines(path), name)
+    _require_columns(header, ignore_columns, name, "column(s) to ignore")
     if label_column is None:
-        label_column = header[-1]
-    return _to_dataset(header, rows, label_column, name, name)
+        label_column = next((c for c in reversed(header) if c not in ignore_columns), header[-1])
+    if label_column in ignore_columns:
+        raise DataError(f"{name}: the label column {label_column!r} cannot also be ignored")
+    return _to_dataset(header, rows, label_column, name, name, ignore_columns)
 
 
 def read_features(path: str | Path, feature_names: Sequence[str]) -> np.ndarray:
@@ -127,16 +134,43 @@ def read_features(path: str | Path, feature_names: Sequence[str]) -> np.ndarray:
         DataError: the file is missing, empty or not UTF-8; a named column is absent; a cell is
             missing or not a finite number; a row has the wrong number of fields.
     """
+    return read_columns(path, feature_names)[0]
+
+
+def read_columns(
+    path: str | Path, feature_names: Sequence[str], keep_columns: Sequence[str] = ()
+) -> tuple[np.ndarray, list[list[str]]]:
+    """Read the named feature columns of a CSV as numbers and other named columns as text.
+
+    Args:
+        path: the CSV file (UTF-8, comma-separated, header row first).
+        feature_names: the numeric columns to read, in this order.
+        keep_columns: columns to read as they are (stripped of surrounding spaces), e.g. ids.
+
+    Returns:
+        ``(features, kept)``: float32 array of shape (n_rows, len(feature_names)), and one list of
+        ``len(keep_columns)`` strings per row.
+
+    Raises:
+        DataError: as ``read_features``, and when a column to keep is absent.
+    """
     name = str(path)
     header, rows = _parse(_read_lines(path), name, allow_no_rows=True)
-    missing = [f for f in feature_names if f not in header]
+    _require_columns(header, feature_names, name, "feature column(s)")
+    _require_columns(header, keep_columns, name, "column(s) to keep")
+    positions = [header.index(f) for f in feature_names]
+    kept = [header.index(c) for c in keep_columns]
+    features = _numeric_block(rows, header, positions, name)
+    return features, [[cells[i] for i in kept] for _, cells in rows]
+
+
+def _require_columns(header: list[str], columns: Sequence[str], name: str, what: str) -> None:
+    missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(
-            f"{name}: missing feature column(s) {', '.join(map(repr, missing))}; "
+            f"{name}: missing {what} {', '.join(map(repr, missing))}; "
             f"the file has {', '.join(map(repr, header))}"
         )
-    positions = [header.index(f) for f in feature_names]
-    return _numeric_block(rows, header, positions, name)
 
 
 def stratified_split(
@@ -254,6 +288,7 @@ def _to_dataset(
     label_column: str,
     name: str,
     source: str,
+    ignore_columns: Sequence[str] = (),
 ) -> Dataset:
     if label_column not in header:
         raise DataError(
@@ -261,9 +296,12 @@ def _to_dataset(
             f"{', '.join(map(repr, header))}"
         )
     label_pos = header.index(label_column)
-    feature_pos = [i for i in range(len(header)) if i != label_pos]
+    feature_pos = [i for i, c in enumerate(header) if i != label_pos and c not in ignore_columns]
     if not feature_pos:
-        raise DataError(f"{name}: no feature columns besides the label column {label_column!r}")
+        raise DataError(
+            f"{name}: no feature columns besides the label column {label_column!r}"
+            + (" and the ignored ones" if ignore_columns else "")
+        )
     raw_labels = []
     for row_number, cells in rows:
         if not cells[label_pos]:

@@ -52,6 +52,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the message says what to change."""
 
 
+def _option(default: Any, metavar: str | None, help: str, **argparse_kwargs: Any) -> Any:
+    """A ``TrainConfig`` field whose metadata describes its command-line option (see ``cli``)."""
+    return field(default=default, metadata={"metavar": metavar, "help": help, **argparse_kwargs})
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a training run.
@@ -73,18 +78,21 @@ class TrainConfig:
         patience: stop after this many epochs without the loss falling by ``min_delta``; 0 never
             stops early.
         min_delta: the smallest fall in the epoch's mean training loss that counts as progress.
+
+    Each field's metadata (``metavar``, ``help``, ...) defines the ``triton-softmax train`` option
+    of the same name, so a new field becomes an option without touching the command line code.
     """
 
-    epochs: int = 500
-    lr: float = 0.1
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 0
-    test_size: float = 0.2
-    seed: int = DEFAULT_SEED
-    patience: int = 10
-    min_delta: float = 1e-3
+    epochs: int = _option(500, "N", "maximum epochs")
+    lr: float = _option(0.1, "LR", "learning rate")
+    optimizer: str = _option("adam", None, "optimizer", choices=OPTIMIZERS)
+    momentum: float = _option(0.9, "M", "SGD momentum")
+    weight_decay: float = _option(0.0, "L2", "L2 penalty")
+    batch_size: int = _option(0, "N", "rows per step; 0 = full batch")
+    test_size: float = _option(0.2, "FRACTION", "held-out fraction of each class")
+    seed: int = _option(DEFAULT_SEED, "N", "seed of the split, the initial weights and the order")
+    patience: int = _option(10, "N", "stop after this many epochs without progress; 0 = never")
+    min_delta: float = _option(1e-3, "DELTA", "loss fall that counts as progress")
 
     def validate(self) -> None:
         """Check every field.
@@ -229,40 +237,49 @@ def fit(
     best, since_best = math.inf, 0
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not progress, file=sys.stderr)
-    for epoch in bar:
-        order = torch.randperm(n, generator=order_gen).to(features.device) if batch < n else None
-        total_loss = torch.zeros((), dtype=torch.float64, device=features.device)
-        correct = torch.zeros((), dtype=torch.int64, device=features.device)
-        for lo in range(0, n, batch):
-            xb, yb = (
-                (features, labels) if order is None else _rows(features, labels, order, lo, batch)
+    # The bar is advanced by hand after each finished epoch, so that its final count is the number
+    # of epochs run (iterating over a tqdm-wrapped range counts an epoch only when the next one
+    # starts, so an early stop left it one short); `with` closes it on any exception too.
+    bar = tqdm(total=config.epochs, desc=desc, unit="epoch", disable=not progress, file=sys.stderr)
+    with bar:
+        for epoch in range(config.epochs):
+            order = (
+                torch.randperm(n, generator=order_gen).to(features.device) if batch < n else None
             )
-            logits = model.logits(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * yb.shape[0]
-            correct += (logits.detach().argmax(dim=-1) == yb).sum()
-        epoch_loss = total_loss.item() / n
-        result.losses.append(epoch_loss)
-        result.accuracies.append(correct.item() / n)
-        bar.set_postfix(loss=f"{epoch_loss:.4f}", acc=f"{result.accuracies[-1]:.3f}", refresh=False)
-        if not math.isfinite(epoch_loss):
-            bar.close()
-            raise TrainingError(
-                f"the training loss became {epoch_loss} at epoch {epoch + 1}; "
-                "lower the learning rate"
+            total_loss = torch.zeros((), dtype=torch.float64, device=features.device)
+            correct = torch.zeros((), dtype=torch.int64, device=features.device)
+            for lo in range(0, n, batch):
+                xb, yb = (
+                    (features, labels)
+                    if order is None
+                    else _rows(features, labels, order, lo, batch)
+                )
+                logits = model.logits(xb)
+                loss = loss_fn(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.detach() * yb.shape[0]
+                correct += (logits.detach().argmax(dim=-1) == yb).sum()
+            epoch_loss = total_loss.item() / n
+            result.losses.append(epoch_loss)
+            result.accuracies.append(correct.item() / n)
+            bar.set_postfix(
+                loss=f"{epoch_loss:.4f}", acc=f"{result.accuracies[-1]:.3f}", refresh=False
             )
-        if epoch_loss < best - config.min_delta:
-            best, since_best = epoch_loss, 0
-        else:
-            since_best += 1
-        if config.patience and since_best >= config.patience:
-            result.stopped_early = True
-            break
-    bar.close()
+            bar.update(1)
+            if not math.isfinite(epoch_loss):
+                raise TrainingError(
+                    f"the training loss became {epoch_loss} at epoch {epoch + 1}; "
+                    "lower the learning rate"
+                )
+            if epoch_loss < best - config.min_delta:
+                best, since_best = epoch_loss, 0
+            else:
+                since_best += 1
+            if config.patience and since_best >= config.patience:
+                result.stopped_early = True
+                break
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
