@@ -13,8 +13,9 @@ class SoftmaxRegression(nn.Module):
 
     ``probabilities = softmax(linear((x - feature_mean) / feature_std))``, where the mean and
     standard deviation of the training features are buffers (saved with the weights and exported to
-    ONNX). Probabilities come from ``triton_softmax.softmax``, the training loss from
-    ``triton_softmax.cross_entropy`` on the logits.
+    ONNX). Probabilities come from ``triton_softmax.softmax``; the training loss from
+    ``triton_softmax.linear_cross_entropy``, which fuses the linear layer into the loss so
+    that the logits are never held (what matters at thousands of classes).
 
     Args:
         n_features: number of input features, at least 1.
@@ -56,8 +57,7 @@ class SoftmaxRegression(nn.Module):
         Returns:
             float32 tensor of shape (N, n_classes).
         """
-        self._check(features)
-        return self.linear((features - self.feature_mean) / self.feature_std)
+        return self.linear(self._standardised(features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Class probabilities through ``triton_softmax.softmax``.
@@ -71,19 +71,26 @@ class SoftmaxRegression(nn.Module):
         return ts.softmax(self.logits(features), dim=-1)
 
     def loss(self, features: torch.Tensor, target: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        """Cross-entropy of the logits through ``triton_softmax.cross_entropy``.
+        """Cross-entropy of the logits through ``triton_softmax.linear_cross_entropy`` (the
+        linear layer and the loss in one; the logits are never held).
 
         Args:
             features: float32 tensor of shape (N, n_features).
             target: int64 class indices of shape (N,), or float class probabilities (one-hot or
                 soft) of shape (N, n_classes).
-            **kwargs: passed on to ``triton_softmax.cross_entropy`` (``weight``, ``reduction``,
-                ``label_smoothing``, ...).
+            **kwargs: passed on to ``triton_softmax.linear_cross_entropy`` (``weight``,
+                ``reduction``, ``label_smoothing``, ...).
 
         Returns:
             The loss; a scalar with the default ``reduction="mean"``.
         """
-        return ts.cross_entropy(self.logits(features), target, **kwargs)
+        return ts.linear_cross_entropy(
+            self._standardised(features),
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            **kwargs,
+        )
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
@@ -96,6 +103,10 @@ class SoftmaxRegression(nn.Module):
             int64 tensor of shape (N,).
         """
         return self(features).argmax(dim=-1)
+
+    def _standardised(self, features: torch.Tensor) -> torch.Tensor:
+        self._check(features)
+        return (features - self.feature_mean) / self.feature_std
 
     def _check(self, features: torch.Tensor) -> None:
         if features.dim() != 2 or features.shape[1] != self.n_features:

@@ -1,9 +1,9 @@
 """Training of ``SoftmaxRegression`` with the library's kernels; plain-torch reference; checkpoints.
 
-``train`` splits a ``Dataset`` (stratified), trains our model with ``triton_softmax.cross_entropy``
-and, on the same split from the same initial weights, a reference with ``torch.nn.functional``, and
-reports both accuracies. Checkpoints are safetensors files whose metadata carries everything needed
-to rebuild and describe the model.
+``train`` splits a ``Dataset`` (stratified), trains our model with
+``triton_softmax.linear_cross_entropy`` and, on the same split from the same initial weights, a
+reference with ``torch.nn.functional``, and reports both accuracies. Checkpoints are safetensors
+files whose metadata carries everything needed to rebuild and describe the model.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ KERNEL_PATHS = {
     ),
 }
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``loss_fn(model, features, labels)`` -> scalar mean loss.
+LossFn = Callable[[SoftmaxRegression, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainingError(RuntimeError):
@@ -149,7 +150,7 @@ class TrainRun:
     """A trained model with its reference, split and metrics (see ``train``).
 
     Attributes:
-        model: trained with ``triton_softmax.cross_entropy``.
+        model: trained with ``triton_softmax.linear_cross_entropy`` (fused head + loss).
         reference: trained with ``torch.nn.functional.cross_entropy`` from the same initial
             weights, on the same split and batches; ``None`` when not requested.
         data: the full dataset.
@@ -218,7 +219,7 @@ def fit(
         features: float32 tensor (N, n_features).
         labels: int64 class indices (N,).
         config: hyper-parameters; ``seed`` fixes the mini-batch order.
-        loss_fn: ``loss_fn(logits, labels)`` -> scalar mean loss.
+        loss_fn: ``loss_fn(model, features, labels)`` -> scalar mean loss.
         progress: show a tqdm bar with the loss and accuracy on stderr.
         desc: label of the bar.
 
@@ -254,13 +255,13 @@ def fit(
                     if order is None
                     else _rows(features, labels, order, lo, batch)
                 )
-                logits = model.logits(xb)
-                loss = loss_fn(logits, yb)
+                loss = loss_fn(model, xb, yb)
+                with torch.no_grad():  # accuracy before this step, as the loss
+                    correct += (model.logits(xb).argmax(dim=-1) == yb).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total_loss += loss.detach() * yb.shape[0]
-                correct += (logits.detach().argmax(dim=-1) == yb).sum()
             epoch_loss = total_loss.item() / n
             result.losses.append(epoch_loss)
             result.accuracies.append(correct.item() / n)
@@ -283,6 +284,11 @@ def fit(
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _unfused_torch_loss(model: SoftmaxRegression, features, labels) -> torch.Tensor:
+    """The reference's loss: torch's own cross-entropy on the materialised logits."""
+    return F.cross_entropy(model.logits(features), labels)
 
 
 def _optimizer(model: SoftmaxRegression, config: TrainConfig) -> torch.optim.Optimizer:
@@ -344,8 +350,9 @@ def train(
 
     Both models start from the same weights (``torch.manual_seed(config.seed)``), see the same
     batches, and use the same optimizer; they differ only in the loss kernel
-    (``triton_softmax.cross_entropy`` vs ``torch.nn.functional.cross_entropy``) and in how accuracy
-    is read (``triton_softmax.softmax`` then argmax vs argmax of the logits).
+    (``triton_softmax.linear_cross_entropy`` vs ``torch.nn.functional.cross_entropy`` on the
+    logits) and in how accuracy is read (``triton_softmax.softmax`` then argmax vs argmax of the
+    logits).
 
     Args:
         data: the full dataset.
@@ -378,8 +385,9 @@ def train(
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     kernel = ts.kernel_path(x_train)
     result = fit(
-        model, x_train, y_train, config, loss_fn=ts.cross_entropy, progress=progress, desc="train"
-    )
+        model, x_train, y_train, config, loss_fn=SoftmaxRegression.loss, progress=progress,
+        desc="train",
+    )  # fmt: skip
     metrics: dict[str, Any] = {
         "train_accuracy": accuracy(model, x_train, y_train),
         "test_accuracy": accuracy(model, x_test, y_test),
@@ -401,7 +409,7 @@ def train(
             x_train,
             y_train,
             config,
-            loss_fn=F.cross_entropy,
+            loss_fn=_unfused_torch_loss,
             progress=progress,
             desc="reference",
         )
