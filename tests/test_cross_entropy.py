@@ -709,3 +709,26 @@ def test_row_offsets_beyond_int32():
         F.cross_entropy(x.double(), target, reduction="none"),
         **TOLERANCES[torch.float16],
     )
+
+
+def test_ignore_index_takes_any_integer_like():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(4, 5, device=DEVICE)
+    t = torch.tensor([0, -100, 2, 3], device=DEVICE)
+    ref = F.cross_entropy(x, t)
+    for ignore_index in (np.int64(-100), torch.tensor(-100)):
+        torch.testing.assert_close(ts.cross_entropy(x, t, ignore_index=ignore_index), ref)
+
+
+def test_zero_sum_weights_give_torchs_inf():
+    x = torch.randn(2, 5, device=DEVICE, dtype=torch.float64)
+    t = torch.tensor([0, 1], device=DEVICE)
+    weight = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0], device=DEVICE, dtype=torch.float64)
+    torch.testing.assert_close(
+        ts.cross_entropy(x, t, weight=weight), F.cross_entropy(x, t, weight=weight)
+    )
+
+
+def test_integer_class_weight_raises():
+    with pytest.raises(TypeError, match="weight"):
+        ts.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), weight=torch.ones(3).long())

@@ -295,3 +295,18 @@ def test_cpu_path_never_holds_the_logits():
     assert result.returncode == 0, result.stderr[-3000:]
     extra_mib = int(result.stdout.strip().splitlines()[-1])
     assert extra_mib < 0.1 * 1024, f"peak RSS grew by {extra_mib} MiB (full logits: 1024 MiB)"
+
+
+def test_degenerate_shapes_and_arguments_as_torch():
+    target = torch.tensor([0, 1, 2], device=DEVICE)
+    no_features = ts.linear_cross_entropy(
+        torch.randn(3, 0, device=DEVICE), torch.randn(5, 0, device=DEVICE), target
+    )
+    torch.testing.assert_close(no_features, torch.tensor(5.0, device=DEVICE).log())
+    x, w = torch.randn(4, device=DEVICE), torch.randn(5, 4, device=DEVICE)
+    one = torch.tensor([1], device=DEVICE)
+    torch.testing.assert_close(
+        ts.linear_cross_entropy(x, w, one), F.cross_entropy(F.linear(x, w)[None], one)
+    )
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ts.LinearCrossEntropyLoss(4, 5, label_smoothing=1.1)

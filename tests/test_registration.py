@@ -225,3 +225,60 @@ def test_check_targets_under_compile():
 def test_kernel_path_of_a_meta_tensor_raises():
     with pytest.raises(ValueError, match="meta"):
         ts.kernel_path(torch.empty(2, device="meta"))
+
+
+def test_transforms_inside_torch_compile():
+    # torch.compile traces torch.func transforms too: the composite must be taken there as well.
+    x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE)
+    v = torch.randn_like(x)
+    t = torch.randint(0, 5, (4,), device=DEVICE)
+    w = torch.randn(5, 5, dtype=torch.float64, device=DEVICE)
+
+    def jvp_of(ce):
+        return lambda a: torch.func.jvp(lambda q: ce(q, t), (a,), (v,))[1]
+
+    def grad_of_linear(ce):
+        return lambda a: torch.func.grad(lambda q: ce(x, q, t))(a)
+
+    for make, ours, theirs, arg in (
+        (jvp_of, ts.cross_entropy, F.cross_entropy, x),
+        (
+            jvp_of,
+            lambda q, t: ts.log_softmax(q, 1).sum(),
+            lambda q, t: F.log_softmax(q, 1).sum(),
+            x,
+        ),
+        (grad_of_linear, ts.linear_cross_entropy, F.linear_cross_entropy, w),
+    ):
+        if theirs is F.linear_cross_entropy and not hasattr(F, "linear_cross_entropy"):
+            continue
+        torch._dynamo.reset()
+        compiled = torch.compile(make(ours), backend="aot_eager")
+        torch.testing.assert_close(compiled(arg), make(theirs)(arg))
+
+
+def test_compile_fullgraph_with_probability_targets():
+    x = torch.randn(4, 5, device=DEVICE)
+    q = torch.softmax(torch.randn(4, 5, device=DEVICE), 1)
+    w = torch.randn(5, 5, device=DEVICE)
+    for f, ref in (
+        (lambda: ts.cross_entropy(x, q), F.cross_entropy(x, q)),
+        (lambda: ts.cross_entropy(x, q, return_lse=True)[0], F.cross_entropy(x, q)),
+        (lambda: ts.linear_cross_entropy(x, w, q), F.cross_entropy(x @ w.T, q)),
+    ):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(), ref)
+
+
+@pytest.mark.parametrize("extra", [dict(z_loss=1e-4), dict(return_lse=True), dict(softcap=5.0)])
+def test_autocast_dtype_with_extras(extra):
+    x = torch.randn(4, 6, device=DEVICE).bfloat16()
+    t = torch.randint(0, 6, (4,), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = ts.cross_entropy(x, t, **extra)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.dtype == torch.float32  # torch's autocast runs cross_entropy in float32
+    h64 = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    w64 = torch.randn(6, 4, dtype=torch.float64, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # float64 is not autocast's business
+        assert ts.linear_cross_entropy(h64, w64, t[:3]).dtype == torch.float64

@@ -45,22 +45,13 @@ def _require_tensor(value, function: str, argument: str) -> None:
 def _with_torch(*tensors: torch.Tensor | None) -> bool:
     """Whether torch's own functions compute this call instead of the registered ops: on the
     plain-torch CPU path, and under the transforms the registered ops do not implement."""
-    return kernel_path(tensors[0]) == "torch" or _under_transforms(*tensors)
+    return kernel_path(tensors[0]) == "torch" or _under_transforms()
 
 
-def _under_transforms(*tensors: torch.Tensor | None) -> bool:
-    """Whether (outside torch.compile) a torch.func transform or forward-mode AD sees these
-    tensors: a custom op would give them a silent zero tangent."""
-    if torch.compiler.is_compiling():
-        return False
-    return any(
-        t is not None
-        and (
-            torch._C._functorch.is_functorch_wrapped_tensor(t)
-            or forward_ad.unpack_dual(t).tangent is not None
-        )
-        for t in tensors
-    )
+def _under_transforms() -> bool:
+    """Whether a torch.func transform or forward-mode AD is active (also while torch.compile
+    traces one): the registered ops would give a silent zero tangent there."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _autocast_float32(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -261,8 +252,10 @@ def cross_entropy(
         softcap,
         inplace_backward and _ce.rows_writable(logits),
     )
-    out = _reduce(loss.reshape(batch_shape), target, weight, ignore_index, reduction, n_classes)
-    out = out.to(input.dtype if is_index else torch.result_type(input, target))
+    out = _reduce(
+        loss.reshape(batch_shape), target, weight, ignore_index, reduction, n_classes, z_loss
+    )
+    out = out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
     return (out, lse.reshape(batch_shape)) if return_lse else out
 
 
@@ -280,13 +273,18 @@ def _checked_options(
     _require_tensor(target, function, "target")
     if weight is not None:
         _require_tensor(weight, function, "weight")
+        check_floating(weight, f"{function} weight")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must be at most 1, got {label_smoothing}")
     label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index={ignore_index} does not fit in int64")
     if softcap is None:
@@ -373,6 +371,7 @@ def linear_cross_entropy(
     _require_tensor(linear_weight, "linear_cross_entropy", "linear_weight")
     _require_tensor(target, "linear_cross_entropy", "target")
     check_floating(input, "linear_cross_entropy input")
+    kernel_path(input)  # a clear error for devices no path serves (meta, mps, ...)
     if input.dim() == 0 or linear_weight.dim() < 2:
         raise ValueError(
             "linear_cross_entropy expects input (H,), (N, H) or (*, H) and linear_weight "
@@ -399,6 +398,8 @@ def linear_cross_entropy(
             )
     batch_shape = (*input.shape[:-1], *positions)
     logits_shape = (*input.shape[:-1], n_classes, *positions)
+    if input.dim() == 1 and target.shape == (1,) and not target.is_floating_point():
+        target = target.reshape(())  # as torch, (H,) input with a (1,) target
     if target.is_floating_point() and ignore_index is not None:
         raise ValueError(
             "ignore_index cannot be given when target contains probabilities (as in torch)"
@@ -408,17 +409,16 @@ def linear_cross_entropy(
         -100 if ignore_index is None else ignore_index, softcap, batch_shape, logits_shape,
     )  # fmt: skip
     is_index = not target.is_floating_point()
-    out_dtype = input.dtype if is_index else torch.result_type(input, target)
-    if torch.is_autocast_enabled(input.device.type):
+    out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
+    if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
         # torch's linear runs in the autocast dtype, its cross_entropy returns float32.
         low = torch.get_autocast_dtype(input.device.type)
         input, linear_weight, linear_bias = (
-            None if t is None else t.to(low) if t.dtype != torch.float64 else t
-            for t in (input, linear_weight, linear_bias)
+            None if t is None else t.to(low) for t in (input, linear_weight, linear_bias)
         )
-        out_dtype = torch.float32
+        out_dtype = torch.promote_types(torch.float32, out_dtype)
 
-    x = input.reshape(-1, n_features)
+    x = input.reshape(math.prod(input.shape[:-1]), n_features)
     n_positions = math.prod(positions)
     weights = linear_weight.reshape(n_classes, n_positions, n_features)
     biases = None if linear_bias is None else linear_bias.reshape(n_classes, n_positions)
@@ -426,7 +426,7 @@ def linear_cross_entropy(
         targets = target.reshape(x.shape[0], n_positions)
     else:
         targets = target.reshape(x.shape[0], n_classes, n_positions)
-    use_composite = _under_transforms(x, linear_weight, linear_bias, target)
+    use_composite = _under_transforms()
     losses, lses = [], []
     for p in range(n_positions):
         w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
@@ -443,9 +443,12 @@ def linear_cross_entropy(
             )
         losses.append(loss)
         lses.append(lse)
+    if n_positions == 0:  # a K-dimensional loss with an empty position dimension
+        losses = lses = [x.new_empty(x.shape[0], dtype=accumulator_dtype(x.dtype))]
     loss = (losses[0] if n_positions == 1 else torch.stack(losses, 1)).reshape(batch_shape)
     lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
-    out = _reduce(loss, target, weight, ignore_index, reduction, n_classes).to(out_dtype)
+    out = _reduce(loss, target, weight, ignore_index, reduction, n_classes, z_loss)
+    out = out.to(out_dtype)
     return (out, lse) if return_lse else out
 
 
@@ -462,7 +465,7 @@ def _is_leaf_requiring_grad(t: torch.Tensor) -> bool:
     return base.is_leaf and base.requires_grad
 
 
-def _reduce(per_row, target, weight, ignore_index, reduction, n_classes) -> torch.Tensor:
+def _reduce(per_row, target, weight, ignore_index, reduction, n_classes, z_loss=0.0):
     """torch's reduction of per-row losses (already weighted by the target's class weight)."""
     if reduction == "none":
         return per_row
@@ -476,31 +479,36 @@ def _reduce(per_row, target, weight, ignore_index, reduction, n_classes) -> torc
     else:
         safe = target.clamp(0, max(n_classes - 1, 0))
         denominator = (weight.to(per_row.dtype)[safe] * counted).sum()
-    # No counted weight: NaN, as torch's 0/0 (the z-loss term alone would make it inf).
-    return torch.where(denominator != 0, per_row.sum() / denominator, math.nan)
+    mean = per_row.sum() / denominator  # torch's: 0/0 is NaN, x/0 is inf
+    if z_loss:  # no counted weight: undefined (NaN), not the z-loss term alone over 0
+        mean = torch.where(denominator != 0, mean, math.nan)
+    return mean
 
 
 def _torch_cross_entropy(
     input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse
 ):
     """Cross-entropy with torch's own functions; the extras composed from torch ops."""
-    if softcap:
-        input = softcap * torch.tanh(input / softcap)
+    is_index = not target.is_floating_point()
+    out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
+    if _autocast_float32("cross_entropy", input) is not input:
+        out_dtype = torch.float32  # torch's autocast policy for cross_entropy
+    if softcap:  # capped in fp32 at least, as the kernels do
+        input = softcap * torch.tanh(input.to(accumulator_dtype(input.dtype)) / softcap)
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)  # torch wants them alike; the kernels take any
     options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if not z_loss and not return_lse:
-        return F.cross_entropy(input, target, reduction=reduction, **options)
+        return F.cross_entropy(input, target, reduction=reduction, **options).to(out_dtype)
     class_dim = 0 if input.dim() == 1 else 1
     lse = input.to(accumulator_dtype(input.dtype)).logsumexp(dim=class_dim)
     loss = F.cross_entropy(input, target, reduction="none", **options)
-    if z_loss and target.is_floating_point():
+    if z_loss and not is_index:
         loss = loss + z_loss * lse * lse
     elif z_loss:
         loss = loss + torch.where(target != ignore_index, z_loss * lse * lse, 0.0)
-    out = _reduce(loss, target, weight, ignore_index, reduction, input.shape[class_dim])
-    out = out.to(torch.result_type(input, target) if target.is_floating_point() else input.dtype)
-    return (out, lse) if return_lse else out
+    out = _reduce(loss, target, weight, ignore_index, reduction, input.shape[class_dim], z_loss)
+    return (out.to(out_dtype), lse) if return_lse else out.to(out_dtype)
 
 
 def _class_dim_last(t: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,8 @@ class LinearCrossEntropyLoss(nn.Module):
         return_lse: bool = False,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:  # as torch's constructor
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         if weight is not None and weight.shape != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
         self.register_buffer("weight", weight)
@@ -148,5 +150,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
-            f"reduction={self.reduction}, softcap={self.softcap}, z_loss={self.z_loss}"
+            f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, options={self.options}, "
+            f"softcap={self.softcap}, z_loss={self.z_loss}"
         )
