@@ -56,6 +56,8 @@ class OnnxClassifier:
         path: the ``.onnx`` file.
         providers: onnxruntime execution providers in order of preference; by default CUDA when
             available, then CPU. Each must be offered by the installed onnxruntime.
+        threads: onnxruntime's intra-op threads, which then wait without spinning between
+            calls; by default onnxruntime's choice (one per core, spinning).
 
     Attributes:
         classes_: class names, a numpy string array of shape (k,); ``predict`` returns these.
@@ -69,7 +71,11 @@ class OnnxClassifier:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], providers: Sequence[str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        providers: Sequence[str] | None = None,
+        *,
+        threads: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
@@ -85,8 +91,14 @@ class OnnxClassifier:
                     f"provider(s) {', '.join(unknown)} not available" if unknown else "no provider"
                 )
                 raise ValueError(f"{what}; this onnxruntime offers {', '.join(available)}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            # Pool threads that spin while idle take the cores from whatever else runs (a
+            # server's event loop, its clients); with a fixed count they wait instead.
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(self.path, providers=chosen)
+            self._session = ort.InferenceSession(self.path, options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{self.path}: onnxruntime cannot load it: {first_line}") from None
