@@ -6,18 +6,25 @@ format.
 """
 
 from .data import DataError, Dataset, load_csv, load_iris, read_features, stratified_split
-from .model import SoftmaxRegression
-from .train import (
-    Checkpoint,
-    FitResult,
-    TrainConfig,
-    TrainingError,
-    TrainRun,
-    fit,
-    load_checkpoint,
-    save_checkpoint,
-    train,
-)
+
+try:
+    from .model import SoftmaxRegression
+    from .train import (
+        Checkpoint,
+        FitResult,
+        TrainConfig,
+        TrainingError,
+        TrainRun,
+        fit,
+        load_checkpoint,
+        save_checkpoint,
+        train,
+    )
+except ModuleNotFoundError as e:
+    # A serving-only install has no torch: the data functions (numpy only) still work there;
+    # `triton-softmax predict` reads its CSVs with them.
+    if e.name not in ("torch", "triton"):
+        raise
 
 __all__ = [
     "Checkpoint",
