@@ -1,8 +1,9 @@
-"""The ``triton-softmax`` command: train, export, predict, info.
+"""The ``triton-softmax`` command: train, export, predict, info, serve.
 
 ``triton-softmax train`` with no arguments trains softmax regression on the embedded Iris data,
 exports it to ONNX, verifies the export against torch and prints the accuracy and the model's path.
 Bad input ends with one line on stderr and a non-zero exit status, never a traceback.
+``predict``, ``info`` on a ``.onnx`` file and ``serve`` import neither torch nor triton.
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ ONNX_NAME = "model.onnx"
 CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
 SYNTHETIC_PARITY_ROWS = 256
-#: What ``pip install "triton-softmax[onnx]"`` adds; train, export, predict and info need it.
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+#: The extra that has each missing top-level package, for the one-line error naming it.
+EXTRAS = {
+    **dict.fromkeys(("onnx", "onnxscript", "onnxruntime"), "onnx"),
+    **dict.fromkeys(("kserve", "fastapi", "starlette", "uvicorn", "pydantic"), "serve"),
+}
 #: The slow imports of each command, done before it starts with Ctrl-C deferred (see ``main``).
 SLOW_IMPORTS = {
     "train": ("triton_softmax.functional", "triton_softmax.export.onnx_export"),
     "export": ("triton_softmax.export.onnx_export",),
     "predict": ("triton_softmax.export.runtime",),
-    "info": ("onnx", "triton_softmax.export.runtime", "triton_softmax.regression.train"),
+    "info": ("onnx", "triton_softmax.export.runtime"),
+    "serve": ("triton_softmax.export.serve",),
 }
 
 
@@ -61,9 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = PROG  # "triton-softmax train" once the command is known
     try:
         with _interrupts_deferred():
-            args = _parser().parse_args(argv)
+            argv = sys.argv[1:] if argv is None else list(argv)
+            args = _parser(training_options=_command(argv) == "train").parse_args(argv)
             prefix = f"{PROG} {args.command}"
-            for module in SLOW_IMPORTS[args.command]:
+            slow = SLOW_IMPORTS[args.command]
+            if args.command == "info" and args.path.suffix == ".safetensors":
+                slow = ("triton_softmax.regression.train",)
+            for module in slow:
                 importlib.import_module(module)
         with warnings.catch_warnings():
             # Triton's interpreter also evaluates masked-off lanes, whose -inf arithmetic makes
@@ -78,11 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ModuleNotFoundError as e:
-        if (e.name or "").partition(".")[0] not in ONNX_PACKAGES:
+        extra = EXTRAS.get((e.name or "").partition(".")[0])
+        if extra is None:
             raise
         print(
-            f"{prefix}: error: {e.name} is not installed; the ONNX extra has it: "
-            f'pip install "triton-softmax[onnx]"',
+            f"{prefix}: error: {e.name} is not installed; the {extra} extra has it: "
+            f'pip install "triton-softmax[{extra}]"',
             file=sys.stderr,
         )
         return 1
@@ -136,7 +146,19 @@ def _expected(error: Exception) -> bool:
     return isinstance(error, tuple(kinds))
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first argument that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _parser(training_options: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser.
+
+    Args:
+        training_options: add ``train``'s options, generated from ``TrainConfig``, whose module
+            imports torch; the other commands are parsed without them, so that ``predict``,
+            ``info`` and ``serve`` run where torch is not installed.
+    """
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Softmax regression trained with the triton-softmax kernels, served with ONNX.",
@@ -181,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--force", action="store_true", help="overwrite the model files in an existing --out"
     )
-    _add_training_options(train)
+    if training_options:
+        _add_training_options(train)
     train.add_argument(
         "--device",
         metavar="DEVICE",
@@ -198,11 +221,13 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX",
+        help="export a checkpoint to ONNX, or to a Triton Inference Server model repository",
         description=(
             "Export a model.safetensors checkpoint to ONNX, check it and compare onnxruntime with "
             "torch: on the rows of --data, or on synthetic rows drawn from the training mean and "
-            "standard deviation."
+            "standard deviation. With --triton-repo, into a model repository that Triton "
+            "Inference Server (and `triton-softmax serve`) loads: DIR/NAME/config.pbtxt and "
+            "DIR/NAME/1/model.onnx."
         ),
     )
     export.add_argument("checkpoint", type=Path, help="a checkpoint written by `train`")
@@ -212,6 +237,27 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="ONNX",
         help="the .onnx file (default: next to the checkpoint)",
+    )
+    triton = export.add_argument_group("Triton Inference Server model repository")
+    triton.add_argument(
+        "--triton-repo",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (instead of -o)",
+    )
+    triton.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the model's name in the repository and the URLs (default: the checkpoint's folder)",
+    )
+    triton.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        help="most rows in one request or dynamic batch (default 1024)",
+    )
+    triton.add_argument(
+        "--gpu", action="store_true", help="run on the GPUs (KIND_GPU; default: one CPU instance)"
     )
     export.add_argument(
         "--data", type=Path, metavar="CSV", help="CSV whose feature columns the parity check uses"
@@ -258,6 +304,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("path", type=Path, help="a .onnx model or a .safetensors checkpoint")
     info.set_defaults(run=_info)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve models over the Open Inference Protocol (KServe v2 REST)",
+        description=(
+            "Serve a Triton model repository (every DIR/NAME/<version>/model.onnx, the highest "
+            "version) or one .onnx file over REST with KServe's model server: the protocol that "
+            "Triton Inference Server, KServe and MLServer speak, so the same clients (curl, "
+            "tritonclient) work with each. SIGTERM or Ctrl-C finish the requests in flight, then "
+            "exit 0. Imports neither torch nor triton."
+        ),
+    )
+    serve.add_argument("path", type=Path, help="a model repository folder or a .onnx file")
+    serve.add_argument(
+        "--name", metavar="NAME", help="the model's name for a .onnx file (default: its stem)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (%(default)s; 0.0.0.0: all)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (%(default)s)")
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 2**20,
+        metavar="N",
+        help="larger request bodies get 413 (%(default)s)",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log one line per request")
+    serve.set_defaults(run=_serve)
     return parser
 
 
@@ -389,6 +464,21 @@ def _export(args: argparse.Namespace) -> int:
     from triton_softmax.regression import load_checkpoint, read_features
 
     opset = _opset(args.opset)
+    repo_options = [
+        option
+        for option, given in (
+            ("--name", args.name is not None),
+            ("--max-batch-size", args.max_batch_size is not None),
+            ("--gpu", args.gpu),
+        )
+        if given
+    ]
+    if args.triton_repo is None and repo_options:
+        raise CommandError(f"{', '.join(repo_options)} needs --triton-repo")
+    if args.triton_repo is not None and args.output is not None:
+        raise CommandError("give either -o/--output or --triton-repo, not both")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise CommandError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     if args.checkpoint.suffix != ".safetensors":
         hint = (
             f"; for a model trained with `train`, that is "
@@ -399,7 +489,16 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.checkpoint}: export wants the .safetensors checkpoint written by train{hint}"
         )
-    out = args.output or args.checkpoint.with_suffix(".onnx")
+    if args.triton_repo is not None:
+        from triton_softmax.export import triton_repo
+
+        name = args.name or args.checkpoint.resolve().parent.name
+        try:
+            out = triton_repo.model_path(args.triton_repo, name)
+        except ValueError as e:
+            raise CommandError(f"--name: {e}") from None
+    else:
+        out = args.output or args.checkpoint.with_suffix(".onnx")
     check_writable(out)
     ckpt = load_checkpoint(args.checkpoint)
     if args.data is not None:
@@ -429,6 +528,36 @@ def _export(args: argparse.Namespace) -> int:
         f"max abs diff {report.max_abs_diff:.2e}, labels identical"
     )
     print(f"model: {out}")
+    if args.triton_repo is not None:
+        config = triton_repo.write_config(
+            args.triton_repo,
+            name,
+            max_batch_size=args.max_batch_size or triton_repo.DEFAULT_MAX_BATCH_SIZE,
+            gpu=args.gpu,
+        )
+        print(f"Triton model repository: {args.triton_repo} (model {name!r}: {config})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from triton_softmax.export import serve
+    from triton_softmax.export.triton_repo import find_models
+
+    models = serve.load_models(find_models(args.path, args.name))
+    print(serve.describe(models), file=sys.stderr)
+    print(
+        f"serving {len(models)} model(s) on http://{args.host}:{args.port}/v2 "
+        "(Open Inference Protocol, REST); Ctrl-C or SIGTERM to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve.serve(
+        models,
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_bytes,
+        access_log=args.access_log,
+    )
     return 0
 
 

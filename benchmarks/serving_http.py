@@ -1,0 +1,332 @@
+"""Serving over HTTP on 127.0.0.1: `triton-softmax serve` next to in-process onnxruntime.
+
+    python -m benchmarks.serving_http                    # about 1 minute on 2 cores
+    python -m benchmarks.serving_http --update-readme    # and the README section bench:http
+    python -m benchmarks.serving_http --smoke --out DIR  # a few seconds (the tests run it)
+
+The Iris model is trained and exported with the project's API. In-process: ``OnnxClassifier.run``
+with one onnxruntime thread, as the server runs it, p50 / p99 per call at batch 1 and 64 rows.
+Server: ``triton-softmax serve model.onnx`` in a subprocess; 1, 8 and 32 client processes, each
+with one keep-alive connection (``http.client``), send JSON inference requests back to back for
+``DURATION`` seconds after ``WARMUP`` seconds; latency is send to parsed response, p50 / p99 over
+every client's requests, and requests/s counts the requests completed in the timed window. Every
+answer is checked against the in-process labels. The target (DESIGN.md §4): the server adds at most
+1 ms p50 to in-process onnxruntime at batch 1 with one client.
+
+The clients run on the same machine: on a small one they take CPU time from the server, so the
+figures are what server and clients reach together. Output: ``http_serving_<cpu>.csv`` and
+``.md`` (not ``serving_*``, which ``benchmarks.serving`` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common
+
+CLIENTS = (1, 8, 32)
+BATCHES = (1, 64)
+WARMUP, DURATION = 1.0, 4.0
+SMOKE_CLIENTS, SMOKE_WARMUP, SMOKE_DURATION = (1, 2), 0.2, 0.5
+IN_PROCESS_CALLS, SMOKE_IN_PROCESS_CALLS = 20_000, 200
+SMOKE_EPOCHS = 20
+TARGET_ADDED_MS = 1.0
+START_TIMEOUT = 120
+MODEL = "iris"
+VERSIONS = ("triton-softmax", "kserve", "fastapi", "uvicorn", "onnxruntime", "numpy")
+
+
+def prepare(workdir: Path, epochs: int | None = None) -> tuple[Path, np.ndarray]:
+    """Train and export the Iris model; 64 rows drawn like its features."""
+    from triton_softmax.export.onnx_export import export_and_verify
+    from triton_softmax.regression import TrainConfig, load_iris, train
+
+    data = load_iris()
+    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
+    run = train(data, config, device="cpu", progress=False, reference=False)
+    path = workdir / "model.onnx"
+    names = {"feature_names": data.feature_names, "class_names": data.class_names}
+    export_and_verify(run.model.cpu().eval(), path, run.test.features, **names)
+    rng = np.random.default_rng(0)
+    mean, std = data.features.mean(axis=0), data.features.std(axis=0)
+    return path, rng.normal(mean, std, size=(max(BATCHES), mean.size)).astype(np.float32)
+
+
+def in_process(path: Path, rows: np.ndarray, calls: int) -> list[dict]:
+    """p50 / p99 of ``OnnxClassifier.run`` at each batch size (1 onnxruntime thread)."""
+    from triton_softmax.export.runtime import OnnxClassifier
+
+    clf = OnnxClassifier(path, providers=["CPUExecutionProvider"], threads=1)
+    out = []
+    for batch in BATCHES:
+        x = rows[:batch]
+        for _ in range(calls // 10):
+            clf.run(x)
+        times = np.empty(calls)
+        for i in range(calls):
+            start = time.perf_counter()
+            clf.run(x)
+            times[i] = time.perf_counter() - start
+        p50, p99 = np.percentile(times, [50, 99]) * 1e3
+        out.append(
+            dict(
+                path="in-process OnnxClassifier",
+                clients=1,
+                batch=batch,
+                requests_per_s=round(1 / np.median(times)),
+                p50_ms=round(float(p50), 4),
+                p99_ms=round(float(p99), 4),
+                requests=calls,
+            )
+        )
+    return out
+
+
+def _client(port: int, body: bytes, expected: list, start_at: float, stop_at: float, queue) -> None:
+    """One client process: requests back to back; (latencies of the timed window, errors)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    latencies, errors = [], 0
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= stop_at:
+            break
+        conn.request("POST", f"/v2/models/{MODEL}/infer", body, headers)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        t1 = time.perf_counter()
+        if response.status != 200 or answer["outputs"][0]["data"] != expected:
+            errors += 1
+        if t0 >= start_at and t1 <= stop_at:
+            latencies.append(t1 - t0)
+    conn.close()
+    queue.put((latencies, errors))
+
+
+def through_server(
+    port: int, rows: np.ndarray, labels: np.ndarray, clients: int, warmup: float, duration: float
+) -> list[dict]:
+    """Requests/s and latency through the server for each batch size with ``clients`` clients."""
+    out = []
+    ctx = multiprocessing.get_context("fork")
+    for batch in BATCHES:
+        x = rows[:batch]
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "features",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "data": x.ravel().tolist(),
+                    }
+                ]
+            }  # fmt: skip
+        ).encode()
+        queue = ctx.Queue()
+        start_at = time.perf_counter() + 0.5 + warmup  # after every client has connected
+        stop_at = start_at + duration
+        expected = labels[:batch].tolist()
+        procs = [
+            ctx.Process(target=_client, args=(port, body, expected, start_at, stop_at, queue))
+            for _ in range(clients)
+        ]
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=duration + warmup + 120) for _ in procs]
+        for p in procs:
+            p.join()
+        latencies = np.concatenate([np.asarray(r[0]) for r in results])
+        errors = sum(r[1] for r in results)
+        if errors:
+            raise RuntimeError(
+                f"{errors} wrong or failed answers ({clients} clients, batch {batch})"
+            )
+        p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
+        out.append(
+            dict(
+                path="triton-softmax serve (HTTP, JSON)",
+                clients=clients,
+                batch=batch,
+                requests_per_s=round(latencies.size / duration),
+                p50_ms=round(float(p50), 4),
+                p99_ms=round(float(p99), 4),
+                requests=int(latencies.size),
+            )
+        )
+        print(
+            f"  {clients:2d} clients, batch {batch:2d}: {out[-1]['requests_per_s']} requests/s, "
+            f"p50 {p50:.3f} ms, p99 {p99:.3f} ms",
+            flush=True,
+        )
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path: Path, workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 (closed when the process ends)
+    cmd = [sys.executable, "-m", "triton_softmax.cli", "serve", str(path), "--name", MODEL]
+    process = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited: {(workdir / 'serve.log').read_text()}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v2/health/ready")
+            if conn.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("serve was not ready in time")
+
+
+def run(out_dir: Path, smoke: bool) -> Path:
+    from triton_softmax.export.runtime import OnnxClassifier
+
+    machine = common.cpu_description()
+    load_start = common.load_average()
+    print(f"machine: {machine}; load average {load_start:.2f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        path, rows = prepare(workdir, epochs=SMOKE_EPOCHS if smoke else None)
+        labels = OnnxClassifier(path).run(rows)[0]
+        results = in_process(path, rows, SMOKE_IN_PROCESS_CALLS if smoke else IN_PROCESS_CALLS)
+        process, port = start_server(path, workdir)
+        try:
+            for clients in SMOKE_CLIENTS if smoke else CLIENTS:
+                results += through_server(
+                    port,
+                    rows,
+                    labels,
+                    clients,
+                    SMOKE_WARMUP if smoke else WARMUP,
+                    SMOKE_DURATION if smoke else DURATION,
+                )
+        finally:
+            process.terminate()
+            exit_status = process.wait(timeout=60)
+        if exit_status != 0:
+            raise RuntimeError(f"serve exited {exit_status} on SIGTERM")
+    meta = dict(
+        machine=machine,
+        load_avg=round(load_start, 2),
+        load_avg_end=round(common.load_average(), 2),
+        versions=common.versions(VERSIONS),
+        commit=common.git_commit(),
+        smoke=smoke,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"http_serving_{common.slug(common.cpu_model())}.csv"
+    common.write_csv(csv_path, [{**r, **meta} for r in results])
+    csv_path.with_suffix(".md").write_text(report(csv_path) + "\n", encoding="utf-8")
+    return csv_path
+
+
+def report(csv_path: Path) -> str:
+    """The markdown of one CSV: how it was measured, the table, the target."""
+    rows = common.read_csv(csv_path)
+    r0 = rows[0]
+    base = {r["batch"]: r for r in rows if r["path"].startswith("in-process")}
+    in_process = base[1]["path"]
+    table = [
+        (
+            r["path"],
+            r["clients"],
+            r["batch"],
+            f"{r['requests_per_s']:,}",
+            f"{r['requests_per_s'] * r['batch']:,}",
+            f"{r['p50_ms']:.3f}",
+            f"{r['p99_ms']:.3f}",
+            "" if r["path"] == in_process else f"+{r['p50_ms'] - base[r['batch']]['p50_ms']:.3f}",
+        )
+        for r in rows
+    ]
+    one = next(r for r in rows if r["clients"] == 1 and r["batch"] == 1 and r["path"] != in_process)
+    added = one["p50_ms"] - base[1]["p50_ms"]
+    verdict = "met" if added <= TARGET_ADDED_MS else "**NOT met**"
+    lines = [
+        f"Measured on {r0['machine']}; 1-minute load average {r0['load_avg']:.2f} at the start, "
+        f"{r0['load_avg_end']:.2f} at the end; {r0['versions']}; commit {r0['commit']}"
+        + ("; smoke run (tiny durations)" if r0["smoke"] == "True" else "")
+        + ". Server and clients share the machine.",
+        "",
+        *common.md_table(
+            [
+                "path",
+                "clients",
+                "rows/request",
+                "requests/s",
+                "rows/s",
+                "p50 ms",
+                "p99 ms",
+                "p50 added ms",
+            ],  # fmt: skip
+            table,
+        ),
+        "",
+        f"Target (DESIGN.md §4): the server adds ≤ {TARGET_ADDED_MS:g} ms p50 to in-process "
+        f"onnxruntime at batch 1 with one client: {verdict} (+{added:.3f} ms).",
+    ]
+    return "\n".join(lines)
+
+
+def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
+    lines = [
+        "## Benchmarks: serving over HTTP",
+        "",
+        "`python -m benchmarks.serving_http` trains and exports the Iris model, times "
+        "`OnnxClassifier.run` in process (one onnxruntime thread, as the server runs it), then "
+        "starts `triton-softmax serve` on 127.0.0.1 and has 1, 8 and 32 client processes (one "
+        "keep-alive connection each, JSON requests back to back, 4 s after 1 s of warm-up) send "
+        "requests of 1 and 64 rows; every answer is checked. `--update-readme` rewrites this "
+        "section.",
+        "",
+    ]
+    csvs = sorted(results_dir.glob("http_serving_*.csv"))
+    for path in csvs:
+        lines += [report(path), ""]
+        files = [path, path.with_suffix(".md")]
+        lines += [f"Files: {', '.join(common.link(p, p.suffix[1:]) for p in files)}.", ""]
+    return "\n".join(lines if csvs else [*lines, "No HTTP serving numbers have been measured yet."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving_http", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny durations and client counts")
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    ap.add_argument("--update-readme", action="store_true", help=f"rewrite {common.README}")
+    args = ap.parse_args(argv)
+    csv_path = run(args.out, args.smoke)
+    print(csv_path.with_suffix(".md").read_text())
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
+    if args.update_readme:
+        text = common.README.read_text(encoding="utf-8")
+        section = readme_section(args.out)
+        common.README.write_text(common.replace_section(text, "bench:http", section), "utf-8")
+        print(f"updated {common.README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
