@@ -233,7 +233,6 @@ def run(out_dir: Path, smoke: bool) -> Path:
         load_avg=round(load_start, 2),
         load_avg_end=round(common.load_average(), 2),
         versions=common.versions(VERSIONS),
-        commit=common.git_commit(),
         smoke=smoke,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +266,7 @@ def report(csv_path: Path) -> str:
     verdict = "met" if added <= TARGET_ADDED_MS else "**NOT met**"
     lines = [
         f"Measured on {r0['machine']}; 1-minute load average {r0['load_avg']:.2f} at the start, "
-        f"{r0['load_avg_end']:.2f} at the end; {r0['versions']}; commit {r0['commit']}"
+        f"{r0['load_avg_end']:.2f} at the end; {r0['versions']}"
         + ("; smoke run (tiny durations)" if r0["smoke"] == "True" else "")
         + ". Server and clients share the machine.",
         "",
