@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,17 @@ def versions(names: Iterable[str]) -> str:
     """``"python 3.11.7; torch 2.13.0+cpu; ..."`` for the installed ones among ``names``."""
     found = [f"{n} {package_version(n)}" for n in names if package_version(n)]
     return "; ".join([f"python {platform.python_version()}", *found])
+
+
+def git_commit() -> str:
+    """The clone's commit, ``+dirty`` when ``triton_softmax/`` has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=README.parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("+dirty" if git("status", "--porcelain", "--", "triton_softmax") else "")
 
 
 def cpu_model() -> str:

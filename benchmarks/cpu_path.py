@@ -15,9 +15,13 @@ extras, for which torch's side is composed from torch ops: ``z_loss=1e-4`` as
 ``(F.cross_entropy(x, t), logsumexp(x))``.
 
 Each pair's outputs and gradients are compared (``assert_close``) before timing; a mismatch is
-recorded and not timed. Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange``
-blocks pooled over ``--rounds`` rounds that alternate which side runs first, with
-``torch.set_num_threads`` at the machine's logical CPU count. Refuses to run unless our ops take
+recorded and not timed. Timing: per case, ``--rounds`` rounds (7) in which our call and
+torch's each run a block of calls of about ``--block`` seconds (30 ms; at least one call), back to
+back, in an order that alternates; times are the medians of the blocks' per-call means, the ratio
+the median of the rounds' ratios, so that a slow spell of a shared machine falls on both sides of
+a pair. ``torch.set_num_threads`` is the logical CPU count (``--threads`` changes it: on a 2-core
+machine that other processes kept busy we saw ``F.softmax`` of a 4x3 tensor take ~15 ms a call
+with 2 threads and 3 µs with 1). Refuses to run unless our ops take
 the plain-torch path (``kernel_path == "torch"``: no GPU, no ``TRITON_INTERPRET``).
 
 Output: ``cpu_path_<cpu>.csv`` and ``.md`` (``--out``, default ``benchmarks/results``).
@@ -26,14 +30,15 @@ Output: ``cpu_path_<cpu>.csv`` and ``.md`` (``--out``, default ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 from benchmarks import common
 
@@ -111,29 +116,49 @@ def check(ours: Outputs, ref: Outputs) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30))
 
 
-def time_pair(a: Callable, b: Callable, threads: int, rounds: int, min_time: float) -> list[float]:
-    """Median seconds per call of ``a`` and ``b``: blocked_autorange blocks pooled over
-    ``rounds`` rounds, alternating which runs first (min_time 0: 3 calls, for smoke runs)."""
-    times: list[list[float]] = [[], []]
-    for k in range(rounds):
-        for i in (0, 1) if k % 2 == 0 else (1, 0):
-            timer = Timer("fn()", globals={"fn": (a, b)[i]}, num_threads=threads)
-            m = timer.blocked_autorange(min_run_time=min_time) if min_time else timer.timeit(3)
-            times[i] += m.times
-    return [statistics.median(t) for t in times]
+def time_pair(a: Callable, b: Callable, rounds: int, block: float) -> tuple[float, float, float]:
+    """(ours s, torch s, ours / torch): medians over ``rounds`` rounds of the mean time of a
+    block of calls (about ``block`` seconds; at least one call), ``a`` and ``b`` back to back in
+    an order that alternates; the ratio is the median of the rounds' ratios, so that a slow
+    spell of the machine lands on both sides of a pair. Garbage collection is off meanwhile."""
+    calls = []
+    for fn in (a, b):
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        calls.append(max(1, round(block / max(time.perf_counter() - start, 1e-9))))
+    per_round: list[list[float]] = [[], []]
+    gc.disable()
+    try:
+        for k in range(rounds):
+            for i in (0, 1) if k % 2 == 0 else (1, 0):
+                fn, n = (a, b)[i], calls[i]
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                per_round[i].append((time.perf_counter() - start) / n)
+    finally:
+        gc.enable()
+    ratios = [x / y for x, y in zip(*per_round, strict=True)]
+    return (
+        statistics.median(per_round[0]),
+        statistics.median(per_round[1]),
+        statistics.median(ratios),
+    )
 
 
-def run(shapes, rounds: int, min_time: float) -> list[dict]:
+def run(shapes, rounds: int, block: float, threads: int) -> list[dict]:
     import triton_softmax as ts
 
-    torch.set_num_threads(common.cpu_count())
-    timer = f"blocked_autorange(min_run_time={min_time}) x {rounds} rounds, median"
+    torch.set_num_threads(threads)
+    timer = f"median of {rounds} rounds of {block * 1e3:g} ms blocks, perf_counter"
     base = dict(
         machine=common.cpu_description(),
         threads=torch.get_num_threads(),
-        versions=common.versions(("torch", "triton", "triton-softmax", "numpy")),
+        versions=common.versions(("torch", "triton", "triton-softmax", "numpy"))
+        + f" (commit {common.git_commit()})",
         kernel_path=ts.kernel_path(torch.empty(1)),
-        timer=timer if min_time else "timeit(3) (smoke)",
+        timer=timer,
         load_avg=round(common.load_average(), 2),
     )
     rows = []
@@ -149,10 +174,8 @@ def run(shapes, rounds: int, min_time: float) -> list[dict]:
                     row["status"] = "mismatch: " + " ".join(str(e).split())[:200]
                 else:
                     a, b = _step(ours, x, mode, grads), _step(ref, x, mode, grads)
-                    t_ours, t_torch = time_pair(a, b, base["threads"], rounds, min_time)
-                    row |= dict(
-                        ours_us=t_ours * 1e6, torch_us=t_torch * 1e6, ratio=t_ours / t_torch
-                    )
+                    t_ours, t_torch, ratio = time_pair(a, b, rounds, block)
+                    row |= dict(ours_us=t_ours * 1e6, torch_us=t_torch * 1e6, ratio=ratio)
                 rows.append(row)
                 result = f"{row['ratio']:.2f}x" if row["status"] == "ok" else row["status"]
                 print(f"{op:13s} {m}x{c:<6} {options:27s} {mode:16s} {result}", flush=True)
@@ -219,14 +242,21 @@ def ratio_table(rows: list[dict]) -> list[str]:
 
 def _intro(rows: list[dict]) -> list[str]:
     r = rows[0]
-    return [
+    text = (
         f"Measured on {r['machine']}, torch threads {r['threads']} (1-minute load average "
         f"{r['load_avg']:.2f} at the start, {r['load_avg_end']:.2f} at the end; {r['versions']}; "
-        f"our kernel path: `{r['kernel_path']}`; timer: {r['timer']}). Cells: our median time / "
-        f"torch's (below 1: ours is faster); ✗ misses the target (≤ {OVERHEAD_TARGET}× at 4x3, "
-        f"≤ {SPEED_TARGET}× from 256 rows). Outputs and gradients were checked against torch "
-        "before timing. Torch's side of `z_loss` and `return_lse` is composed from torch ops.",
-    ]
+        f"our kernel path: `{r['kernel_path']}`; timer: {r['timer']}). Cells: the median of the "
+        "rounds' ratios of our time to torch's (below 1: ours is faster); ✗ misses the target "
+        f"(≤ {OVERHEAD_TARGET}× at 4x3, ≤ {SPEED_TARGET}× from 256 rows). Outputs and gradients "
+        "were checked against torch before timing. Torch's side of `z_loss` and `return_lse` is "
+        "composed from torch ops."
+    )
+    if max(r["load_avg"], r["load_avg_end"]) >= 1:
+        text += (
+            " Other processes were busy on the machine (load average ≥ 1): absolute times are "
+            "inflated and noisy; each ratio compares blocks run back to back."
+        )
+    return [text]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -283,8 +313,14 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_path", description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 calls each, seconds")
-    ap.add_argument("--rounds", type=int, default=3, help="timing rounds per case (default 3)")
-    ap.add_argument("--min-time", type=float, default=0.1, help="blocked_autorange seconds")
+    ap.add_argument("--rounds", type=int, default=7, help="timing rounds per case (default 7)")
+    ap.add_argument("--block", type=float, default=0.03, help="seconds per timed block")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=common.cpu_count(),
+        help="torch threads (default: the logical CPUs; 1 on a machine others are using)",
+    )
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     args = ap.parse_args(argv)
     import triton_softmax as ts
@@ -299,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return REFUSAL_EXIT
     torch.manual_seed(0)
     if args.smoke:
-        args.rounds, args.min_time = 1, 0.0
-    rows = run(SMOKE_SHAPES if args.smoke else SHAPES, args.rounds, args.min_time)
+        args.rounds, args.block = 1, 0.0
+    rows = run(SMOKE_SHAPES if args.smoke else SHAPES, args.rounds, args.block, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("cpu_path-smoke_" if args.smoke else "cpu_path_") + common.slug(common.cpu_model())
     csv_path = common.write_csv(args.out / f"{stem}.csv", rows)

@@ -264,8 +264,9 @@ class Run:
         if args.smoke:  # Inductor's C++ compile of each tiny CPU graph would take seconds
             self.providers["torch.compile"] = ("torch", lambda op: _compiled(op, "eager"), False)
         packages = dict.fromkeys(["torch", "triton", *(p[0] for p in PROVIDERS.values())])
-        versions = "; ".join(
-            f"{p} {common.package_version(p) or 'not installed'}" for p in packages
+        versions = (
+            "; ".join(f"{p} {common.package_version(p) or 'not installed'}" for p in packages)
+            + f"; triton-softmax commit {common.git_commit()}"
         )
         self.device = torch.cuda.get_device_name() if self.cuda else common.cpu_description()
         src = torch.ones(1 << (22 if args.smoke else 30), dtype=torch.uint8, device=self.where)
