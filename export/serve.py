@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,8 @@ def serve(
         enable_docs_url=False,
         grace_period=10,
     )
+    # KServe 0.21 answers with FastAPI's ORJSONResponse, which FastAPI 0.165 calls deprecated.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     # KServe logs two timing lines per request ("kserve.trace"); uvicorn one access line.
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     if not access_log:
