@@ -6,6 +6,7 @@
 
 The Iris model is trained and exported with the project's API. In-process: ``OnnxClassifier.run``
 with one onnxruntime thread, as the server runs it, p50 / p99 per call at batch 1 and 64 rows.
+Floor: a bare uvicorn ASGI app that sends a fixed answer, with one client at batch 1.
 Server: ``triton-softmax serve model.onnx`` in a subprocess; 1, 8 and 32 client processes, each
 with one keep-alive connection (``http.client``), send JSON inference requests back to back for
 ``DURATION`` seconds after ``WARMUP`` seconds; latency is send to parsed response, p50 / p99 over
@@ -116,12 +117,19 @@ def _client(port: int, body: bytes, expected: list, start_at: float, stop_at: fl
 
 
 def through_server(
-    port: int, rows: np.ndarray, labels: np.ndarray, clients: int, warmup: float, duration: float
+    port: int,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    clients: int,
+    warmup: float,
+    duration: float,
+    path: str = "triton-softmax serve (HTTP, JSON)",
+    batches: tuple[int, ...] = BATCHES,
 ) -> list[dict]:
     """Requests/s and latency through the server for each batch size with ``clients`` clients."""
     out = []
     ctx = multiprocessing.get_context("fork")
-    for batch in BATCHES:
+    for batch in batches:
         x = rows[:batch]
         body = json.dumps(
             {
@@ -157,7 +165,7 @@ def through_server(
         p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
         out.append(
             dict(
-                path="triton-softmax serve (HTTP, JSON)",
+                path=path,
                 clients=clients,
                 batch=batch,
                 requests_per_s=round(latencies.size / duration),
@@ -174,18 +182,35 @@ def through_server(
     return out
 
 
+#: The floor under any Python server here: uvicorn (as KServe runs it) with a bare ASGI app that
+#: reads the body and sends a fixed answer (the model's, for the first row).
+BARE_APP = """
+import sys, uvicorn
+answer = sys.argv[1].encode()
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": answer})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", loop="asyncio")
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(path: Path, workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_server(cmd: list[str], workdir: Path) -> tuple[subprocess.Popen, int]:
+    """``cmd`` followed by a free port, once it answers ``/v2/health/ready``."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     log = open(workdir / "serve.log", "wb")  # noqa: SIM115 (closed when the process ends)
-    cmd = [sys.executable, "-m", "triton_softmax.cli", "serve", str(path), "--name", MODEL]
-    process = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=log, env=env)
+    process = subprocess.Popen([*cmd, str(port)], stdout=log, stderr=log, env=env)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -212,7 +237,24 @@ def run(out_dir: Path, smoke: bool) -> Path:
         path, rows = prepare(workdir, epochs=SMOKE_EPOCHS if smoke else None)
         labels = OnnxClassifier(path).run(rows)[0]
         results = in_process(path, rows, SMOKE_IN_PROCESS_CALLS if smoke else IN_PROCESS_CALLS)
-        process, port = start_server(path, workdir)
+        answer = {"outputs": [{"name": "label", "data": labels[:1].tolist()}]}
+        bare, port = start_server([sys.executable, "-c", BARE_APP, json.dumps(answer)], workdir)
+        try:
+            results += through_server(
+                port,
+                rows,
+                labels,
+                1,
+                SMOKE_WARMUP if smoke else WARMUP,
+                SMOKE_DURATION if smoke else DURATION,
+                path="bare uvicorn app (fixed answer)",
+                batches=(1,),
+            )
+        finally:
+            bare.terminate()
+            bare.wait(timeout=60)
+        cmd = [sys.executable, "-m", "triton_softmax.cli", "serve", str(path), "--name", MODEL]
+        process, port = start_server([*cmd, "--port"], workdir)
         try:
             for clients in SMOKE_CLIENTS if smoke else CLIENTS:
                 results += through_server(
@@ -261,7 +303,8 @@ def report(csv_path: Path) -> str:
         )
         for r in rows
     ]
-    one = next(r for r in rows if r["clients"] == 1 and r["batch"] == 1 and r["path"] != in_process)
+    one = next(r for r in rows if r["path"].startswith("triton-softmax") and r["batch"] == 1)
+    bare = [r for r in rows if r["path"].startswith("bare")]
     added = one["p50_ms"] - base[1]["p50_ms"]
     verdict = "met" if added <= TARGET_ADDED_MS else "**NOT met**"
     lines = [
@@ -287,6 +330,12 @@ def report(csv_path: Path) -> str:
         f"Target (DESIGN.md §4): the server adds ≤ {TARGET_ADDED_MS:g} ms p50 to in-process "
         f"onnxruntime at batch 1 with one client: {verdict} (+{added:.3f} ms).",
     ]
+    if bare:
+        lines[-1] += (
+            f" Of that, {bare[0]['p50_ms'] - base[1]['p50_ms']:.3f} ms is the floor of HTTP on "
+            "this machine (the bare uvicorn app: client, loopback, uvicorn) and "
+            f"{one['p50_ms'] - bare[0]['p50_ms']:.3f} ms FastAPI, KServe and our model class."
+        )
     return "\n".join(lines)
 
 
@@ -295,8 +344,9 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "## Benchmarks: serving over HTTP",
         "",
         "`python -m benchmarks.serving_http` trains and exports the Iris model, times "
-        "`OnnxClassifier.run` in process (one onnxruntime thread, as the server runs it), then "
-        "starts `triton-softmax serve` on 127.0.0.1 and has 1, 8 and 32 client processes (one "
+        "`OnnxClassifier.run` in process (one onnxruntime thread, as the server runs it) and a "
+        "bare uvicorn app that sends a fixed answer (the floor of HTTP here), then starts "
+        "`triton-softmax serve` on 127.0.0.1 and has 1, 8 and 32 client processes (one "
         "keep-alive connection each, JSON requests back to back, 4 s after 1 s of warm-up) send "
         "requests of 1 and 64 rows; every answer is checked. `--update-readme` rewrites this "
         "section.",

@@ -504,6 +504,7 @@ def test_http_benchmark_smoke(tmp_path):
     assert [(r["path"].split()[0], r["clients"], r["batch"]) for r in rows] == [
         ("in-process", 1, 1),
         ("in-process", 1, 64),
+        ("bare", 1, 1),
         *(("triton-softmax", c, b) for c in serving_http.SMOKE_CLIENTS for b in (1, 64)),
     ]
     assert all(r["requests"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
