@@ -473,7 +473,7 @@ def _run_without_torch(args: list[str], cwd: Path) -> subprocess.CompletedProces
     )
 
 
-def test_predict_and_info_on_onnx_without_torch(models, rows, tmp_path):
+def test_predict_and_info_on_onnx_without_torch_train_says_what_is_missing(models, rows, tmp_path):
     iris = load_iris()
     csv = tmp_path / "new.csv"
     csv.write_text(
@@ -486,6 +486,12 @@ def test_predict_and_info_on_onnx_without_torch(models, rows, tmp_path):
         done = _run_without_torch(args, tmp_path)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout
+    done = _run_without_torch(["train"], tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == (
+        "triton-softmax train: error: torch is not installed; this command needs the package's "
+        "own dependencies (README: Quick start)\n"
+    )
 
 
 def test_readme_serving_only_install_matches_the_serve_extra():

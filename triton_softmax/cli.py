@@ -38,6 +38,8 @@ EXTRAS = {
     **dict.fromkeys(("onnx", "onnxscript", "onnxruntime"), "onnx"),
     **dict.fromkeys(("kserve", "fastapi", "starlette", "uvicorn", "pydantic"), "serve"),
 }
+#: The package's own dependencies that a serving-only install (``pip install --no-deps``) lacks.
+CORE_PACKAGES = ("torch", "triton", "safetensors", "tqdm")
 #: The slow imports of each command, done before it starts with Ctrl-C deferred (see ``main``).
 SLOW_IMPORTS = {
     "train": ("triton_softmax.functional", "triton_softmax.export.onnx_export"),
@@ -67,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _interrupts_deferred():
             argv = sys.argv[1:] if argv is None else list(argv)
-            args = _parser(training_options=_command(argv) == "train").parse_args(argv)
+            command = _command(argv)
+            if command in SLOW_IMPORTS:  # train's parser imports torch
+                prefix = f"{PROG} {command}"
+            args = _parser(training_options=command == "train").parse_args(argv)
             prefix = f"{PROG} {args.command}"
             slow = SLOW_IMPORTS[args.command]
             if args.command == "info" and args.path.suffix == ".safetensors":
@@ -87,7 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ModuleNotFoundError as e:
-        extra = EXTRAS.get((e.name or "").partition(".")[0])
+        top = (e.name or "").partition(".")[0]
+        if top in CORE_PACKAGES:  # a serving-only install: serve, predict and info work there
+            print(
+                f"{prefix}: error: {top} is not installed; this command needs the package's own "
+                "dependencies (README: Quick start)",
+                file=sys.stderr,
+            )
+            return 1
+        extra = EXTRAS.get(top)
         if extra is None:
             raise
         print(
