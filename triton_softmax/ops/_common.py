@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ KernelPath = Literal["triton", "triton-interpreter", "torch"]
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Elements in one program's [BLOCK_M, BLOCK_N] tile when a row is short enough to take
-#: several rows per program.
+#: several rows per program (before a table's BLOCK_M cap).
 TILE_ELEMENTS = 4096
 
 #: Devices Triton compiles the kernels for.
@@ -108,23 +108,93 @@ def check_floating(x: torch.Tensor | torch.dtype, what: str) -> None:
         raise TypeError(f"{what} must be a floating-point tensor ({names}), got {dtype}")
 
 
-def row_tiles(n_cols: int, max_block_n: int, block_n: int | None = None) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for rows of ``n_cols`` elements.
+class TileRule(NamedTuple):
+    """One row of a launch table: rows of up to ``max_cols`` elements (a power of two) take
+    column blocks of up to ``block_n`` elements with ``num_warps`` warps, and up to
+    ``max_block_m`` rows per program. A row that fits one block (``n_cols <= block_n``) is
+    held in registers whole; a longer one is streamed in blocks of ``block_n``.
+    ``aligned_only``: the rule applies only to launches that Triton specialises as 16-aligned
+    (see :func:`triton_aligned`); other launches fall through to the next rule."""
 
-    BLOCK_N is the row length rounded up to a power of two, capped at ``max_block_n``
-    (longer rows are streamed block by block); short rows share a program, BLOCK_M of them,
-    so that one program still touches about TILE_ELEMENTS elements. ``block_n`` overrides
-    BLOCK_N (tests use it to reach the multi-block paths on small rows).
+    max_cols: int
+    block_n: int
+    num_warps: int
+    max_block_m: int
+    aligned_only: bool = False
+
+
+#: A launch table: for each element size in bytes, rules in increasing ``max_cols``; the
+#: last rule's ``max_cols`` is UNBOUNDED (it takes every longer row, streamed).
+TileTable = dict[int, tuple[TileRule, ...]]
+
+#: ``max_cols`` of a table's last rule.
+UNBOUNDED = 1 << 62
+
+
+class Tile(NamedTuple):
+    """What a launch uses: BLOCK_M rows of BLOCK_N columns per program, ``num_warps`` warps;
+    ``single_block`` when the whole row fits one block (read once)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    single_block: bool
+
+
+def triton_aligned(n_cols: int, *rows: torch.Tensor) -> bool:
+    """Whether Triton specialises a launch over ``rows`` as 16-aligned: every data pointer a
+    multiple of 16 bytes, every row stride and the row length multiples of 16 elements
+    (Triton marks such arguments ``tt.divisibility = 16``). Aligned launches load 16-byte
+    vectors with one mask bit per vector; others load element by element with one mask bit
+    each, which costs registers on long rows."""
+    return n_cols % 16 == 0 and all(r.data_ptr() % 16 == 0 and r.stride(0) % 16 == 0 for r in rows)
+
+
+def pick_tile(
+    table: TileTable,
+    n_cols: int,
+    element_size: int,
+    *,
+    aligned: bool,
+    interpreted: bool = False,
+    block_n: int | None = None,
+) -> Tile:
+    """The tile for rows of ``n_cols`` elements of ``element_size`` bytes, from ``table``.
+
+    BLOCK_N is the row length rounded up to a power of two (at least 16), capped at the rule's
+    ``block_n``; BLOCK_M = TILE_ELEMENTS // BLOCK_N rows (at least 1), capped at the rule's
+    ``max_block_m``. Under Triton's interpreter (``interpreted``) the cap is not applied:
+    there are no registers to spare there, and each program instance costs ~5 ms whatever
+    its size, so fewer, larger programs are faster; BLOCK_N and the single-block choice are
+    the compiled kernels' own. ``block_n`` overrides BLOCK_N (tests use it to reach the
+    streamed paths on short rows).
     """
+    rules = table[element_size]
+    rule = next(r for r in rules if n_cols <= r.max_cols and (aligned or not r.aligned_only))
     if block_n is None:
-        block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block_n)
+        block_n = min(triton.next_power_of_2(max(n_cols, 1)), rule.block_n)
     block_n = max(block_n, 16)
     block_m = max(1, min(128, TILE_ELEMENTS // block_n))
-    return block_m, block_n
+    if not interpreted:
+        block_m = min(block_m, rule.max_block_m)
+    return Tile(block_m, block_n, rule.num_warps, n_cols <= block_n)
 
 
-def num_warps_for(tile_elements: int) -> int:
-    return 4 if tile_elements <= 2048 else 8
+def selectable_tiles(table: TileTable) -> list[tuple[int, Tile, bool]]:
+    """Every (element size, tile, aligned) that :func:`pick_tile` can return for compiled
+    kernels, ``aligned`` telling which of Triton's two specialisations (16-aligned or not,
+    see :func:`triton_aligned`) the tile is launched with. Found by asking ``pick_tile``
+    about rows of every power of two, one more, and 16 more (the rules' bounds are powers of
+    two, so these reach every BLOCK_N), unaligned, and aligned where the length allows it."""
+    found = {}
+    for element_size, rules in table.items():
+        longest = max(r.max_cols for r in rules if r.max_cols != UNBOUNDED)
+        for exponent in range(2 * longest.bit_length()):
+            for n_cols in (1 << exponent, (1 << exponent) + 1, (1 << exponent) + 16):
+                for aligned in (False, True) if n_cols % 16 == 0 else (False,):
+                    tile = pick_tile(table, n_cols, element_size, aligned=aligned)
+                    found[(element_size, tile, aligned)] = None
+    return list(found)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,15 @@ The label smoothing and z-loss coefficients are compile-time constants of the ke
 in fp64 (Triton would pass a runtime Python float as fp32), and a zero one costs nothing. Each
 distinct value compiles its own specialisation once.
 
-Bytes moved per row of C logits of s bytes (class-index targets, floor = forward + backward):
+Bytes moved per row of C logits of s bytes (class-index targets, floor = forward + backward),
+whatever the tile (each logit is read once per kernel; class weights, C * s per program, come
+from L2):
     forward:  read C*s                         (+ C*s for probability targets)
     backward: read C*s, write C*s              (+ C*s for probability targets)
+The launch tables ``FORWARD_TILES`` and ``BACKWARD_TILES`` pick the class block (forward up to
+8192 classes with 32 warps, backward 4096 with 16; 2048 in fp64), warps and rows per program.
+They are a first guess from register counts (sm_90, no spills:
+``benchmarks/results/registers_sm90.md``), not from timings, to be rewritten by a GPU sweep.
 
 Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
     torch.ops.triton_softmax.cross_entropy(logits, target, weight, ignore_index,
@@ -43,20 +49,53 @@ import triton
 import triton.language as tl
 
 from triton_softmax.ops._common import (
+    UNBOUNDED,
+    TileRule,
+    TileTable,
     accumulator_dtype,
     as_rows,
     check_floating,
     kernel_path,
+    kernels_interpreted,
     launching_on,
-    num_warps_for,
     online_logsumexp_update,
-    row_tiles,
+    pick_tile,
     tanh,
     triton_accumulator_dtype,
+    triton_aligned,
 )
 
-#: Logits are streamed in blocks of at most this many classes.
-MAX_BLOCK_CLASSES = 4096
+# --------------------------------------------------------------------------------------
+# Launch tables: element size in bytes -> rules (max classes, BLOCK_N, num_warps, max BLOCK_M);
+# see _common.pick_tile. Both kernels stream the classes, so a longer row only takes more loop
+# trips. A first guess, not measured on a GPU: every tile compiles for sm_90 without spilling
+# (tests/test_gpu_compile.py). The per-row state (running max and sum, target sums, target
+# index and weight, ...) is kept once per row a thread holds, so short rows take few rows per
+# program (2-8 elements a thread); long rows 8 elements a thread per block. The forward holds
+# 8192 classes a block with 32 warps (at most 56 registers of 64); the backward, which also
+# holds the gradient block, 4096 with 16 warps. A GPU sweep should rewrite these.
+# --------------------------------------------------------------------------------------
+
+_SHORT_32 = (
+    TileRule(16, 16, 4, 32),
+    TileRule(64, 64, 4, 8),
+    TileRule(256, 256, 4, 2),
+    TileRule(1024, 1024, 4, 1),
+    TileRule(2048, 2048, 8, 1),
+    TileRule(4096, 4096, 16, 1),
+)
+_TILES_64 = (
+    TileRule(16, 16, 4, 16),
+    TileRule(64, 64, 4, 4),
+    TileRule(1024, 1024, 4, 1),
+    TileRule(UNBOUNDED, 2048, 8, 1),
+)
+_FORWARD_32 = (*_SHORT_32, TileRule(UNBOUNDED, 8192, 32, 1))
+_BACKWARD_32 = (*_SHORT_32, TileRule(UNBOUNDED, 4096, 16, 1))
+#: Cross-entropy forward.
+FORWARD_TILES: TileTable = {2: _FORWARD_32, 4: _FORWARD_32, 8: _TILES_64}
+#: Cross-entropy backward.
+BACKWARD_TILES: TileTable = {2: _BACKWARD_32, 4: _BACKWARD_32, 8: _TILES_64}
 
 
 # --------------------------------------------------------------------------------------
@@ -371,16 +410,33 @@ def check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int)
 
 
 def _launch(
-    kernel, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n, **rest
+    kernel,
+    table,
+    logits,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    block_n,
+    **rest,
 ):
     """Launch a cross-entropy kernel over the rows of 2-D ``logits``; ``rest`` holds the
     kernel's own operands by name (pointers, their strides, flags)."""
     is_index = target.dtype == torch.int64
     rows = as_rows(logits)
     target_rows = target if is_index else as_rows(target)
-    block_m, block_n = row_tiles(rows.shape[1], MAX_BLOCK_CLASSES, block_n)
+    tile = pick_tile(
+        table,
+        rows.shape[1],
+        rows.element_size(),
+        aligned=triton_aligned(rows.shape[1], rows, *(() if is_index else (target_rows,))),
+        interpreted=kernels_interpreted(),
+        block_n=block_n,
+    )
     with launching_on(logits):
-        kernel[(triton.cdiv(rows.shape[0], block_m),)](
+        kernel[(triton.cdiv(rows.shape[0], tile.block_m),)](
             logits_ptr=rows,
             target_ptr=target_rows,
             weight_ptr=rows if weight is None else weight.contiguous(),  # unread without weight
@@ -395,9 +451,9 @@ def _launch(
             TARGET_IS_INDEX=is_index,
             HAS_WEIGHT=weight is not None,
             ACC_DTYPE=triton_accumulator_dtype(logits.dtype),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps_for(block_m * block_n),
+            BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps,
             **rest,
         )
 
@@ -504,7 +560,7 @@ def cross_entropy_forward(
         return loss, lse, stats
     row_max, log_sum, target_mass = stats
     _launch(
-        _cross_entropy_forward_kernel,
+        _cross_entropy_forward_kernel, FORWARD_TILES,
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n,
         loss_ptr=loss,
         lse_ptr=lse,
@@ -636,7 +692,7 @@ def cross_entropy_backward(
     lse_pointer = grad_loss if grad_lse is None else grad_lse  # unread without grad_lse
     row_max, log_sum, target_mass = stats
     _launch(
-        _cross_entropy_backward_kernel,
+        _cross_entropy_backward_kernel, BACKWARD_TILES,
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n,
         grad_logits_ptr=out,
         grad_loss_ptr=grad_loss,

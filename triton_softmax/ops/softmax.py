@@ -5,10 +5,24 @@ one pass keeps a running max ``m`` and a running sum ``d`` rescaled by ``exp(m_o
 whenever the max grows, a second pass writes ``exp(x - m) / d`` (or ``x - m - log d``).
 A row that fits one block is read once instead.
 
-Bytes moved per row of N elements of s bytes (the floor is the single-block case):
-    forward, one block:   read N*s, write N*s
-    forward, streamed:    read 2*N*s, write N*s
-    backward:             read y and dy (2*N*s), write dx (N*s); streamed rows read y, dy twice
+Launch tables (``FORWARD_TILES``, ``BACKWARD_TILES``) pick, per row length and element size,
+the column block, warps and rows per program. Rows of up to 32 768 elements (fp32, fp16, bf16;
+8192 for fp64) are held in registers whole, with up to 32 warps; longer rows are streamed.
+The tables are a first guess from register counts (sm_90, no spills:
+``benchmarks/results/registers_sm90.md``), not from timings: no GPU has run them yet, and a
+GPU sweep should rewrite them.
+
+Bytes moved to and from DRAM per row of N elements of s bytes (the floor is 2 N s forward,
+3 N s backward):
+    forward, one block:   read N s, write N s                               = 2 N s
+    forward, streamed:    read N s twice, write N s                         = 3 N s
+                          (2 N s when the second read hits L2: the first pass loads with
+                          evict_last, the second with evict_first)
+    backward, one block:  read y and dy, write dx                           = 3 N s
+                          (softmax reads y again after the row sum, from L1/L2: holding only
+                          dy across the reduction is what lets 32 768 columns fit)
+    backward, streamed:   read y and dy twice (log-softmax: dy, then y and dy), write dx
+                          = 5 N s (4 N s), or 3 N s when the second pass hits L2 (same hints)
 
 Registered ops (each over the last dim, output in the input's dtype):
     torch.ops.triton_softmax.softmax(x)
@@ -23,21 +37,59 @@ import triton
 import triton.language as tl
 
 from triton_softmax.ops._common import (
+    UNBOUNDED,
+    TileRule,
+    TileTable,
     accumulator_dtype,
     as_rows,
     check_floating,
     kernel_path,
+    kernels_interpreted,
     launching_on,
-    num_warps_for,
     online_logsumexp_update,
-    row_tiles,
+    pick_tile,
     triton_accumulator_dtype,
+    triton_aligned,
 )
 
-#: Rows up to this many elements are held in one block and read once.
-MAX_SINGLE_BLOCK_COLS = 8192
-#: Longer rows are streamed in blocks of this many elements.
-STREAM_BLOCK_COLS = 4096
+# --------------------------------------------------------------------------------------
+# Launch tables: element size in bytes -> rules (max columns, BLOCK_N, num_warps, max BLOCK_M
+# [, aligned launches only]); see _common.pick_tile. A first guess, not measured on a GPU:
+# each program holds about 8-32 elements per thread, and every tile compiles for sm_90
+# without spilling (tests/test_gpu_compile.py). 16-bit rows are held as fp32 in registers, so
+# they get fp32's limits (65 536 of them spill with 32 warps). A GPU sweep should rewrite these.
+# --------------------------------------------------------------------------------------
+
+_FORWARD_32 = (
+    TileRule(32, 32, 4, 64),
+    TileRule(128, 128, 4, 16),
+    TileRule(512, 512, 4, 4),
+    TileRule(2048, 2048, 8, 1),
+    TileRule(8192, 8192, 16, 1),
+    TileRule(32768, 32768, 32, 1),  # the longest row held whole: 32 fp32 per thread
+    TileRule(UNBOUNDED, 8192, 32, 1),  # streamed, 8 per thread per block
+)
+_FORWARD_64 = (
+    TileRule(32, 32, 4, 32),
+    TileRule(128, 128, 4, 8),
+    TileRule(512, 512, 4, 2),
+    TileRule(2048, 2048, 8, 1),
+    TileRule(8192, 8192, 16, 1),  # fp64 log-softmax spills at 16 384 with 32 warps
+    TileRule(UNBOUNDED, 4096, 16, 1),
+)
+#: Softmax / log-softmax forward.
+FORWARD_TILES: TileTable = {2: _FORWARD_32, 4: _FORWARD_32, 8: _FORWARD_64}
+
+_BACKWARD_32 = (
+    *_FORWARD_32[:5],
+    TileRule(16384, 16384, 32, 1),
+    # y and dy of a 32 768-column row fit 64 registers a thread only with 16-byte vector
+    # loads (one mask bit per vector): element-wise loads spill, and stream instead.
+    TileRule(32768, 32768, 32, 1, aligned_only=True),
+    TileRule(UNBOUNDED, 8192, 32, 1),
+)
+#: Softmax / log-softmax backward.
+BACKWARD_TILES: TileTable = {2: _BACKWARD_32, 4: _BACKWARD_32, 8: _FORWARD_64}
 
 
 # --------------------------------------------------------------------------------------
@@ -84,17 +136,22 @@ def _softmax_forward_kernel(
         # Pass 1: running max m and running sum d of exp(x - m).
         m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
         d = tl.zeros([BLOCK_M], ACC_DTYPE)
+        # evict_last keeps the row in L2 for pass 2, which then lets it go (evict_first).
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_cols)
-            x = tl.load(x_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            x = tl.load(
+                x_rows + c[None, :], mask=mask, other=float("-inf"), eviction_policy="evict_last"
+            ).to(ACC_DTYPE)
             m, _, d = online_logsumexp_update(m, d, x)
         # Pass 2: write. An all -inf row has m = -inf, d = 0 and yields NaN, as torch does.
         log_total = tl.log(d)
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_cols)
-            x = tl.load(x_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            x = tl.load(
+                x_rows + c[None, :], mask=mask, other=float("-inf"), eviction_policy="evict_first"
+            ).to(ACC_DTYPE)
             shifted = x - m[:, None]
             if LOG:
                 y = shifted - log_total[:, None]
@@ -130,30 +187,50 @@ def _softmax_backward_kernel(
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_BLOCK:
+        # Only dy is held across the row sum; y is loaded after it (softmax: again, from
+        # L1/L2), which keeps a 32 768-column row of fp32 within 64 registers a thread.
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        y = tl.load(y_rows + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         dy = tl.load(grad_y_rows + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         if LOG:
-            dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
+            total = tl.sum(dy, axis=1)
         else:
-            dx = y * (dy - tl.sum(y * dy, axis=1)[:, None])
+            y = tl.load(
+                y_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_last"
+            ).to(ACC_DTYPE)
+            total = tl.sum(y * dy, axis=1)
+        y = tl.load(y_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        y = y.to(ACC_DTYPE)
+        if LOG:
+            dx = dy - tl.exp(y) * total[:, None]
+        else:
+            dx = y * (dy - total[:, None])
         tl.store(grad_x_rows + cols[None, :], dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
     else:
+        # Pass 1: the row sum, loading with evict_last so that pass 2 can find the row in L2.
         total = tl.zeros([BLOCK_M], ACC_DTYPE)
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_cols)
-            dy = tl.load(grad_y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            dy = tl.load(
+                grad_y_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_last"
+            ).to(ACC_DTYPE)
             if LOG:
                 total += tl.sum(dy, axis=1)
             else:
-                y = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+                y = tl.load(
+                    y_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_last"
+                ).to(ACC_DTYPE)
                 total += tl.sum(y * dy, axis=1)
+        # Pass 2: write dx.
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_cols)
-            y = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-            dy = tl.load(grad_y_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            y = tl.load(
+                y_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_first"
+            ).to(ACC_DTYPE)
+            dy = tl.load(
+                grad_y_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_first"
+            ).to(ACC_DTYPE)
             if LOG:
                 dx = dy - tl.exp(y) * total[:, None]
             else:
@@ -166,8 +243,8 @@ def _softmax_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _launch_over_rows(kernel, *, log: bool, block_n: int | None, **operands) -> None:
-    """Launch a softmax kernel over rows of the last dimension.
+def _launch_over_rows(kernel, table, *, log: bool, block_n: int | None, **operands) -> None:
+    """Launch a softmax kernel over rows of the last dimension, with a tile from ``table``.
 
     ``operands`` are the kernel's tensors by name (``y=`` for ``y_ptr`` and ``y_row_stride``),
     the output first (contiguous), then inputs of its shape with any strides.
@@ -175,20 +252,26 @@ def _launch_over_rows(kernel, *, log: bool, block_n: int | None, **operands) -> 
     rows = {name: as_rows(t) for name, t in operands.items()}
     out = next(iter(operands.values()))
     n_rows, n_cols = out.numel() // out.shape[-1], out.shape[-1]
-    max_block_n = MAX_SINGLE_BLOCK_COLS if n_cols <= MAX_SINGLE_BLOCK_COLS else STREAM_BLOCK_COLS
-    block_m, block_n = row_tiles(n_cols, max_block_n, block_n)
+    tile = pick_tile(
+        table,
+        n_cols,
+        out.element_size(),
+        aligned=triton_aligned(n_cols, *rows.values()),
+        interpreted=kernels_interpreted(),
+        block_n=block_n,
+    )
     with launching_on(out):
-        kernel[(triton.cdiv(n_rows, block_m),)](
+        kernel[(triton.cdiv(n_rows, tile.block_m),)](
             **{f"{name}_ptr": r for name, r in rows.items()},
             **{f"{name}_row_stride": r.stride(0) for name, r in rows.items()},
             n_rows=n_rows,
             n_cols=n_cols,
             LOG=log,
             ACC_DTYPE=triton_accumulator_dtype(out.dtype),
-            SINGLE_BLOCK=n_cols <= block_n,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps_for(block_m * block_n),
+            SINGLE_BLOCK=tile.single_block,
+            BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps,
         )
 
 
@@ -211,7 +294,7 @@ def softmax_forward(x: torch.Tensor, log: bool, *, block_n: int | None = None) -
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
-    _launch_over_rows(_softmax_forward_kernel, log=log, block_n=block_n, y=out, x=x)
+    _launch_over_rows(_softmax_forward_kernel, FORWARD_TILES, log=log, block_n=block_n, y=out, x=x)
     return out
 
 
@@ -238,6 +321,7 @@ def softmax_backward(
         return grad_x
     _launch_over_rows(
         _softmax_backward_kernel,
+        BACKWARD_TILES,
         log=log,
         block_n=block_n,
         grad_x=grad_x,
