@@ -224,7 +224,8 @@ def test_opcheck():
     backward = torch.ops.triton_softmax.linear_cross_entropy_backward.default
     grads = (torch.rand(20, device=DEVICE, dtype=torch.float64), None)
     tensors = (x.detach(), w.detach(), b.detach(), target, weight, stats)
-    torch.library.opcheck(backward, (*grads, *tensors, -100, 0.1, 1e-3, 10.0, [True, True, True]))
+    options = (-100, 0.1, 1e-3, 10.0, 0)
+    torch.library.opcheck(backward, (*grads, *tensors, *options, [True, True, True]))
 
 
 def test_compile_fullgraph_and_export():

@@ -167,6 +167,7 @@ def cross_entropy(
     return_lse: bool = False,
     inplace_backward: bool = False,
     check_targets: bool = False,
+    process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
@@ -203,6 +204,14 @@ def cross_entropy(
             (one device synchronisation; under torch.compile a graph break, so
             ``fullgraph=True`` refuses it). CPU tensors are always checked. Unchecked
             out-of-range indices give a NaN loss, never an out-of-bounds access.
+        process_group: keyword-only; a ``torch.distributed`` group over which the classes
+            are sharded (vocab / tensor parallelism): this rank's ``input`` holds classes
+            [start, stop) of the full problem, contiguous and in rank order (sizes may
+            differ); ``target`` holds global class indices (or this rank's slice of the
+            probabilities), ``weight`` the full (V,) class weights. Every rank gets the full
+            problem's loss; the input's gradient is this rank's slice of the full one. One
+            all_gather of 3 floats per row in the forward, none in the backward (see
+            ``triton_softmax.distributed``). Not with ``inplace_backward`` or torch.func.
     Returns:
         The loss: a scalar for "mean"/"sum", else the target's batch shape; in the input's
         dtype (probability targets: the promoted dtype of input and target, as torch; under
@@ -237,6 +246,13 @@ def cross_entropy(
             "logits (a layer's output) can be consumed. Pass inplace_backward=False."
         )
 
+    if process_group is not None:
+        if inplace_backward:
+            raise ValueError("inplace_backward is not supported with process_group")
+        return _sharded(
+            "cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing,
+            z_loss, softcap, return_lse, batch_shape, process_group,
+        )  # fmt: skip
     if _with_torch(input):
         return _torch_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
@@ -345,6 +361,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     return_lse: bool = False,
+    process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without ever
     holding the logits, as ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13).
@@ -361,6 +378,9 @@ def linear_cross_entropy(
             :func:`cross_entropy`.
         ignore_index: as in torch: None means -100 for class indices; with probability
             targets it must stay None.
+        process_group: keyword-only; the head sharded by class over a ``torch.distributed``
+            group, as :func:`cross_entropy`'s: this rank's ``linear_weight`` (and bias) hold
+            classes [start, stop); the input's gradient is all-reduced over the group.
         options: accepted for compatibility with torch's ``LinearCrossEntropyOptions`` and
             ignored: our kernels never hold the [N, V] logits whatever it says (on a GPU they
             work tile by tile; on the CPU they run over row chunks of about 4M logits).
@@ -428,6 +448,15 @@ def linear_cross_entropy(
         out_dtype = torch.promote_types(torch.float32, out_dtype)
 
     x = input.reshape(math.prod(input.shape[:-1]), n_features)
+    if process_group is not None:
+        if positions:
+            raise ValueError("a K-dimensional loss is not supported with process_group")
+        return _sharded(
+            "linear_cross_entropy", (x, linear_weight, linear_bias), target.reshape(
+                x.shape[0], *target.shape[input.dim() - 1 :]
+            ), weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
+            batch_shape, process_group, out_dtype,
+        )  # fmt: skip
     n_positions = math.prod(positions)
     weights = linear_weight.reshape(n_classes, n_positions, n_features)
     biases = None if linear_bias is None else linear_bias.reshape(n_classes, n_positions)
@@ -458,6 +487,41 @@ def linear_cross_entropy(
     lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
     out = _reduce(loss, target, weight, ignore_index, reduction, n_classes, z_loss)
     out = out.to(out_dtype)
+    return (out, lse) if return_lse else out
+
+
+def _sharded(
+    function, inputs, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+    softcap, return_lse, batch_shape, group, out_dtype=None,
+):  # fmt: skip
+    """cross_entropy (``inputs`` = the logits) or linear_cross_entropy (``inputs`` = (x, W, b))
+    with the classes sharded over ``group``; see ``triton_softmax.distributed``."""
+    from triton_softmax import distributed
+
+    if _under_transforms():
+        raise NotImplementedError(f"{function} with process_group under torch.func transforms")
+    is_index = not target.is_floating_point()
+    if function == "cross_entropy":
+        out_dtype = inputs.dtype if is_index else torch.promote_types(inputs.dtype, target.dtype)
+        inputs = _autocast_float32(function, inputs)
+        if not is_index:
+            target = _autocast_float32(function, target)
+        local_classes, device = inputs.shape[0 if inputs.dim() == 1 else 1], inputs.device
+        inputs = (_class_dim_last(inputs),)
+        target = target.reshape(-1) if is_index else _class_dim_last(target)
+        apply = distributed.VocabParallelCrossEntropy.apply
+    else:
+        local_classes, device = inputs[1].shape[0], inputs[0].device
+        apply = distributed.VocabParallelLinearCrossEntropy.apply
+    _, total = distributed.shard_layout(group, local_classes, device)
+    if is_index and target.is_cpu:
+        _ce.check_class_indices(target, total, ignore_index)
+    loss, lse = apply(
+        *inputs, target, weight, ignore_index, label_smoothing, float(z_loss), softcap, group
+    )
+    loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
+    out = _reduce(loss, target.reshape(batch_shape) if is_index else target, weight,
+                  ignore_index, reduction, total, z_loss).to(out_dtype)  # fmt: skip
     return (out, lse) if return_lse else out
 
 

@@ -32,7 +32,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     :func:`triton_softmax.cross_entropy`.
 
     Takes torch's constructor arguments, plus keyword-only ``z_loss``, ``return_lse``,
-    ``inplace_backward`` and ``check_targets`` (see :func:`triton_softmax.cross_entropy`);
+    ``inplace_backward``, ``check_targets`` and ``process_group`` (see
+    :func:`triton_softmax.cross_entropy`);
     with ``return_lse=True`` the module returns ``(loss, lse)``.
     """
 
@@ -49,6 +50,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         return_lse: bool = False,
         inplace_backward: bool = False,
         check_targets: bool = False,
+        process_group=None,
     ) -> None:
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -57,6 +59,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
         self.check_targets = check_targets
+        self.process_group = process_group
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor
@@ -72,6 +75,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             return_lse=self.return_lse,
             inplace_backward=self.inplace_backward,
             check_targets=self.check_targets,
+            process_group=self.process_group,
         )
 
 
@@ -82,7 +86,8 @@ class LinearCrossEntropyLoss(nn.Module):
 
     Same constructor arguments and parameters as torch's (``self.linear`` holds the head as an
     ``nn.Linear`` of ``num_classes * prod(out_features)`` outputs; ``self.weight`` the class
-    weights), plus keyword-only ``softcap``, ``z_loss`` and ``return_lse``.
+    weights), plus keyword-only ``softcap``, ``z_loss``, ``return_lse`` and ``process_group``
+    (this rank's shard of the head: ``num_classes`` is then the local class count).
     """
 
     def __init__(
@@ -102,11 +107,12 @@ class LinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         z_loss: float = 0.0,
         return_lse: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:  # as torch's constructor
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-        if weight is not None and weight.shape != (num_classes,):
+        if weight is not None and process_group is None and weight.shape != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
@@ -118,6 +124,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.z_loss = z_loss
         self.return_lse = return_lse
+        self.process_group = process_group
         self.linear = nn.Linear(
             in_features,
             math.prod(self.out_features, start=num_classes),
@@ -144,6 +151,7 @@ class LinearCrossEntropyLoss(nn.Module):
             softcap=self.softcap,
             z_loss=self.z_loss,
             return_lse=self.return_lse,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

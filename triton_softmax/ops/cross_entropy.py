@@ -115,19 +115,26 @@ def _load_index_target(
     n_classes,
     ignore_index,
     HAS_WEIGHT: tl.constexpr,
+    SHARDED: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """Per row: target index (clamped), whether it counts, whether it is bad, w_t."""
+    """Per row: target index (clamped), whether it counts, whether it is bad, w_t (0 unless
+    the target class is in this block of logits). SHARDED: the logits are one rank's shard of
+    the classes, and an index outside it is another rank's class, not a bad one."""
     target = tl.load(target_ptr + rows * target_stride, mask=row_mask, other=0)
     counted = row_mask & (target != ignore_index)
     in_range = (target >= 0) & (target < n_classes)
     safe_target = tl.where(in_range, target, 0)
+    here = counted & in_range
     if HAS_WEIGHT:
-        w_target = tl.load(weight_ptr + safe_target, mask=counted & in_range, other=0.0)
-        w_target = w_target.to(ACC_DTYPE)
+        w_target = tl.load(weight_ptr + safe_target, mask=here, other=0.0).to(ACC_DTYPE)
     else:
-        w_target = tl.where(counted, 1.0, 0.0).to(ACC_DTYPE)
-    return safe_target, counted, counted & ~in_range, w_target
+        w_target = tl.where(here, 1.0, 0.0).to(ACC_DTYPE)
+    if SHARDED:
+        bad = here & ~here
+    else:
+        bad = counted & ~in_range
+    return safe_target, counted, bad, w_target
 
 
 @triton.jit
@@ -137,18 +144,20 @@ def _target_block(
     c,
     mask,
     n_classes,
+    total_classes,
     LABEL_SMOOTHING: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """r_j = w_j * q_j on one [BLOCK_M, BLOCK_N] block, without the (1 - eps) [j == t] part
-    of class-index targets (each row adds that through its own target logit)."""
+    of class-index targets (each row adds that through its own target logit). Smoothing
+    spreads eps over ``total_classes`` (n_classes, or the full problem's when sharded)."""
+    smooth = LABEL_SMOOTHING / total_classes.to(ACC_DTYPE)
     if TARGET_IS_INDEX:
-        r = tl.where(mask, LABEL_SMOOTHING / n_classes.to(ACC_DTYPE), 0.0).to(ACC_DTYPE)
+        r = tl.where(mask, smooth, 0.0).to(ACC_DTYPE)
     else:
         q = tl.load(target_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        smooth = LABEL_SMOOTHING / n_classes.to(ACC_DTYPE)
         r = tl.where(mask, q * (1.0 - LABEL_SMOOTHING) + smooth, 0.0)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + c, mask=c < n_classes, other=0.0).to(ACC_DTYPE)
@@ -171,12 +180,14 @@ def _cross_entropy_forward_kernel(
     n_rows,
     n_classes,
     ignore_index,
+    total_classes,
     # meta-parameters
     LABEL_SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    SHARDED: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -202,7 +213,7 @@ def _cross_entropy_forward_kernel(
         # Without smoothing, class-index targets need only the target logit: a, s stay 0.
         if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
             r = _target_block(
-                target_rows, weight_ptr, c, mask, n_classes,
+                target_rows, weight_ptr, c, mask, n_classes, total_classes,
                 LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
             a += s * (m_shift - m_new_shift)
@@ -219,11 +230,11 @@ def _cross_entropy_forward_kernel(
     if TARGET_IS_INDEX:
         safe_target, counted, bad, w_target = _load_index_target(
             target_ptr, weight_ptr, rows, row_mask, target_row_stride,
-            n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
+            n_classes, ignore_index, HAS_WEIGHT, SHARDED, ACC_DTYPE,
         )  # fmt: skip
         x_target = tl.load(
             logits_ptr + rows * logits_row_stride + safe_target,
-            mask=counted & ~bad,
+            mask=counted & ~bad & (w_target != 0),
             other=0.0,
         ).to(ACC_DTYPE)
         if SOFTCAP > 0:
@@ -264,12 +275,14 @@ def _cross_entropy_backward_kernel(
     n_rows,
     n_classes,
     ignore_index,
+    total_classes,
     # meta-parameters
     LABEL_SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    SHARDED: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -293,7 +306,7 @@ def _cross_entropy_backward_kernel(
     if TARGET_IS_INDEX:
         safe_target, counted, bad, w_target = _load_index_target(
             target_ptr, weight_ptr, rows, row_mask, target_row_stride,
-            n_classes, ignore_index, HAS_WEIGHT, ACC_DTYPE,
+            n_classes, ignore_index, HAS_WEIGHT, SHARDED, ACC_DTYPE,
         )  # fmt: skip
         hot = (1.0 - LABEL_SMOOTHING) * w_target
         # Ignored rows get exactly 0 from the loss, even when g is inf (mean over an
@@ -323,7 +336,7 @@ def _cross_entropy_backward_kernel(
             r = tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
         if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
             r += _target_block(
-                target_rows, weight_ptr, c, mask, n_classes,
+                target_rows, weight_ptr, c, mask, n_classes, total_classes,
                 LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
         grad = p * p_scale[:, None] - g[:, None] * r
@@ -419,11 +432,13 @@ def _launch(
     label_smoothing,
     z_loss,
     softcap,
+    total_classes,
     block_n,
     **rest,
 ):
     """Launch a cross-entropy kernel over the rows of 2-D ``logits``; ``rest`` holds the
-    kernel's own operands by name (pointers, their strides, flags)."""
+    kernel's own operands by name (pointers, their strides, flags). ``total_classes`` > 0:
+    the logits are one rank's shard of that many classes (see triton_softmax.distributed)."""
     is_index = target.dtype == torch.int64
     rows = as_rows(logits)
     target_rows = target if is_index else as_rows(target)
@@ -445,6 +460,8 @@ def _launch(
             n_rows=rows.shape[0],
             n_classes=rows.shape[1],
             ignore_index=ignore_index,
+            total_classes=total_classes or rows.shape[1],
+            SHARDED=total_classes > 0,
             LABEL_SMOOTHING=label_smoothing,
             Z_LOSS=z_loss,
             SOFTCAP=softcap,
@@ -467,8 +484,9 @@ def _softcapped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, tor
 
 
 def _plain_forward(
-    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, stats
-):
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
+    loss, lse, stats,
+):  # fmt: skip
     """Plain-torch forward of the same math as the kernel, writing loss, lse and stats."""
     acc = loss.dtype
     n_classes = logits.shape[1]
@@ -479,22 +497,18 @@ def _plain_forward(
     log_d = shifted.logsumexp(dim=1)
     lse.copy_(m_shift + log_d)
     w = None if weight is None else weight.to(acc)
-    smooth = label_smoothing / n_classes
+    smooth = label_smoothing / (total_classes or n_classes)
     if target.dtype == torch.int64:
         counted = target != ignore_index
-        safe = target.clamp(0, n_classes - 1)
-        hot = (
-            torch.full_like(lse, 1.0 - label_smoothing)
-            if w is None
-            else (1.0 - label_smoothing) * w[safe]
-        )
-        per_row = hot * (log_d - shifted.gather(1, safe[:, None]).squeeze(1))
+        here, safe, hot = _target_terms(target, w, counted, n_classes, label_smoothing, acc)
+        picked = log_d - shifted.gather(1, safe[:, None]).squeeze(1)
+        per_row = torch.where(here, hot * picked, 0.0)  # a target on another shard: nothing
         mass = hot
         if label_smoothing > 0:
             minus_log_p = log_d[:, None] - shifted
             if w is None:
                 per_row = per_row + smooth * minus_log_p.sum(1)
-                mass = mass + label_smoothing
+                mass = mass + smooth * n_classes
             else:
                 per_row = per_row + smooth * (minus_log_p * w).sum(1)
                 mass = mass + smooth * w.sum()
@@ -523,6 +537,7 @@ def cross_entropy_forward(
     label_smoothing: float,
     z_loss: float,
     softcap: float = 0.0,
+    total_classes: int = 0,
     *,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -538,6 +553,9 @@ def cross_entropy_forward(
             (they are compile-time constants, exact in fp64).
         z_loss: coefficient of lse**2 added per counted row.
         softcap: 0 for none, else c: the loss is taken on c tanh(logits / c) (Gemma 2).
+        total_classes: 0, or the full problem's class count when ``logits`` are one rank's
+            shard of the classes (``triton_softmax.distributed``): smoothing spreads over
+            it, and class indices outside the shard belong to other ranks (not bad ones).
         block_n: override the class block (a power of two; tests use it).
     Returns:
         loss [M], lse [M] and stats [3, M] = (row max m, lse - m, target mass S) for the
@@ -552,16 +570,28 @@ def cross_entropy_forward(
     if n_rows == 0:
         return loss, lse, stats
     if is_index and target.device.type == "cpu":
-        check_class_indices(target, n_classes, ignore_index)
+        if not total_classes:  # sharded: the caller checks against the full problem
+            check_class_indices(target, n_classes, ignore_index)
     if kernel_path(logits) == "torch":
         _plain_forward(
-            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, stats
+            logits,
+            target,
+            weight,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            total_classes,
+            loss,
+            lse,
+            stats,
         )
         return loss, lse, stats
     row_max, log_sum, target_mass = stats
     _launch(
         _cross_entropy_forward_kernel, FORWARD_TILES,
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n,
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+        total_classes, block_n,
         loss_ptr=loss,
         lse_ptr=lse,
         row_max_ptr=row_max,
@@ -590,6 +620,15 @@ def rows_writable(logits: torch.Tensor) -> bool:
     return True
 
 
+def _target_terms(target, w, counted, n_classes, label_smoothing, acc):
+    """Plain-torch path, class indices: (here = the target class is in these logits, the
+    index clamped into them, (1 - eps) w_t where here else 0)."""
+    here = counted & (target >= 0) & (target < n_classes)
+    safe = target.clamp(0, n_classes - 1)
+    w_target = torch.ones(target.shape, dtype=acc, device=target.device) if w is None else w[safe]
+    return here, safe, torch.where(here, (1.0 - label_smoothing) * w_target, 0.0)
+
+
 def _plain_backward(
     grad_loss,
     grad_lse,
@@ -601,6 +640,7 @@ def _plain_backward(
     label_smoothing,
     z_loss,
     softcap,
+    total_classes,
     out,
 ):
     """Plain-torch backward of the same math as the kernel, written into ``out``."""
@@ -608,7 +648,7 @@ def _plain_backward(
     n_classes = logits.shape[1]
     m, log_d, mass = stats
     w = None if weight is None else weight.to(acc)
-    smooth = label_smoothing / n_classes
+    smooth = label_smoothing / (total_classes or n_classes)
     is_index = target.dtype == torch.int64
     counted = target != ignore_index if is_index else torch.ones_like(m, dtype=torch.bool)
     g = torch.where(counted, grad_loss.to(acc), 0.0)
@@ -618,8 +658,7 @@ def _plain_backward(
     x, t = _softcapped(logits.to(acc), softcap)
     grad = torch.exp((x - m[:, None]) - log_d[:, None]) * p_scale[:, None]
     if is_index:
-        safe = target.clamp(0, n_classes - 1)
-        hot = (1.0 - label_smoothing) * (1.0 if w is None else w[safe])
+        _, safe, hot = _target_terms(target, w, counted, n_classes, label_smoothing, acc)
         grad.scatter_add_(1, safe[:, None], (-g * hot)[:, None])
         if label_smoothing > 0:
             grad -= g[:, None] * (smooth if w is None else smooth * w)
@@ -644,6 +683,7 @@ def cross_entropy_backward(
     label_smoothing: float,
     z_loss: float,
     softcap: float = 0.0,
+    total_classes: int = 0,
     *,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
@@ -686,14 +726,15 @@ def cross_entropy_backward(
     if kernel_path(logits) == "torch":
         _plain_backward(
             grad_loss, grad_lse, logits, target, weight, stats,
-            ignore_index, label_smoothing, z_loss, softcap, out,
+            ignore_index, label_smoothing, z_loss, softcap, total_classes, out,
         )  # fmt: skip
         return out
     lse_pointer = grad_loss if grad_lse is None else grad_lse  # unread without grad_lse
     row_max, log_sum, target_mass = stats
     _launch(
         _cross_entropy_backward_kernel, BACKWARD_TILES,
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, block_n,
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+        total_classes, block_n,
         grad_logits_ptr=out,
         grad_loss_ptr=grad_loss,
         grad_lse_ptr=lse_pointer,
@@ -723,6 +764,7 @@ def cross_entropy_op(
     z_loss: float,
     softcap: float,
     inplace_backward: bool,
+    total_classes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of 2-D logits; see the module docstring.
 
@@ -730,12 +772,12 @@ def cross_entropy_op(
     must then have non-overlapping rows with unit column stride.
     """
     return cross_entropy_forward(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes
     )
 
 
 @cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace_backward):
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *flags):
     _check_operands(logits, target, weight)
     acc = accumulator_dtype(logits.dtype)
     n_rows = logits.shape[0]
@@ -758,11 +800,12 @@ def cross_entropy_backward_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    total_classes: int = 0,
 ) -> torch.Tensor:
     """The logits' gradient as a new tensor."""
     return cross_entropy_backward(
         grad_loss, grad_lse, logits, target, weight, stats,
-        ignore_index, label_smoothing, z_loss, softcap,
+        ignore_index, label_smoothing, z_loss, softcap, total_classes,
     )  # fmt: skip
 
 
@@ -783,6 +826,7 @@ def cross_entropy_backward_inplace_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    total_classes: int = 0,
 ) -> None:
     """The logits' gradient written over ``logits``. Declared as mutating ``logits``, so
     autograd bumps its version counter: any other use of those logits saved for backward raises
@@ -798,15 +842,16 @@ def cross_entropy_backward_inplace_op(
         label_smoothing,
         z_loss,
         softcap,
+        total_classes,
         out=logits,
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace = inputs
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace, total = inputs
     _, _, stats = output
     ctx.save_for_backward(logits, target, weight, stats)
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, total)
     ctx.inplace_backward = inplace
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
@@ -814,7 +859,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, grad_lse, _grad_stats):
     logits, target, weight, stats = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, softcap = ctx.options
+    ignore_index, label_smoothing, z_loss, softcap, _ = ctx.options
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[0])
 
@@ -832,7 +877,7 @@ def _backward(ctx, grad_loss, grad_lse, _grad_stats):
         grad_logits = logits
     else:
         grad_logits = cross_entropy_backward_op(*args)
-    return grad_logits, grad_target, None, None, None, None, None, None
+    return grad_logits, grad_target, None, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

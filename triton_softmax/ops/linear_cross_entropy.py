@@ -136,6 +136,7 @@ def _linear_cross_entropy_forward_kernel(
     n_rows,
     n_classes,
     n_features,
+    total_classes,
     # meta-parameters
     LABEL_SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -177,10 +178,11 @@ def _linear_cross_entropy_forward_kernel(
         z = tl.where(mask, z, float("-inf"))
         m_new, m_new_shift, d = online_logsumexp_update(m, d, z)
         if TARGET_IS_INDEX:
-            z_target += tl.sum(tl.where(classes[None, :] == target[:, None], z, 0.0), axis=1)
+            picked = mask & (classes[None, :] == target[:, None])  # not a masked-off lane
+            z_target += tl.sum(tl.where(picked, z, 0.0), axis=1)
         if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
             r = _ce._target_block(
-                target_rows, weight_ptr, classes, mask, n_classes,
+                target_rows, weight_ptr, classes, mask, n_classes, total_classes,
                 LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
             a += s * (m_shift - m_new_shift)
@@ -217,6 +219,7 @@ def _linear_cross_entropy_backward_kernel(
     n_rows,
     n_classes,
     n_features,
+    total_classes,
     # meta-parameters
     LABEL_SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -258,7 +261,7 @@ def _linear_cross_entropy_backward_kernel(
         g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
         r = _ce._target_block(
             target_ptr + rows[:, None] * target_row_stride, weight_ptr, classes, mask,
-            n_classes, LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+            n_classes, total_classes, LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
         grad -= g[:, None] * r
     if SOFTCAP > 0:
@@ -345,18 +348,19 @@ def _check_operands(input, linear_weight, linear_bias, target, weight) -> bool:
 
 
 def _tiles(input: torch.Tensor, n_classes: int, tiles: tuple[int, int, int] | None):
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps). A first guess for Hopper, not yet measured on
-    one (a GPU sweep should rewrite it); smaller tiles under the interpreter, where each
-    program instance costs ~5 ms whatever its size."""
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps). Chosen so that both kernels compile for sm_90
+    without spilling (ptxas: fp32 192 / 186 registers, bf16 and fp16 191 / 240, fp64 196 /
+    194, forward / backward); not yet timed on a GPU, so a first guess for a sweep to rewrite.
+    Smaller tiles under the interpreter, where each program instance costs ~5 ms."""
     if tiles is not None:
         return (*tiles, 4)
     if kernel_path(input) == "triton-interpreter":
         return 16, 64, 32, 4
     if input.dtype == torch.float64:
-        return 32, 64, 32, 4
+        return 32, 64, 32, 8
     if input.dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 64, 128, 64, 8
+        return 64, 64, 32, 8
+    return 64, 128, 32, 8
 
 
 def _dot_types(input: torch.Tensor):
@@ -391,20 +395,26 @@ def _kernel_options(input, linear_bias, target, weight, label_smoothing, softcap
     )
 
 
-def _index_target_terms(target, weight, n_classes, ignore_index, label_smoothing, dtype):
+def _index_target_terms(
+    target, weight, n_classes, ignore_index, label_smoothing, dtype, sharded=False
+):
     """Per row of class-index targets: counted (not ignored), bad (out of range: NaN loss and
-    gradient, never an out-of-bounds read) and (1 - eps) w_t, 0 where not counted."""
+    gradient, never an out-of-bounds read; when ``sharded``, another rank's class instead)
+    and (1 - eps) w_t, 0 where not counted or not here."""
     counted = target != ignore_index
-    bad = counted & ((target < 0) | (target >= n_classes))
+    outside = (target < 0) | (target >= n_classes)
+    bad = counted & outside & (not sharded)
     if weight is None:
         w_target = torch.ones(target.shape, dtype=dtype, device=target.device)
     else:
         w_target = weight.to(dtype)[target.clamp(0, n_classes - 1)]
-    hot = torch.where(counted & ~bad, (1.0 - label_smoothing) * w_target, 0.0)
+    hot = torch.where(counted & ~outside, (1.0 - label_smoothing) * w_target, 0.0)
     return counted, bad, hot
 
 
-def _merge_splits(partials, target, weight, n_classes, ignore_index, label_smoothing, z_loss):
+def _merge_splits(
+    partials, target, weight, n_classes, ignore_index, label_smoothing, z_loss, sharded
+):
     """Per-row loss, lse and stats [3, N] from the forward kernel's partials [5, splits, N]:
     the splits' online log-sum-exps merged, then cross_entropy's forward epilogue, in torch."""
     m, d, a, s, z_target = partials
@@ -419,7 +429,7 @@ def _merge_splits(partials, target, weight, n_classes, ignore_index, label_smoot
         loss = loss + z_loss * lse * lse
     if target.dtype == torch.int64:
         counted, bad, hot = _index_target_terms(
-            target, weight, n_classes, ignore_index, label_smoothing, loss.dtype
+            target, weight, n_classes, ignore_index, label_smoothing, loss.dtype, sharded
         )
         loss = loss + hot * ((row_max - z_target.sum(dim=0)) + log_d)
         loss = torch.where(bad, math.nan, torch.where(counted, loss, 0.0))
@@ -447,6 +457,7 @@ def linear_cross_entropy_forward(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    total_classes: int = 0,
     *,
     tiles: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -458,6 +469,8 @@ def linear_cross_entropy_forward(
         target: [N] int64 class indices, or [N, V] floating probabilities.
         weight, ignore_index, label_smoothing, z_loss: as cross_entropy's op.
         softcap: 0 for none, else c in c tanh(z / c).
+        total_classes: 0, or the full problem's class count when ``linear_weight`` is one
+            rank's shard of the head (as cross_entropy's op).
         tiles: override (BLOCK_M, BLOCK_V, BLOCK_K) (tests use it).
     Returns:
         loss [N], lse [N] and stats [3, N] (as cross_entropy's), fp32 (fp64 for fp64 input).
@@ -469,7 +482,7 @@ def linear_cross_entropy_forward(
     if n_rows == 0:
         empty = input.new_empty(0, dtype=acc)
         return empty, empty.clone(), input.new_empty(3, 0, dtype=acc)
-    if is_index and target.device.type == "cpu":
+    if is_index and target.device.type == "cpu" and not total_classes:
         _ce.check_class_indices(target, n_classes, ignore_index)
 
     if kernel_path(input) == "torch":
@@ -479,8 +492,9 @@ def linear_cross_entropy_forward(
         for rows in _row_chunks(n_rows, n_classes):
             logits = _chunk_logits(input, linear_weight, linear_bias, rows, acc)
             loss[rows], lse[rows], stats[:, rows] = _ce.cross_entropy_forward(
-                logits, target[rows], weight, ignore_index, label_smoothing, z_loss, softcap
-            )
+                logits, target[rows], weight, ignore_index, label_smoothing, z_loss, softcap,
+                total_classes,
+            )  # fmt: skip
         return loss, lse, stats
 
     options = _kernel_options(
@@ -511,10 +525,14 @@ def linear_cross_entropy_forward(
             n_rows=n_rows,
             n_classes=n_classes,
             n_features=n_features,
+            total_classes=total_classes or n_classes,
             SPLITS=splits,
             **options,
         )
-    return _merge_splits(partials, target, weight, n_classes, ignore_index, label_smoothing, z_loss)
+    return _merge_splits(
+        partials, target, weight, n_classes, ignore_index, label_smoothing, z_loss,
+        total_classes > 0,
+    )  # fmt: skip
 
 
 def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
@@ -544,6 +562,7 @@ def linear_cross_entropy_backward(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    total_classes: int = 0,
     needs: tuple[bool, bool, bool] = (True, True, True),
     *,
     tiles: tuple[int, int, int] | None = None,
@@ -581,7 +600,7 @@ def linear_cross_entropy_backward(
             grad = _ce.cross_entropy_backward(  # in place over the chunk's logits
                 grad_loss[rows], None if grad_lse is None else grad_lse[rows], logits,
                 target[rows], weight, stats[:, rows].contiguous(), ignore_index,
-                label_smoothing, z_loss, softcap, out=logits,
+                label_smoothing, z_loss, softcap, total_classes, out=logits,
             )  # fmt: skip
             if need_x:
                 grad_x[rows] = grad @ linear_weight.to(acc)
@@ -596,7 +615,7 @@ def linear_cross_entropy_backward(
     g = grad_loss.to(acc)
     if is_index:
         counted, bad, hot = _index_target_terms(
-            target, weight, n_classes, ignore_index, label_smoothing, acc
+            target, weight, n_classes, ignore_index, label_smoothing, acc, total_classes > 0
         )
         g = torch.where(bad, math.nan, torch.where(counted, g, 0.0))
         g_hot = g * hot
@@ -634,6 +653,7 @@ def linear_cross_entropy_backward(
             n_rows=n_rows,
             n_classes=n_classes,
             n_features=n_features,
+            total_classes=total_classes or n_classes,
             GRAD_X=need_x,
             GRAD_W=need_w,
             GRAD_B=need_b,
@@ -658,17 +678,18 @@ def linear_cross_entropy_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    total_classes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of the fused linear + cross-entropy; see the module docstring."""
     return linear_cross_entropy_forward(
         input, linear_weight, linear_bias, target, weight,
-        ignore_index, label_smoothing, z_loss, softcap,
+        ignore_index, label_smoothing, z_loss, softcap, total_classes,
     )  # fmt: skip
 
 
 @linear_cross_entropy_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss,
-      softcap):  # fmt: skip
+      softcap, total_classes=0):  # fmt: skip
     _check_operands(input, linear_weight, linear_bias, target, weight)
     acc = accumulator_dtype(input.dtype)
     n_rows = input.shape[0]
@@ -693,18 +714,19 @@ def linear_cross_entropy_backward_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    total_classes: int,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias); (0,)-shaped where ``needs`` says no."""
     return linear_cross_entropy_backward(
         grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
-        ignore_index, label_smoothing, z_loss, softcap, tuple(needs),
+        ignore_index, label_smoothing, z_loss, softcap, total_classes, tuple(needs),
     )  # fmt: skip
 
 
 @linear_cross_entropy_backward_op.register_fake
 def _(grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
-      ignore_index, label_smoothing, z_loss, softcap, needs):  # fmt: skip
+      ignore_index, label_smoothing, z_loss, softcap, total_classes, needs):  # fmt: skip
     need_b = needs[2] and linear_bias is not None
     return (
         input.new_empty(input.shape if needs[0] else (0,)),
@@ -739,7 +761,7 @@ def _backward(ctx, grad_loss, grad_lse, _grad_stats):
         grad_input if needs[0] else None,
         grad_weight if needs[1] else None,
         grad_bias if needs[2] else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None,
     )  # fmt: skip
 
 
