@@ -19,10 +19,9 @@ and reads the registers and spill bytes from ptxas's report:
 Each tile is compiled in the specialisation Triton gives a launch whose row length is not a
 multiple of 16 (element-wise loads, one mask bit per element: the costlier in registers on
 long rows), or the 16-aligned one for tiles that only aligned launches use. The test fails on
-any spill in softmax and cross-entropy (the tables of this package's launchers) and warns on
-spills in the fused linear kernels. ``--complete`` (and ``--table``) also compiles every tile
-in the other specialisation, the cross-entropy kernels with every option off, and the fused
-linear kernels with probability targets and with every option off:
+any spill. ``--complete`` (and ``--table``) also compiles every tile in the other
+specialisation, the cross-entropy kernels with every option off, and the fused linear kernels
+with probability targets and with every option off:
 
     python tests/test_gpu_compile.py                  # one JSON line per kernel, then a count
     python tests/test_gpu_compile.py --table benchmarks/results/registers_sm90.md
@@ -52,10 +51,9 @@ DTYPES_BY_SIZE = {2: ("fp16", "bf16"), 4: ("fp32",), 8: ("fp64",)}
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 #: Processes compiling in parallel (ptxas and Triton's passes are single-threaded).
 DEFAULT_JOBS = 2
-#: Families whose spills fail the test: the tiles of the launch tables in softmax.py and
-#: cross_entropy.py. The fused linear kernels' tiles (linear_cross_entropy._tiles) are
-#: compiled and reported, with a warning on spills, until their own sweep.
-GATED = ("softmax", "cross_entropy")
+#: Families whose spills fail the test (all of them; a family left out is reported with a
+#: warning instead).
+GATED = ("softmax", "cross_entropy", "linear_cross_entropy")
 
 
 class Job(NamedTuple):
@@ -361,7 +359,7 @@ def markdown(results: list[dict], seconds: float) -> str:
         "at the tiles `linear_cross_entropy._tiles` picks. The test in the same file compiles "
         "a subset in CI (each tile once, in the unaligned specialisation unless only aligned "
         "launches use it; the cross-entropy kernels with all options on) and fails on any "
-        "spill in softmax and cross-entropy. No GPU ran these kernels; registers say nothing "
+        "spill. No GPU ran these kernels; registers say nothing "
         "about speed. A thread has at most 255 registers, and 65 536 / (32 x num_warps) with "
         "more than 8 warps (64 at 32 warps). For the fused linear kernels BLOCK_N is "
         "BLOCK_V (classes), and the variant names BLOCK_K.",
