@@ -57,6 +57,11 @@ def _rows(iris, n: int, seed: int) -> np.ndarray:
     return (picked + rng.normal(scale=0.3, size=picked.shape)).astype(np.float32)
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where training put the model (CUDA when there is one)."""
+    return next(model.parameters()).device
+
+
 def test_graph_uses_standard_ops_only_and_passes_the_full_check(onnx_path):
     proto = onnx.load(str(onnx_path))
     onnx.checker.check_model(proto, full_check=True)
@@ -79,7 +84,7 @@ def test_folded_linear_layer_is_the_model(model, iris):
     folded = np.exp(z - z.max(axis=1, keepdims=True))
     folded /= folded.sum(axis=1, keepdims=True)
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).double().numpy()
+        expected = model(torch.from_numpy(x).to(_device(model))).double().cpu().numpy()
     np.testing.assert_allclose(folded, expected, rtol=0, atol=1e-6)
 
 
@@ -110,7 +115,7 @@ def test_onnxruntime_matches_torch(onnx_path, model, iris, batch):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     label, proba = session.run(["label", "probabilities"], {"features": x})
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
+        expected = model(torch.from_numpy(x).to(_device(model))).cpu().numpy()
     assert label.dtype == np.int64 and label.shape == (batch,)
     assert proba.dtype == np.float32 and proba.shape == (batch, 3)
     np.testing.assert_allclose(proba, expected, rtol=0, atol=1e-5)

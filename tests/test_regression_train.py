@@ -60,12 +60,12 @@ def test_default_iris_run_reaches_the_bar_and_matches_the_reference(iris_run):
 def test_training_loss_falls_and_probabilities_are_the_library_softmax(iris_run):
     losses = iris_run.fit.losses
     assert losses[-1] < 0.25 * losses[0]
-    x = torch.from_numpy(iris_run.test.features)
+    x = torch.from_numpy(iris_run.test.features).to(iris_run.device)
     with torch.no_grad():
         probs = iris_run.model(x)
         expected = torch.softmax(iris_run.model.logits(x), dim=-1)
     torch.testing.assert_close(probs, expected)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(len(x)))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(x), device=x.device))
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
@@ -93,7 +93,7 @@ def test_two_classes_is_logistic_regression():
     run = train(_blobs(2), TrainConfig(epochs=20), reference=True)
     assert run.model.linear.weight.shape == (2, 3)
     assert run.metrics["test_accuracy"] == 1.0
-    x = torch.from_numpy(run.test.features)
+    x = torch.from_numpy(run.test.features).to(run.device)
     with torch.no_grad():
         probs = run.model(x)
         logits = run.model.logits(x)
@@ -194,7 +194,9 @@ def test_checkpoint_round_trip(tmp_path, iris_run):
     for key, value in iris_run.model.state_dict().items():
         torch.testing.assert_close(ckpt.model.state_dict()[key], value.cpu(), rtol=0, atol=0)
     x = torch.from_numpy(data.features)
-    torch.testing.assert_close(ckpt.model.logits(x), iris_run.model.logits(x).cpu())
+    torch.testing.assert_close(
+        ckpt.model.logits(x), iris_run.model.logits(x.to(iris_run.device)).cpu()
+    )
 
 
 def test_load_checkpoint_rejects_other_files(tmp_path):

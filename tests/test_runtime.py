@@ -243,6 +243,7 @@ print(json.dumps({"classes": list(clf.classes_), "features": clf.feature_names,
     assert out["features"] == list(iris.feature_names)
     assert "CPUExecutionProvider" in out["providers"]
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
+        device = next(model.parameters()).device  # training picks CUDA when there is one
+        expected = model(torch.from_numpy(x).to(device)).cpu().numpy()
     np.testing.assert_allclose(np.array(out["proba"]), expected, rtol=0, atol=1e-5)
     assert out["predict"] == [iris.class_names[i] for i in expected.argmax(1)]
