@@ -1,7 +1,9 @@
-"""Kernel benchmark on a GPU: ours against torch eager, torch.compile, Liger-Kernel and quack.
+"""Kernel benchmark on a GPU: ours against torch eager, torch.compile, torch's chunked linear
+cross-entropy, Liger-Kernel, Cut Cross-Entropy and quack.
 
     python -m benchmarks.kernels                         # the default grid (needs a CUDA GPU)
     python -m benchmarks.kernels --op cross_entropy --dtype bf16 -N 128256
+    python -m benchmarks.kernels --op linear_cross_entropy -M 8192 -N 128256 -H 4096
     python -m benchmarks.kernels --smoke --out DIR       # tiny shapes, any machine, seconds
 
 Every provider runs in this process on the same device and inputs, and is checked against ours
@@ -11,6 +13,13 @@ Times: ``triton.testing.do_bench`` median and 20 %/80 % quantiles (under ``--smo
 bytes any implementation must move and over the bytes the provider really moves (``bytes_min``,
 ``bytes_moved``), each also as % of the device-to-device copy bandwidth measured in the same run.
 Cross-entropy forward+backward on CUDA also gets its peak extra memory, in logits.
+
+The fused linear + cross-entropy (``linear_cross_entropy``: M rows of H features, V = N classes,
+no bias, mean loss; forward+backward = gradients for input and weight) is counted in TFLOP/s
+instead (forward 2*M*V*H, forward+backward 6*M*V*H), with its peak extra memory on CUDA in MiB,
+against torch eager (``F.linear`` + ``F.cross_entropy``), ``torch.compile`` of that, torch's
+chunked ``F.linear_cross_entropy`` (torch >= 2.13), Liger's fused linear CE and Cut Cross-Entropy
+(exact, and with its default gradient filtering).
 
 Output (``--out``, default ``benchmarks/results``): ``kernels_<gpu>_torch<v>_triton<v>.csv``
 (written row by row: a cut-short run keeps what it measured), ``.md`` and a PNG per (op, mode).
@@ -33,16 +42,27 @@ import torch.nn.functional as F
 
 from benchmarks import common
 
-OPS = ("softmax", "log_softmax", "cross_entropy")
+OPS = ("softmax", "log_softmax", "cross_entropy", "linear_cross_entropy")
+LCE = "linear_cross_entropy"
 MODES = ("forward", "forward+backward")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The grid: (rows, columns) for softmax / log_softmax, (BT, V) for cross-entropy.
 GRID = {
     "softmax": ((4096, 16384), (256, 1024, 4096, 16384, 32768, 65536, 131072, 262144)),
     "cross_entropy": ((8192,), (32000, 50257, 128256, 151936, 262144)),
+    # (rows, V) at H = HIDDEN, bf16; rows in run order: 8192 first (DESIGN.md's target row).
+    LCE: ((8192, 4096, 16384), (32000, 128256, 262144)),
 }
 # --smoke: what Triton's interpreter runs in seconds; N = 300 puts 2 rows in a block.
-SMOKE_GRID = {"softmax": ((16,), (40, 300)), "cross_entropy": ((8,), (100, 700))}
+SMOKE_GRID = {
+    "softmax": ((16,), (40, 300)),
+    "cross_entropy": ((8,), (100, 700)),
+    LCE: ((8,), (100, 700)),
+}
+#: Features of the linear layer in linear_cross_entropy (-H changes it).
+HIDDEN, SMOKE_HIDDEN = 4096, 32
+#: Seconds of --time-budget kept for linear_cross_entropy, which runs last (--lce-budget).
+LCE_BUDGET = 150.0
 #: Run order, the stages DESIGN.md's targets name first, so that a run cut short keeps them.
 STAGES = [
     ("softmax", "forward"),
@@ -51,6 +71,8 @@ STAGES = [
     ("log_softmax", "forward"),
     ("cross_entropy", "forward"),
     ("log_softmax", "forward+backward"),
+    (LCE, "forward+backward"),  # last, with LCE_BUDGET seconds kept for it; see plan()
+    (LCE, "forward"),
 ]
 #: Largest max|out - ours| / max|ours| accepted before a provider is timed.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -58,9 +80,9 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 OUR_SINGLE_BLOCK = 8192
 NO_GPU_EXIT, MISMATCH_EXIT = 1, 3
 COLUMNS = (
-    "op mode dtype M N provider status ms_p50 ms_p20 ms_p80 gbps_min pct_copy_min gbps_moved "
-    "pct_copy_moved bytes_min bytes_moved min_formula moved_formula max_rel_err peak_mem_x_logits "
-    "copy_gbps kernel_path timer device versions notes"
+    "op mode dtype M N H provider status ms_p50 ms_p20 ms_p80 tflops gbps_min pct_copy_min "
+    "gbps_moved pct_copy_moved bytes_min bytes_moved min_formula moved_formula flops flops_formula "
+    "max_rel_err peak_mem_x_logits peak_mem_mib copy_gbps kernel_path timer device versions notes"
 ).split()
 
 
@@ -112,21 +134,44 @@ def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tu
     return bytes_min(op, mode, m, n, s)
 
 
+def flops(mode: str, m: int, v: int, h: int) -> tuple[int, str]:
+    """linear_cross_entropy's useful flops, M rows, H features, V classes: forward 2*M*V*H (the
+    logits matmul); forward+backward 6*M*V*H (and grad_input = G W, grad_weight = G^T x). Our
+    backward recomputes the logits (8*M*V*H done), Liger's forward computes the gradients; the
+    count is the same for every provider, so TFLOP/s compare as inverse times."""
+    if mode == "forward":
+        return 2 * m * v * h, "2*M*V*H (logits)"
+    return 6 * m * v * h, "6*M*V*H (logits, grad_input, grad_weight; recomputation not counted)"
+
+
 # Providers: build(op) -> the function, or why it cannot run. Conventions: softmax / log_softmax
-# f(x [M, N]) over the last dim; cross_entropy f(logits [M, V], target [M]) -> mean loss.
+# f(x [M, N]) over the last dim; cross_entropy f(logits [M, V], target [M]) -> mean loss;
+# linear_cross_entropy f(x [M, H], w [V, H], target [M]) -> mean loss.
 # The peers are imported from their packages, never re-implemented.
 
 
 def _torch(op: str) -> Callable:
+    if op == LCE:
+        return lambda x, w, t: F.cross_entropy(F.linear(x, w), t)
     return F.cross_entropy if op == "cross_entropy" else lambda x: getattr(F, op)(x, dim=-1)
 
 
 def _ours(op: str, inplace: bool = False) -> Callable:
     import triton_softmax as ts
 
+    if op == LCE:
+        return lambda x, w, t: ts.linear_cross_entropy(x, w, t)
     if op == "cross_entropy":
         return lambda x, t: ts.cross_entropy(x, t, inplace_backward=inplace)
     return lambda x: getattr(ts, op)(x, dim=-1)
+
+
+def _torch_chunked(op: str) -> Callable | str:
+    """torch's own fused op, chunked over rows (torch >= 2.13), with its automatic options."""
+    if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        return f"skipped: torch {torch.__version__} has no F.linear_cross_entropy (2.13+)"
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda x, w, t: F.linear_cross_entropy(x, w, t, options=options)
 
 
 def _compiled(op: str, backend: str = "inductor") -> Callable:
@@ -149,7 +194,18 @@ def _liger(op: str) -> Callable | str:
     mod = _peer("liger_kernel.transformers.functional", "liger-kernel", op)
     if isinstance(mod, str):
         return mod
+    if op == LCE:  # (input, weight, target); accumulates grad_weight in the weight's dtype
+        return mod.liger_fused_linear_cross_entropy
     return mod.liger_softmax if op == "softmax" else mod.liger_cross_entropy
+
+
+def _cce(op: str, filter_eps: str | None = None) -> Callable | str:
+    """Cut Cross-Entropy's ``linear_cross_entropy(e, c, targets)``; ``filter_eps=None`` is exact,
+    its default "high" skips gradient blocks whose softmax values are all below eps/32."""
+    mod = _peer("cut_cross_entropy", "cut-cross-entropy", op)
+    if isinstance(mod, str):
+        return mod
+    return lambda x, w, t: mod.linear_cross_entropy(x, w, t, filter_eps=filter_eps)
 
 
 def _quack(op: str) -> Callable | str:
@@ -168,9 +224,28 @@ PROVIDERS = {
     "triton-softmax-inplace": ("triton-softmax", lambda op: _ours(op, inplace=True), True),
     "torch": ("torch", _torch, False),
     "torch.compile": ("torch", _compiled, False),
+    "torch-chunked": ("torch", _torch_chunked, False),
     "liger": ("liger-kernel", _liger, True),
+    "cce": ("cut-cross-entropy", _cce, False),
+    "cce-filtered": ("cut-cross-entropy", lambda op: _cce(op, filter_eps="high"), False),
     "quack": ("quack-kernels", _quack, False),
 }
+#: Providers checked on the loss only (their gradients are approximate by design), and why.
+LOSS_ONLY = {
+    "cce-filtered": "CCE's default filter_eps='high' skips gradient blocks below eps/32: "
+    "only the loss is checked",
+}
+
+
+def runs_on(provider: str, op: str, mode: str) -> bool:
+    """Whether ``provider`` has a row for (op, mode): inplace_backward changes only cross-entropy
+    forward+backward; torch-chunked and CCE exist for linear_cross_entropy only; quack has no
+    linear cross-entropy here."""
+    if provider == "triton-softmax-inplace":
+        return (op, mode) == STAGES[1]
+    if provider in ("torch-chunked", "cce", "cce-filtered"):
+        return op == LCE
+    return op != LCE if provider == "quack" else True
 
 
 def max_rel_err(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> float:
@@ -240,6 +315,25 @@ def closures(fn: Callable, x: torch.Tensor, other, mode: str, inplace: bool):
     return (forward if mode == "forward" else check), timed, (reset if inplace else lambda: None)
 
 
+def lce_closures(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, mode: str):
+    """(check, timed, reset) for linear_cross_entropy: forward under ``no_grad`` on inputs that
+    do not require grad; forward+backward ``torch.autograd.grad(loss, (x, w))``, and ``check``
+    returns (loss, grad_x, grad_w)."""
+    fb = mode != "forward"
+    xl, wl = x.detach().requires_grad_(fb), w.detach().requires_grad_(fb)
+
+    def forward() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return (fn(xl, wl, target),)
+
+    def check() -> tuple[torch.Tensor, ...]:
+        loss = fn(xl, wl, target)
+        return loss.detach(), *torch.autograd.grad(loss, (xl, wl))
+
+    timed = lambda: torch.autograd.grad(fn(xl, wl, target), (xl, wl))  # noqa: E731
+    return (check, timed, lambda: None) if fb else (forward, forward, lambda: None)
+
+
 def _peak_extra(timed: Callable) -> int:
     """Bytes allocated at the peak of one call beyond what was allocated before it (the returned
     gradient counts: the op needs it)."""
@@ -281,7 +375,11 @@ class Run:
         self.rows.append(row)
         self.writer.writerow(row)
         result = row["status"]
-        if result == "ok":
+        if result == "ok" and row["op"] == LCE:
+            result = f"{row['ms_p50']:9.4f} ms {row['tflops']:8.1f} TFLOP/s"
+            if row["peak_mem_mib"] == row["peak_mem_mib"]:  # not NaN: measured on CUDA
+                result += f" peak +{row['peak_mem_mib']:.0f} MiB"
+        elif result == "ok":
             result = f"{row['ms_p50']:9.4f} ms {row['gbps_min']:8.1f} GB/s"
         print(
             f"{row['op']:13s} {row['mode']:16s} {row['dtype']} {row['M']:>6}x{row['N']:<7} "
@@ -289,33 +387,67 @@ class Run:
             flush=True,
         )
 
+    def over_budget(self, op: str | None = None) -> str | None:
+        """Why a new case of ``op`` (None: a new provider of the current case) may not start:
+        --time-budget spent, or for other ops than linear_cross_entropy, all of it but the
+        seconds kept for linear_cross_entropy (--lce-budget) when that op is in the run."""
+        budget = self.args.time_budget
+        if budget is None:
+            return None
+        spent = time.monotonic() - self.start
+        if spent > budget:
+            return f"skipped: time budget of {budget:.0f} s spent"
+        keep = min(self.args.lce_budget, budget) if LCE in self.args.op else 0.0
+        if op not in (None, LCE) and spent > budget - keep:
+            return (
+                f"skipped: time budget ({budget - keep:.0f} s of {budget:.0f} s spent; the rest "
+                f"is kept for {LCE})"
+            )
+        return None
+
+    def inputs(self, op: str, mode: str, dtype: str, m: int, n: int) -> tuple:
+        """(x, other): logits or x and dy; linear_cross_entropy: ((x [M, H], w [V, H]), target),
+        w scaled by H**-0.5 so that the logits are about N(0, 1)."""
+        dt, where = DTYPES[dtype], self.where
+        if op == LCE:
+            h = self.args.hidden
+            x = torch.randn(m, h, dtype=dt, device=where)
+            w = torch.randn(n, h, dtype=dt, device=where).mul_(h**-0.5)
+            return (x, w), torch.randint(0, n, (m,), device=where)
+        x = torch.randn(m, n, dtype=dt, device=where)
+        if op == "cross_entropy":
+            return x, torch.randint(0, n, (m,), device=where)
+        return x, (torch.randn_like(x) if mode != "forward" else None)  # dy
+
     def case(self, op: str, mode: str, dtype: str, m: int, n: int) -> None:
         """Inputs for one (op, mode, dtype, M, N), then every provider on them."""
         s = DTYPES[dtype].itemsize
         base = dict.fromkeys(COLUMNS, math.nan) | dict(op=op, mode=mode, dtype=dtype, M=m, N=n)
         base |= dict(status="ok", kernel_path="", notes="")
-        base["bytes_min"], base["min_formula"] = bytes_min(op, mode, m, n, s)
-        budget, skip, x, other = self.args.time_budget, None, None, None
-        if budget is not None and time.monotonic() - self.start > budget:
-            skip = f"skipped: time budget of {budget:.0f} s spent"
+        if op == LCE:
+            base |= dict(H=self.args.hidden, bytes_min=0, min_formula="", bytes_moved=0)
+            base["moved_formula"] = ""
+            base["flops"], base["flops_formula"] = flops(mode, m, n, self.args.hidden)
         else:
+            base["bytes_min"], base["min_formula"] = bytes_min(op, mode, m, n, s)
+        skip, x, other = self.over_budget(op), None, None
+        if skip is None:
             try:
-                x = torch.randn(m, n, dtype=DTYPES[dtype], device=self.where)
-                if op == "cross_entropy":
-                    other = torch.randint(0, n, (m,), device=self.where)
-                elif mode != "forward":
-                    other = torch.randn_like(x)  # dy
+                x, other = self.inputs(op, mode, dtype, m, n)
             except torch.OutOfMemoryError:
                 skip = "skipped: out of memory (inputs)"
         reference = None
         for name, (_, build, inplace) in self.providers.items():
-            if name == "triton-softmax-inplace" and (op, mode) != STAGES[1]:
-                continue  # inplace_backward changes only cross-entropy forward+backward
+            if not runs_on(name, op, mode):
+                continue
             row = dict(base, provider=name)
-            row["bytes_moved"], row["moved_formula"] = bytes_moved(name, op, mode, m, n, s)
+            if op != LCE:
+                row["bytes_moved"], row["moved_formula"] = bytes_moved(name, op, mode, m, n, s)
             if inplace and op == "cross_entropy":
                 row["notes"] = "writes the gradient into (a private copy of) the logits"
-            fn = skip or build(op)
+            if name in LOSS_ONLY and mode != "forward":
+                row["notes"] = LOSS_ONLY[name]
+            fn = skip or self.over_budget() or build(op)
             if not isinstance(fn, str) and reference is None and name != "triton-softmax":
                 fn = "skipped: no reference (triton-softmax failed on this case)"
             if isinstance(fn, str):
@@ -334,17 +466,29 @@ class Run:
     def measure(self, row: dict, fn: Callable, x, other, inplace: bool, reference):
         """Check ``fn`` against ``reference`` (None: ``fn`` is ours and becomes it), then time
         it; returns the reference."""
-        ce, fb = row["op"] == "cross_entropy", row["mode"] == "forward+backward"
-        check, timed, reset = closures(fn, x, other, row["mode"], inplace and ce)
+        op, fb = row["op"], row["mode"] == "forward+backward"
+        if op == LCE:
+            check, timed, reset = lce_closures(fn, *x, other, row["mode"])
+            lead, logits = x[0], row["M"] * row["N"] * x[0].element_size()
+        else:
+            ce = op == "cross_entropy"
+            check, timed, reset = closures(fn, x, other, row["mode"], inplace and ce)
+            lead, logits = x, x.numel() * x.element_size()
         out = tuple(t.detach() for t in check())
         if reference is None:
             import triton_softmax as ts
 
-            reference, row["kernel_path"], row["max_rel_err"] = out, ts.kernel_path(x), 0.0
+            reference, row["kernel_path"], row["max_rel_err"] = out, ts.kernel_path(lead), 0.0
         else:
-            row["max_rel_err"] = err = max_rel_err(out, reference)
-            if not err <= TOLERANCE[x.dtype]:
-                row["status"] = f"mismatch: max rel err {err:.3g} > {TOLERANCE[x.dtype]:g}"
+            loss_only = row["provider"] in LOSS_ONLY and len(out) > 1
+            row["max_rel_err"] = err = (
+                max_rel_err(out[:1], reference[:1]) if loss_only else max_rel_err(out, reference)
+            )
+            if loss_only:
+                grads = max_rel_err(out[1:], reference[1:])
+                row["notes"] += f"; gradients' max rel err {grads:.3g} (not checked)"
+            if not err <= TOLERANCE[lead.dtype]:
+                row["status"] = f"mismatch: max rel err {err:.3g} > {TOLERANCE[lead.dtype]:g}"
                 return reference
         del out
         reset()
@@ -353,9 +497,32 @@ class Run:
             if row[f"bytes_{kind}"]:
                 row[f"gbps_{kind}"] = row[f"bytes_{kind}"] / (row["ms_p50"] * 1e-3) / 1e9
                 row[f"pct_copy_{kind}"] = 100 * row[f"gbps_{kind}"] / self.common["copy_gbps"]
-        if ce and fb and self.cuda:
-            row["peak_mem_x_logits"] = _peak_extra(timed) / (x.numel() * x.element_size())
+        if op == LCE:
+            row["tflops"] = row["flops"] / (row["ms_p50"] * 1e-3) / 1e12
+        if self.cuda and (op == LCE or (op == "cross_entropy" and fb)):
+            peak = _peak_extra(timed)
+            row["peak_mem_x_logits"], row["peak_mem_mib"] = peak / logits, peak / 2**20
         return reference
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int, int]]:
+    """The cases (op, mode, dtype, M, N) in run order: STAGES in order, over dtypes, rows, columns;
+    linear_cross_entropy last and by rows first (both modes of its first row, 8192, before the
+    next), in bf16 unless --dtype says otherwise (fp32 under --smoke)."""
+    grid, cases = SMOKE_GRID if args.smoke else GRID, []
+    for op, mode in (s for s in STAGES if s[0] in args.op and s[1] in args.mode and s[0] != LCE):
+        rows, cols = grid[op.replace("log_", "")]
+        default = ["fp32"] if args.smoke else ["fp32", "bf16"]
+        for dtype in args.dtype or default:
+            cases += [(op, mode, dtype, m, n) for m in args.rows or rows for n in args.cols or cols]
+    if LCE in args.op:
+        rows, cols = grid[LCE]
+        modes = [mode for op, mode in STAGES if op == LCE and mode in args.mode]
+        for m in args.rows or rows:
+            for mode in modes:
+                for dtype in args.dtype or (["fp32"] if args.smoke else ["bf16"]):
+                    cases += [(LCE, mode, dtype, m, n) for n in args.cols or cols]
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,11 +534,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--op", nargs="+", choices=OPS, default=list(OPS))
     ap.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
-    ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: fp32 bf16")
+    ap.add_argument(
+        "--dtype", nargs="+", choices=list(DTYPES), help="default: fp32 bf16 (linear CE: bf16)"
+    )
     ap.add_argument("-M", "--rows", nargs="+", type=int, help="rows (BT for cross_entropy)")
-    ap.add_argument("-N", "--cols", nargs="+", type=int, help="columns (V for cross_entropy)")
+    ap.add_argument(
+        "-N", "--cols", nargs="+", type=int, help="columns (V for cross_entropy, linear CE)"
+    )
+    ap.add_argument("-H", "--hidden", type=int, help=f"linear CE features ({HIDDEN}; smoke: 32)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any machine, seconds")
     ap.add_argument("--time-budget", type=float, help="then skip the rest (s; 480, smoke: none)")
+    ap.add_argument(
+        "--lce-budget",
+        type=float,
+        default=LCE_BUDGET,
+        help=f"seconds of --time-budget kept for linear_cross_entropy, run last ({LCE_BUDGET:g})",
+    )
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -384,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return NO_GPU_EXIT
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    args.dtype = args.dtype or (["fp32"] if args.smoke else ["fp32", "bf16"])
+    args.hidden = args.hidden or (SMOKE_HIDDEN if args.smoke else HIDDEN)
     if args.time_budget is None and not args.smoke:
         args.time_budget = 480.0
     torch.manual_seed(0)
@@ -399,15 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         run = Run(args, writer)
         print(f"{run.device}: copy {run.common['copy_gbps']:.1f} GB/s; {run.common['versions']}")
-        for op, mode in (
-            stage for stage in STAGES if stage[0] in args.op and stage[1] in args.mode
-        ):
-            rows, cols = (SMOKE_GRID if args.smoke else GRID)[op.replace("log_", "")]
-            for dtype in args.dtype:
-                for m in args.rows or rows:
-                    for n in args.cols or cols:
-                        run.case(op, mode, dtype, m, n)
-                        f.flush()
+        for case in plan(args):
+            run.case(*case)
+            f.flush()
     for written in [path, *write_report(path)]:
         print(f"wrote {written}")
     bad = [r for r in run.rows if r["status"].startswith(("mismatch", "error"))]
@@ -431,9 +603,87 @@ def _groups(rows: list[dict]) -> list[tuple]:
     return sorted(keys, key=lambda k: (OPS.index(k[0]), k[1], list(DTYPES).index(k[2]), k[3]))
 
 
+#: DESIGN.md §4, fused linear + CE forward+backward: the least "X's time / ours" per peer.
+LCE_SPEED_TARGETS = {"torch": 1.0, "torch-chunked": 1.2, "liger": 1.2}
+
+
+def _both_ok(a: dict | None, b: dict | None) -> bool:
+    return bool(a and b and a["status"] == b["status"] == "ok")
+
+
+def lce_table(rows: list[dict], mode: str, dtype: str, m: int, level: str = "###") -> list:
+    """Per V and provider: TFLOP/s (ms) and peak extra MiB; ours vs each peer's time; our peak
+    over CCE's. Forward+backward marks with ✗ what misses DESIGN.md's targets."""
+    sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (LCE, mode, dtype, m)]
+    shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
+    by, fb = {(r["N"], r["provider"]): r for r in sel}, mode == "forward+backward"
+    peers = [p for p in shown if p != "triton-softmax"]
+    mem = any(r["peak_mem_mib"] == r["peak_mem_mib"] for r in sel if r["status"] == "ok")
+    lines = [
+        f"{level} {LCE}, {mode}, {dtype}, M = {m}, H = {sel[0]['H']}",
+        "",
+        f"TFLOP/s over {sel[0]['flops_formula']} (ms: median)"
+        + (
+            ", peak: MiB allocated beyond the inputs by one call (gradients included)"
+            if mem
+            else ""
+        )
+        + ". 'ours vs X': X's time / ours."
+        + (
+            " ✗: misses DESIGN.md's target (no slower than torch eager, ≥ 1.2× torch-chunked "
+            "and Liger, peak ≤ CCE's)."
+            if fb
+            else ""
+        ),
+        "",
+    ]
+    body = []
+    for n in sorted({r["N"] for r in sel}):
+        cells, ours = [n], by.get((n, "triton-softmax"))
+        for p in shown:
+            r = by.get((n, p)) or {"status": ""}
+            cell = r["status"].split(":")[0]
+            if r["status"] == "ok":
+                cell = f"{_num(r['tflops'])} ({_num(r['ms_p50'])} ms)"
+                if r["peak_mem_mib"] == r["peak_mem_mib"]:
+                    cell += f", {r['peak_mem_mib']:.0f} MiB"
+            cells.append(cell)
+        for p in peers:
+            r, cell = by.get((n, p)), ""
+            if _both_ok(ours, r):
+                cell = f"{r['ms_p50'] / ours['ms_p50']:.2f}×"
+                cell += (
+                    " ✗"
+                    if fb and r["ms_p50"] / ours["ms_p50"] < LCE_SPEED_TARGETS.get(p, 0)
+                    else ""
+                )
+            cells.append(cell)
+        if mem and "cce" in shown:
+            r, cell = by.get((n, "cce")), ""
+            if _both_ok(ours, r):
+                ratio = ours["peak_mem_mib"] / r["peak_mem_mib"]
+                cell = f"{ratio:.2f}×" + (" ✗" if fb and ratio > 1 else "")
+            cells.append(cell)
+        body.append(cells)
+    header = ["V", *shown, *[f"ours vs {p}" for p in peers]]
+    header += ["peak ours / cce"] if mem and "cce" in shown else []
+    lines += common.md_table(header, body)
+    notes = {f"{r['provider']}: {r['status']}" for r in sel if r["provider"] not in shown}
+    notes |= {
+        f"{r['provider']} at V = {r['N']}: {r['status']}"
+        for r in sel
+        if r["provider"] in shown and r["status"] != "ok"
+    }
+    notes |= {f"{r['provider']}: {r['notes']}" for r in sel if r["notes"] and r["status"] == "ok"}
+    return lines + ["", *[f"- {s}" for s in sorted(notes)]] if notes else lines
+
+
 def table(rows: list[dict], op: str, mode: str, dtype: str, m: int, level: str = "###") -> list:
     """Per N and provider: GB/s over the minimum bytes (% of copy bandwidth), and % of copy over
-    the bytes moved where those differ; ours vs torch / Liger time ratios; peak memory."""
+    the bytes moved where those differ; ours vs torch / Liger time ratios; peak memory.
+    linear_cross_entropy: ``lce_table``."""
+    if op == LCE:
+        return lce_table(rows, mode, dtype, m, level)
     sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
     shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
     by, n_name = {(r["N"], r["provider"]): r for r in sel}, "V" if op == "cross_entropy" else "N"
@@ -489,12 +739,14 @@ def _header(rows: list[dict], title: str) -> list[str]:
         f"CSV. Device-to-device copy bandwidth in the same run: {r['copy_gbps']:.0f} GB/s. Each "
         f"provider was checked against triton-softmax before timing: {ok} rows timed, {bad} "
         f"mismatched, {len(rows) - ok - bad} skipped or failed. 'ours vs X': X's time / ours "
-        "(above 1: ours is faster). Peak: extra memory of one forward+backward.",
+        "(above 1: ours is faster). Peak: extra memory of one call (cross-entropy "
+        "forward+backward, in logits; linear cross-entropy, in MiB).",
     ]
 
 
 def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
-    """One PNG per (op, mode): GB/s over the minimum bytes against N, a panel per (dtype, M)."""
+    """One PNG per (op, mode): GB/s over the minimum bytes against N, a panel per (dtype, M);
+    linear_cross_entropy: TFLOP/s against V."""
     plt, written = common.pyplot(), []
     for op, mode in sorted(
         {(r["op"], r["mode"]) for r in rows if r["status"] == "ok"} if plt else ()
@@ -502,23 +754,29 @@ def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         sel = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
         panels = list(dict.fromkeys(g[2:] for g in _groups(sel)))
         fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.6 * len(panels)), 4.4))
+        metric = "tflops" if op == LCE else "gbps_min"
         for ax, (dtype, m) in zip(getattr(axes, "flat", [axes]), panels, strict=True):
             for p in PROVIDERS:
                 pts = sorted(
-                    (r["N"], r["gbps_min"])
+                    (r["N"], r[metric])
                     for r in sel
                     if r["status"] == "ok" and (r["provider"], r["dtype"], r["M"]) == (p, dtype, m)
                 )
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=p)
-            ax.axhline(rows[0]["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth")
+            if op != LCE:
+                ax.axhline(
+                    rows[0]["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth"
+                )
             ns = sorted({r["N"] for r in sel})
             ax.set_xscale("log", base=2)
             ax.set_xticks(ns, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in ns])
             ax.set(
-                title=f"{dtype}, M = {m}",
-                ylabel="GB/s (minimum bytes / time)",
-                xlabel="V (classes)" if op == "cross_entropy" else "N (columns)",
+                title=f"{dtype}, M = {m}" + (f", H = {sel[0]['H']}" if op == LCE else ""),
+                ylabel=f"TFLOP/s ({sel[0]['flops_formula'].split()[0]} / time)"
+                if op == LCE
+                else "GB/s (minimum bytes / time)",
+                xlabel="V (classes)" if "cross_entropy" in op else "N (columns)",
             )
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
@@ -541,9 +799,10 @@ def write_report(csv_path: Path) -> list[Path]:
 
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    """The top README's kernel section: the grid; per GPU, softmax forward at the smallest M and
-    cross-entropy forward+backward."""
+    """The top README's kernel section: the grid; per GPU, softmax forward at the smallest M,
+    cross-entropy forward+backward and linear cross-entropy forward+backward."""
     (rows, cols), (bt, vocabs) = GRID["softmax"], GRID["cross_entropy"]
+    lce_rows, lce_vocabs = GRID[LCE]
     set_ = lambda v: "{" + ", ".join(map(str, v)) + "}"  # noqa: E731
     lines = [
         "## Benchmarks: kernels",
@@ -552,7 +811,12 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "Liger-Kernel and quack (when installed) in one process on one GPU, after checking each "
         f"output against ours: softmax and log_softmax over M ∈ {set_(rows)} rows × N ∈ "
         f"{set_(cols)}; cross-entropy over BT = {bt[0]} rows × V ∈ {set_(vocabs)}; fp32 and bf16, "
-        "forward and forward+backward. GB/s is counted over the minimum bytes (1 read + 1 write "
+        "forward and forward+backward; and the fused linear + cross-entropy, bf16, N ∈ "
+        f"{set_(lce_rows)} rows × H = {HIDDEN} × V ∈ {set_(lce_vocabs)}, against torch eager "
+        "(`F.linear` + `F.cross_entropy`), its `torch.compile`, torch's chunked "
+        "`F.linear_cross_entropy` (torch ≥ 2.13), Liger's fused linear CE and Cut Cross-Entropy, "
+        "in TFLOP/s (forward 2·N·V·H flops, forward+backward 6·N·V·H) with peak memory. For the "
+        "other ops, GB/s is counted over the minimum bytes (1 read + 1 write "
         "for softmax forward and for cross-entropy forward+backward) and, where it differs, over "
         "the bytes a provider really moves (our cross-entropy forward+backward reads the logits "
         "twice, as Liger's does; our softmax reads rows longer than 8192 twice), each also as % "
@@ -574,7 +838,10 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         lines += _header(rows, "### Measured on")
         small = min((r["M"] for r in rows if r["op"] == "softmax"), default=None)
         for op, mode, dtype, m in _groups(rows):
-            if (op, mode) == STAGES[1] or (op, mode, m) == (*STAGES[0], small):
+            if (op, mode) in (STAGES[1], (LCE, "forward+backward")) or (op, mode, m) == (
+                *STAGES[0],
+                small,
+            ):
                 lines += ["", *table(rows, op, mode, dtype, m, level="####")]
         pngs = sorted(path.parent.glob(f"{path.stem}_*.png"))
         links = [common.link(path.with_suffix(".md"), "full table")]

@@ -13,22 +13,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import common, cpu_path, kernels, serving
+from benchmarks import common, cpu_linear_ce, cpu_path, kernels, serving
 
 #: README marker name -> (CSV prefix, module); the sections appear in this order.
 SECTIONS = {
     "bench:kernels": ("kernels_", kernels),
     "bench:serving": ("serving_", serving),
     "bench:cpu": ("cpu_path_", cpu_path),
+    "bench:cpu-linear-ce": ("cpu_linear_ce_", cpu_linear_ce),
 }
 
 
 def update_readme(readme: Path = common.README, results: Path = common.RESULTS_DIR) -> Path:
-    """Rewrite the README's sections; a missing ``bench:cpu`` section is added after serving."""
+    """Rewrite the README's sections; a missing section after the first two (``bench:cpu``,
+    ``bench:cpu-linear-ce``) is added after the one before it."""
     text = readme.read_text(encoding="utf-8")
-    if "<!-- bench:cpu:start -->" not in text:
-        end = "<!-- bench:serving:end -->"
-        text = text.replace(end, f"{end}\n\n<!-- bench:cpu:start -->\n<!-- bench:cpu:end -->", 1)
+    names = list(SECTIONS)
+    for before, name in zip(names[1:], names[2:], strict=False):
+        if f"<!-- {name}:start -->" not in text:
+            end = f"<!-- {before}:end -->"
+            markers = f"\n\n<!-- {name}:start -->\n<!-- {name}:end -->"
+            text = text.replace(end, end + markers, 1)
     for name, (_, module) in SECTIONS.items():
         text = common.replace_section(text, name, module.readme_section(results))
     readme.write_text(text, encoding="utf-8")

@@ -1,8 +1,10 @@
 """The benchmark harnesses end to end on tiny shapes, so that they cannot rot on CPU-only CI.
 
-The kernel benchmark runs in smoke mode (every op and mode, through the Triton interpreter without
-a GPU); the serving and CPU-path benchmarks run in smoke mode too, the CPU path in a process of
-its own without TRITON_INTERPRET (which this test session sets). The tests then read back what
+The kernel benchmark runs in smoke mode (every op and mode, the fused linear cross-entropy
+included, through the Triton interpreter without a GPU); the serving and CPU-path benchmarks run
+in smoke mode too, the CPU paths (ours vs torch.nn.functional, and the fused linear cross-entropy
+vs torch's chunked op) in processes of their own without TRITON_INTERPRET (which this test
+session sets). The tests then read back what
 they wrote and check the report step on it. These run from the repository root (``python -m
 pytest``): ``benchmarks`` is not installed.
 """
@@ -13,14 +15,19 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from benchmarks import common, cpu_path, kernels, report, serving
+from benchmarks import common, cpu_linear_ce, cpu_path, kernels, report, serving
 
 REPO = Path(__file__).resolve().parent.parent
 ALWAYS_THERE = ("triton-softmax", "torch", "torch.compile")
+#: Installed or not: rows that are measured or skipped with the reason written down.
+OPTIONAL = ("liger", "quack", "torch-chunked", "cce", "cce-filtered")
+TORCH_HAS_CHUNKED = hasattr(F, "linear_cross_entropy")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +51,7 @@ def test_kernel_rows_are_checked_timed_and_counted(smoke):
     import triton_softmax as ts
 
     for r in smoke[3]:
-        if r["provider"] in ("liger", "quack"):  # measured or skipped with the reason written down
+        if r["provider"] in OPTIONAL:  # measured or skipped with the reason written down
             assert r["status"] == "ok" or r["status"].startswith("skipped: "), r["status"]
         if r["provider"] not in ALWAYS_THERE:
             continue
@@ -52,6 +59,8 @@ def test_kernel_rows_are_checked_timed_and_counted(smoke):
         assert r["status"] == "ok", (case, r["status"])
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"], case
         assert r["max_rel_err"] <= kernels.TOLERANCE[torch.float32], case
+        if r["op"] == kernels.LCE:
+            continue  # counted in flops: test_linear_cross_entropy_rows
         args = (r["op"], r["mode"], r["M"], r["N"], 4)
         assert (r["bytes_min"], r["min_formula"]) == kernels.bytes_min(*args)
         assert (r["bytes_moved"], r["moved_formula"]) == kernels.bytes_moved(r["provider"], *args)
@@ -63,6 +72,77 @@ def test_kernel_rows_are_checked_timed_and_counted(smoke):
                 assert r["pct_copy_moved"] == pytest.approx(1.5 * r["pct_copy_min"])
     inplace = {(r["op"], r["mode"]) for r in smoke[3] if r["provider"] == "triton-softmax-inplace"}
     assert inplace == {("cross_entropy", "forward+backward")}
+
+
+def test_linear_cross_entropy_rows(smoke):
+    import triton_softmax as ts
+
+    rows = [r for r in smoke[3] if r["op"] == kernels.LCE]
+    providers = {r["provider"] for r in rows}
+    assert providers == {
+        "triton-softmax",
+        "torch",
+        "torch.compile",
+        "torch-chunked",
+        "liger",
+        "cce",
+        "cce-filtered",
+    }
+    assert {(r["mode"], r["N"]) for r in rows} == {
+        (m, v) for m in kernels.MODES for v in kernels.SMOKE_GRID[kernels.LCE][1]
+    }
+    for r in rows:
+        assert r["H"] == kernels.SMOKE_HIDDEN and r["M"] == 8 and r["dtype"] == "fp32"
+        if r["provider"] == "torch-chunked":
+            assert (r["status"] == "ok") == TORCH_HAS_CHUNKED, r["status"]
+        if r["status"] != "ok":
+            continue
+        flops, formula = kernels.flops(r["mode"], r["M"], r["N"], r["H"])
+        assert (r["flops"], r["flops_formula"]) == (flops, formula)
+        assert r["tflops"] == pytest.approx(flops / (r["ms_p50"] * 1e-3) / 1e12)
+        assert math.isnan(r["gbps_min"]) and r["bytes_min"] == 0
+        if r["provider"] == "triton-softmax":
+            assert r["kernel_path"] == ts.kernel_path(torch.empty(1)) and r["max_rel_err"] == 0
+    # Rows only where a provider has the op.
+    other = {r["provider"] for r in smoke[3] if r["op"] != kernels.LCE}
+    assert not other & {"torch-chunked", "cce", "cce-filtered"}
+    assert "quack" in other and "quack" not in providers
+
+
+def test_flop_formulas_and_run_order():
+    assert kernels.flops("forward", 2, 3, 5) == (60, "2*M*V*H (logits)")
+    assert kernels.flops("forward+backward", 2, 3, 5)[0] == 6 * 2 * 3 * 5
+    args = SimpleNamespace(
+        op=list(kernels.OPS),
+        mode=list(kernels.MODES),
+        dtype=None,
+        rows=None,
+        cols=None,
+        smoke=False,
+    )
+    cases = kernels.plan(args)
+    lce = [c for c in cases if c[0] == kernels.LCE]
+    assert cases[-len(lce) :] == lce  # linear CE last, with its share of the budget kept
+    (rows, vocabs), first = kernels.GRID[kernels.LCE], lce[: 2 * len(kernels.GRID[kernels.LCE][1])]
+    assert rows[0] == 8192 and {c[2] for c in lce} == {"bf16"}
+    assert first == [
+        (kernels.LCE, mode, "bf16", 8192, v)
+        for mode in ("forward+backward", "forward")
+        for v in vocabs
+    ]
+    assert len(lce) == 2 * len(rows) * len(vocabs)
+    assert {c[2] for c in cases if c[0] == "softmax"} == {"fp32", "bf16"}
+
+
+def test_time_budget_keeps_a_share_for_linear_cross_entropy(tmp_path):
+    args = ["--smoke", "--op", "softmax", kernels.LCE, "--mode", "forward", "-N", "100"]
+    args += ["--time-budget", "1000", "--lce-budget", "1000", "--out", str(tmp_path)]
+    assert kernels.main(args) == 0
+    rows = common.read_csv(next(tmp_path.glob("*.csv")))
+    softmax = [r for r in rows if r["op"] == "softmax"]
+    assert softmax and all("kept for linear_cross_entropy" in r["status"] for r in softmax)
+    ours = [r for r in rows if r["op"] == kernels.LCE and r["provider"] == "triton-softmax"]
+    assert [r["status"] for r in ours] == ["ok"]
 
 
 def test_byte_formulas():
@@ -98,6 +178,9 @@ def test_kernel_report_has_tables_and_plots(smoke):
     assert "### cross_entropy, forward+backward, fp32, M = 8" in md
     assert "GB/s over the minimum bytes, 2*M*V*s (read logits once, write grad once)" in md
     assert "move 3*M*V*s (read logits twice, write grad)" in md and ", moved " in md
+    assert "### linear_cross_entropy, forward+backward, fp32, M = 8, H = 32" in md
+    assert "TFLOP/s over 6*M*V*H (logits, grad_input, grad_weight" in md
+    assert "| V | triton-softmax | torch | torch.compile |" in md and "ours vs torch |" in md
     pytest.importorskip("matplotlib")
     pngs = list(out.glob("*.png"))
     assert len(pngs) == len(kernels.OPS) * len(kernels.MODES)
@@ -112,6 +195,7 @@ def test_readme_sections_are_generated_from_csvs(smoke, tmp_path):
     section = kernels.readme_section(tmp_path)
     assert "#### softmax, forward, fp32, M = 16" in section
     assert "#### cross_entropy, forward+backward, fp32, M = 8" in section
+    assert "#### linear_cross_entropy, forward+backward, fp32, M = 8, H = 32" in section
     assert "No GPU numbers" not in section
     readme = tmp_path / "README.md"
     readme.write_text(
@@ -121,6 +205,9 @@ def test_readme_sections_are_generated_from_csvs(smoke, tmp_path):
     text = report.update_readme(readme, tmp_path).read_text()
     assert text.startswith("a\n<!-- bench:kernels:start -->\n## Benchmarks: kernels\n")
     assert text.index("bench:serving:end") < text.index("bench:cpu:start") < text.index("\nb\n")
+    assert text.index("bench:cpu:end") < text.index("bench:cpu-linear-ce:start")
+    assert text.index("bench:cpu-linear-ce:end") < text.index("\nb\n")
+    assert "No numbers have been measured yet" in text
     assert "old" not in text and "No serving numbers" in text
     with pytest.raises(ValueError, match="markers"):
         common.replace_section("no markers", "bench:kernels", "x")
@@ -196,3 +283,45 @@ def test_cpu_path_smoke_checks_times_and_reports(tmp_path):
         assert r["threads"] == common.cpu_count()
     md = csv_path.with_suffix(".md").read_text()
     assert "per-call overhead at 4x3" in md and "| cross_entropy | weight |" in md
+
+
+def test_cpu_linear_ce_benchmark_refuses_the_interpreter(tmp_path, capsys):
+    import triton_softmax as ts
+
+    if ts.kernel_path(torch.empty(1)) == "torch":
+        pytest.skip("this session runs the plain-torch path")
+    assert cpu_linear_ce.main(["--smoke", "--out", str(tmp_path)]) == cpu_linear_ce.REFUSAL_EXIT
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cpu_linear_ce_smoke_checks_times_measures_and_reports(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "benchmarks.cpu_linear_ce", "--smoke", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (csv_path,) = tmp_path.glob("cpu_linear_ce-smoke_*.csv")
+    rows = {r["provider"]: r for r in common.read_csv(csv_path)}
+    assert list(rows) == list(cpu_linear_ce.PROVIDERS)
+    n, h, v = cpu_linear_ce.SMOKE_SHAPE
+    for name, r in rows.items():
+        if name == "torch-chunked" and not TORCH_HAS_CHUNKED:
+            assert r["status"].startswith("skipped: torch"), r["status"]
+            continue
+        assert r["status"] == "ok" and r["kernel_path"] == "torch", r
+        assert (r["N"], r["H"], r["V"], r["threads"]) == (n, h, v, common.cpu_count())
+        assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] and r["ours_over_this"] > 0
+        assert r["max_rel_err"] <= 1e-4 and r["logits_mib"] == pytest.approx(n * v * 4 / 2**20)
+    assert rows["triton-softmax"]["ours_over_this"] == 1.0
+    ours = rows["triton-softmax"]  # --smoke measures our peak only, in a process of its own
+    assert ours["peak_extra_mib"] >= 0 and "hwm_after_kib=" in ours["peak_raw_kib"]
+    assert math.isnan(rows["torch"]["peak_extra_mib"])
+    md = csv_path.with_suffix(".md").read_text()
+    assert "time ≤ torch's chunked op" in md or not TORCH_HAS_CHUNKED
+    assert "peak extra memory ≤ 0.1× the fp32 logits" in md and "| triton-softmax |" in md
+    assert "No numbers have been measured yet" in cpu_linear_ce.readme_section(tmp_path)
+    shutil.copy(csv_path, tmp_path / "cpu_linear_ce_fake-cpu.csv")
+    section = cpu_linear_ce.readme_section(tmp_path)
+    assert "### 2 torch thread(s)" in section or common.cpu_count() != 2
+    assert "| provider | ms (median) |" in section and "No numbers" not in section
