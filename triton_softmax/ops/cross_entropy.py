@@ -529,6 +529,18 @@ def _plain_forward(
     stats[0], stats[1], stats[2] = m, log_d, mass
 
 
+def row_outputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised (loss [M], lse [M], stats [3, M]) for the M rows of ``rows``, in the
+    accumulator dtype: what the cross-entropy ops (and the fused linear ones) return."""
+    acc = accumulator_dtype(rows.dtype)
+    n_rows = rows.shape[0]
+    return (
+        rows.new_empty(n_rows, dtype=acc),
+        rows.new_empty(n_rows, dtype=acc),
+        rows.new_empty(3, n_rows, dtype=acc),
+    )
+
+
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -563,10 +575,7 @@ def cross_entropy_forward(
     """
     is_index = _check_operands(logits, target, weight)
     n_rows, n_classes = logits.shape
-    acc = accumulator_dtype(logits.dtype)
-    loss = torch.empty(n_rows, dtype=acc, device=logits.device)
-    lse = torch.empty(n_rows, dtype=acc, device=logits.device)
-    stats = torch.empty(3, n_rows, dtype=acc, device=logits.device)
+    loss, lse, stats = row_outputs(logits)
     if n_rows == 0:
         return loss, lse, stats
     if is_index and target.device.type == "cpu":
@@ -779,13 +788,7 @@ def cross_entropy_op(
 @cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *flags):
     _check_operands(logits, target, weight)
-    acc = accumulator_dtype(logits.dtype)
-    n_rows = logits.shape[0]
-    return (
-        logits.new_empty(n_rows, dtype=acc),
-        logits.new_empty(n_rows, dtype=acc),
-        logits.new_empty(3, n_rows, dtype=acc),
-    )
+    return row_outputs(logits)
 
 
 @torch.library.custom_op("triton_softmax::cross_entropy_backward", mutates_args=())

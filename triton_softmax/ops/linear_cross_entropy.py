@@ -480,15 +480,12 @@ def linear_cross_entropy_forward(
     n_classes = linear_weight.shape[0]
     acc = accumulator_dtype(input.dtype)
     if n_rows == 0:
-        empty = input.new_empty(0, dtype=acc)
-        return empty, empty.clone(), input.new_empty(3, 0, dtype=acc)
+        return _ce.row_outputs(input)
     if is_index and target.device.type == "cpu" and not total_classes:
         _ce.check_class_indices(target, n_classes, ignore_index)
 
     if kernel_path(input) == "torch":
-        loss = input.new_empty(n_rows, dtype=acc)
-        lse = torch.empty_like(loss)
-        stats = input.new_empty(3, n_rows, dtype=acc)
+        loss, lse, stats = _ce.row_outputs(input)
         for rows in _row_chunks(n_rows, n_classes):
             logits = _chunk_logits(input, linear_weight, linear_bias, rows, acc)
             loss[rows], lse[rows], stats[:, rows] = _ce.cross_entropy_forward(
@@ -691,13 +688,7 @@ def linear_cross_entropy_op(
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss,
       softcap, total_classes=0):  # fmt: skip
     _check_operands(input, linear_weight, linear_bias, target, weight)
-    acc = accumulator_dtype(input.dtype)
-    n_rows = input.shape[0]
-    return (
-        input.new_empty(n_rows, dtype=acc),
-        input.new_empty(n_rows, dtype=acc),
-        input.new_empty(3, n_rows, dtype=acc),
-    )
+    return _ce.row_outputs(input)
 
 
 @torch.library.custom_op("triton_softmax::linear_cross_entropy_backward", mutates_args=())
