@@ -197,10 +197,13 @@ def peaks(providers: list[str], n: int, h: int, v: int, threads: int) -> dict[st
     return got
 
 
-def run(shape: tuple[int, int, int], rounds: int, threads: int, smoke: bool = False) -> list[dict]:
+def run(
+    shape: tuple[int, int, int], rounds: int, threads: int, versions: str, smoke: bool = False
+) -> list[dict]:
     """Check, time and measure every provider at ``shape`` with ``threads`` torch threads;
-    ``smoke``: our peak only (each process costs seconds of imports, and smoke numbers mean
-    nothing)."""
+    ``versions`` as read when this process imported the code (a later commit must not relabel
+    it); ``smoke``: our peak only (each process costs seconds of imports, and smoke numbers
+    mean nothing)."""
     import triton_softmax as ts
 
     torch.set_num_threads(threads)
@@ -210,8 +213,7 @@ def run(shape: tuple[int, int, int], rounds: int, threads: int, smoke: bool = Fa
         machine=common.cpu_description(),
         threads=torch.get_num_threads(),
         load_avg=round(common.load_average(), 2),
-        versions=common.versions(("torch", "triton", "triton-softmax", "numpy"))
-        + f" (commit {common.git_commit()})",
+        versions=versions,
         kernel_path=ts.kernel_path(torch.empty(1)),
         N=n,
         H=h,
@@ -445,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(peak_here(args.peak_of, *shape, args.threads[0])))
         return 0
     rounds = 1 if args.smoke else args.rounds
-    rows = [r for k in args.threads for r in run(shape, rounds, k, args.smoke)]
+    versions = common.versions(("torch", "triton", "triton-softmax", "numpy"))
+    versions += f" (commit {common.git_commit()})"
+    rows = [r for k in args.threads for r in run(shape, rounds, k, versions, args.smoke)]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "cpu_linear_ce-smoke_" if args.smoke else "cpu_linear_ce_"
     csv_path = common.write_csv(args.out / f"{stem}{common.slug(common.cpu_model())}.csv", rows)
