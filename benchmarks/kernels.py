@@ -76,8 +76,6 @@ STAGES = [
 ]
 #: Largest max|out - ours| / max|ours| accepted before a provider is timed.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-#: Our softmax holds rows up to this many elements in one block (triton_softmax/ops/softmax.py).
-OUR_SINGLE_BLOCK = 8192
 NO_GPU_EXIT, MISMATCH_EXIT = 1, 3
 COLUMNS = (
     "op mode dtype M N H provider status ms_p50 ms_p20 ms_p80 tflops gbps_min pct_copy_min "
@@ -116,9 +114,10 @@ def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tu
         the logits; the gradient needs them read again and written (ours and quack: in the
         backward kernel; Liger: in a second pass of its forward, its backward a no-op for a
         scalar loss). Forward alone: M*V*s, the minimum.
-    softmax / log_softmax, ours, N > 8192: a streamed row is read twice (online max/sum pass,
-        then the write pass), and the backward reads y and dy twice: forward 3*M*N*s,
-        forward+backward 8*M*N*s. N <= 8192: the minimum.
+    softmax / log_softmax, ours: rows the launch tables stream (``our_softmax_passes``; over
+        32768 elements, 8192 in fp64) are read twice in the forward (online max/sum pass, then
+        the write pass): 3*M*N*s; the streamed backward reads y and dy twice (log_softmax: dy
+        twice, y once) and writes dx: 5*M*N*s (4). Rows held whole: the minimum.
     softmax, Liger (one block per row, errors above 65536) and quack (the row stays on chip,
         clusters for long rows): the minimum.
     torch, torch.compile: not modelled (their kernels and passes depend on the size).
@@ -127,11 +126,25 @@ def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tu
         return 0, "not modelled"
     if op == "cross_entropy" and mode == "forward+backward":
         return _bytes(3, op, m, n, s, "read logits twice, write grad")
-    if op != "cross_entropy" and provider.startswith("triton-softmax") and n > OUR_SINGLE_BLOCK:
-        if mode == "forward":
-            return _bytes(3, op, m, n, s, "N > 8192: read x twice, write y")
-        return _bytes(8, op, m, n, s, "N > 8192: read x twice, write y; read y, dy twice, write dx")
+    if op != "cross_entropy" and provider.startswith("triton-softmax"):
+        forward, backward = our_softmax_passes(op, n, s)
+        if mode == "forward" and forward > 2:
+            return _bytes(forward, op, m, n, s, "streamed: read x twice, write y")
+        if mode != "forward" and forward + backward > 5:
+            return _bytes(forward + backward, op, m, n, s, "streamed rows: x, y, dy read again")
     return bytes_min(op, mode, m, n, s)
+
+
+def our_softmax_passes(op: str, n: int, s: int) -> tuple[int, int]:
+    """Row transfers (reads + writes, in units of N*s) of our softmax forward and backward for
+    rows of n elements of s bytes, from the launch tables the launchers use."""
+    from triton_softmax.ops import softmax
+    from triton_softmax.ops._common import pick_tile
+
+    aligned = n * s % 16 == 0
+    forward = pick_tile(softmax.FORWARD_TILES, n, s, aligned=aligned).single_block
+    backward = pick_tile(softmax.BACKWARD_TILES, n, s, aligned=aligned).single_block
+    return (2 if forward else 3), (3 if backward else 4 if op == "log_softmax" else 5)
 
 
 def flops(mode: str, m: int, v: int, h: int) -> tuple[int, str]:
@@ -164,6 +177,31 @@ def _ours(op: str, inplace: bool = False) -> Callable:
     if op == "cross_entropy":
         return lambda x, t: ts.cross_entropy(x, t, inplace_backward=inplace)
     return lambda x: getattr(ts, op)(x, dim=-1)
+
+
+def _ours_sharded(op: str) -> Callable | str:
+    """Ours with ``process_group=`` over a world of one rank: the vocab-parallel code path
+    (shard layout, one all_gather of 3 floats per row, the merge) against the unsharded one."""
+    import torch.distributed as dist
+
+    import triton_softmax as ts
+
+    if op not in ("cross_entropy", LCE):
+        return "skipped: process_group is for cross-entropy"
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
+    group = dist.group.WORLD
+    if op == LCE:
+        return lambda x, w, t: ts.linear_cross_entropy(x, w, t, process_group=group)
+    return lambda x, t: ts.cross_entropy(x, t, process_group=group)
 
 
 def _torch_chunked(op: str) -> Callable | str:
@@ -222,6 +260,7 @@ def _quack(op: str) -> Callable | str:
 PROVIDERS = {
     "triton-softmax": ("triton-softmax", _ours, False),
     "triton-softmax-inplace": ("triton-softmax", lambda op: _ours(op, inplace=True), True),
+    "triton-softmax-tp1": ("triton-softmax", _ours_sharded, False),
     "torch": ("torch", _torch, False),
     "torch.compile": ("torch", _compiled, False),
     "torch-chunked": ("torch", _torch_chunked, False),
@@ -243,6 +282,8 @@ def runs_on(provider: str, op: str, mode: str) -> bool:
     linear cross-entropy here."""
     if provider == "triton-softmax-inplace":
         return (op, mode) == STAGES[1]
+    if provider == "triton-softmax-tp1":
+        return op in ("cross_entropy", LCE)
     if provider in ("torch-chunked", "cce", "cce-filtered"):
         return op == LCE
     return op != LCE if provider == "quack" else True
