@@ -383,7 +383,7 @@ def linear_cross_entropy(
             classes [start, stop); the input's gradient is all-reduced over the group.
         options: accepted for compatibility with torch's ``LinearCrossEntropyOptions`` and
             ignored: our kernels never hold the [N, V] logits whatever it says (on a GPU they
-            work tile by tile; on the CPU they run over row chunks of about 4M logits).
+            work tile by tile; on the CPU they run over row chunks of about 2M logits).
     Returns:
         The loss (a scalar for "mean"/"sum", else the target's batch shape), in the input's
         dtype (float32 under ``torch.autocast``, as torch); with ``return_lse``, also the
