@@ -31,8 +31,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from triton_softmax.ops._common import accumulator_dtype
-
 #: (process group, rank, local class count) -> (start, total classes), from one all_gather.
 _LAYOUTS: dict[tuple[object, int, int], tuple[int, int]] = {}
 
@@ -105,10 +103,6 @@ def local_weight(weight, start: int, local_classes: int, total_classes: int):
             f"class weights on every rank, got {tuple(weight.shape)}"
         )
     return weight[start : start + local_classes]
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return accumulator_dtype(t.dtype)
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
