@@ -459,6 +459,28 @@ def test_softcap_matches_torch(kind, block_n):
         torch.testing.assert_close(rows[0], ref.detach())
 
 
+@pytest.mark.parametrize("cap", [30.0, 1e4, 1e8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softcap_precision_at_large_caps(cap, dtype):
+    # tanh(y) from exp loses eps / |y| relatively for small y = z / cap: at cap 1e8 that was a
+    # fp32 loss error of 0.36. The loss and the gradient, whose derivative 1 - tanh**2 rides on
+    # the same tanh, must stay at the dtype's rounding whatever the cap.
+    x = torch.randn(6, 40, device=DEVICE, dtype=torch.float64) * 3
+    x[0, :5] = torch.tensor([1e-3, -1e-6, 0.0, 0.75 * cap, -2.0 * cap])  # both sides of 0.25
+    x = x.to(dtype).requires_grad_()
+    target = torch.randint(0, 40, (6,), device=DEVICE)
+    x_ref = x.detach().double().requires_grad_()
+    capped = cap * torch.tanh(x_ref / cap)
+    ref = F.cross_entropy(capped, target, reduction="none")
+    loss = ts.cross_entropy(x, target, softcap=cap, reduction="none")
+    upstream = torch.rand(6, device=DEVICE, dtype=torch.float64) + 0.5
+    (loss * upstream.to(dtype)).sum().backward()
+    (ref * upstream).sum().backward()
+    tight = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), ref.detach(), **tight)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, **tight)
+
+
 @pytest.mark.parametrize("softcap", [0.0, -1.0, math.inf, math.nan, "30"])
 def test_bad_softcap_raises(softcap):
     with pytest.raises(ValueError, match="softcap"):

@@ -221,10 +221,46 @@ def online_logsumexp_update(m, d, x):
     return m_new, m_new_shift, d
 
 
+#: tanh's odd Taylor coefficients, tanh y = y (1 + c1 y^2 + c2 y^4 + ...): below
+#: TANH_SERIES_BELOW, 5 of them (fp32) or 10 (fp64) leave a truncation error under one unit in
+#: the last place (at most 0.6 ulp in fp32, 0.98 ulp in fp64 at |y| = 0.25, checked against
+#: mpmath).
+_TANH_C1 = tl.constexpr(-1.0 / 3.0)
+_TANH_C2 = tl.constexpr(2.0 / 15.0)
+_TANH_C3 = tl.constexpr(-17.0 / 315.0)
+_TANH_C4 = tl.constexpr(62.0 / 2835.0)
+_TANH_C5 = tl.constexpr(-1382.0 / 155925.0)
+_TANH_C6 = tl.constexpr(21844.0 / 6081075.0)
+_TANH_C7 = tl.constexpr(-929569.0 / 638512875.0)
+_TANH_C8 = tl.constexpr(6404582.0 / 10854718875.0)
+_TANH_C9 = tl.constexpr(-443861162.0 / 1856156927625.0)
+TANH_SERIES_BELOW = tl.constexpr(0.25)
+
+
 @triton.jit
 def tanh(y):
-    """tanh from exp (the interpreter has no libdevice), sign-symmetric so that large |y|
-    saturates to +-1 without inf / inf; used for logit soft-capping, c tanh(z / c)."""
-    e = tl.exp(-2.0 * tl.abs(y))
+    """tanh of fp32 or fp64 ``y`` (the interpreter has no libdevice), accurate to a few units
+    in the last place for every y; used for logit soft-capping, c tanh(z / c).
+
+    |y| >= 0.25: (1 - e) / (1 + e) with e = exp(-2|y|) <= 0.61, so 1 - e cancels at most
+    1.3 bits, and large |y| saturates to +-1 without inf / inf. |y| < 0.25: the odd Taylor
+    series in Horner form, where 1 - e would cancel without bound (a relative error of
+    eps / |y|: 0.36 on the fp32 loss at a cap of 1e8).
+    """
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(y < 0, -t, t)
+    y2 = y * y
+    if y.dtype == tl.float64:
+        p = _TANH_C9 * y2 + _TANH_C8
+        p = p * y2 + _TANH_C7
+        p = p * y2 + _TANH_C6
+        p = p * y2 + _TANH_C5
+    else:
+        p = tl.full(y.shape, _TANH_C5, y.dtype)
+    p = p * y2 + _TANH_C4
+    p = p * y2 + _TANH_C3
+    p = p * y2 + _TANH_C2
+    p = p * y2 + _TANH_C1
+    series = y + y * (y2 * p)
+    return tl.where(a < TANH_SERIES_BELOW, series, tl.where(y < 0, -t, t))
