@@ -481,10 +481,46 @@ def test_softcap_precision_at_large_caps(cap, dtype):
     torch.testing.assert_close(x.grad.double(), x_ref.grad, **tight)
 
 
-@pytest.mark.parametrize("softcap", [0.0, -1.0, math.inf, math.nan, "30"])
-def test_bad_softcap_raises(softcap):
-    with pytest.raises(ValueError, match="softcap"):
+@pytest.mark.parametrize(
+    "softcap,error",
+    [
+        (0.0, ValueError),
+        (0, ValueError),
+        (-1.0, ValueError),
+        (math.inf, ValueError),
+        (math.nan, ValueError),
+        (True, TypeError),  # would have meant a cap of 1.0
+        (False, TypeError),
+        ("30", TypeError),
+    ],
+)
+def test_bad_softcap_raises(softcap, error):
+    message = "softcap must be a positive finite real number"
+    with pytest.raises(error, match=message):
         ts.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), softcap=softcap)
+    with pytest.raises(error, match=message):
+        ts.CrossEntropyLoss(softcap=softcap)
+
+
+@pytest.mark.parametrize(
+    "z_loss,error",
+    [(-1e-4, ValueError), (math.nan, ValueError), (math.inf, ValueError), (True, TypeError)],
+)
+def test_bad_z_loss_raises(z_loss, error):
+    message = r"z_loss must be a finite real number >= 0"
+    with pytest.raises(error, match=message):
+        ts.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), z_loss=z_loss)
+    with pytest.raises(error, match=message):
+        ts.CrossEntropyLoss(z_loss=z_loss)
+
+
+def test_module_softcap_matches_functional():
+    x = torch.randn(4, 6, device=DEVICE, dtype=torch.float64)
+    target = torch.randint(0, 6, (4,), device=DEVICE)
+    module = ts.CrossEntropyLoss(softcap=2, z_loss=0)  # ints are real numbers
+    torch.testing.assert_close(module(x, target), ts.cross_entropy(x, target, softcap=2.0))
+    ref = F.cross_entropy(2.0 * torch.tanh(x / 2.0), target)
+    torch.testing.assert_close(module(x, target), ref)
 
 
 def test_int32_targets_are_accepted():

@@ -14,6 +14,7 @@ Same signatures and results as torch; extras are keyword-only. These functions h
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 
@@ -185,8 +186,10 @@ def cross_entropy(
             formula, weighted classes included. On the kernel paths each distinct value
             compiles its own kernel specialisation once (exact in fp64).
         softcap: keyword-only; the loss is taken on ``softcap * tanh(input / softcap)``
-            (Gemma 2's logit soft-capping), computed inside the kernels; None for none.
-        z_loss: keyword-only; adds ``z_loss * lse**2`` to each counted row's loss (PaLM's
+            (Gemma 2's logit soft-capping), computed inside the kernels; a positive finite
+            real number (not a bool), or None for none.
+        z_loss: keyword-only, a finite real number >= 0 (not a bool); adds
+            ``z_loss * lse**2`` to each counted row's loss (PaLM's
             z-loss), reduced with it: under "mean" with class weights it is divided by the
             summed weights like the rest. Each distinct value compiles once, as above.
         return_lse: keyword-only; also return the log-sum-exp per row, shaped like
@@ -219,8 +222,8 @@ def cross_entropy(
     Raises:
         TypeError: non-tensor arguments, non-floating logits, or a target that is neither
             integer nor floating.
-        ValueError: shapes that do not fit (both named), bad weight, reduction, smoothing or
-            ignore_index; ``inplace_backward`` on a leaf that requires grad.
+        ValueError: shapes that do not fit (both named), bad weight, reduction, smoothing,
+            softcap, z_loss or ignore_index; ``inplace_backward`` on a leaf that requires grad.
         IndexError: a class index outside [0, C) that is not ``ignore_index``.
     """
     _require_tensor(input, "cross_entropy", "input")
@@ -238,6 +241,7 @@ def cross_entropy(
         "cross_entropy", target, weight, reduction, label_smoothing, ignore_index, softcap,
         batch_shape, input.shape,
     )  # fmt: skip
+    z_loss = checked_z_loss(z_loss)
     is_index = not target.is_floating_point()
     if inplace_backward and _is_leaf_requiring_grad(input):
         raise ValueError(
@@ -311,10 +315,7 @@ def _checked_options(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index={ignore_index} does not fit in int64")
-    if softcap is None:
-        softcap = 0.0
-    elif not (isinstance(softcap, (int, float)) and 0.0 < softcap < math.inf):
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    softcap = checked_softcap(softcap)
     if target.is_floating_point():
         if ignore_index >= 0:
             raise ValueError(
@@ -345,6 +346,49 @@ def _checked_options(
             "pass weight.detach()"
         )
     return target, weight, reduction, label_smoothing, ignore_index, float(softcap)
+
+
+def checked_softcap(softcap) -> float:
+    """``softcap`` as a float, 0.0 for None.
+
+    Raises:
+        TypeError: unless it is None or a real number (a bool is not: ``True`` would mean 1.0).
+        ValueError: unless the number is positive and finite (0 would divide by 0; None, not
+            0, turns capping off).
+    """
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(
+            f"softcap must be a positive finite real number (the cap c in c * tanh(x / c)) or "
+            f"None for no capping, got {type(softcap).__name__} {softcap!r}"
+        )
+    if not 0.0 < float(softcap) < math.inf:
+        raise ValueError(
+            f"softcap must be a positive finite real number (the cap c in c * tanh(x / c)) or "
+            f"None for no capping, got {softcap!r}"
+        )
+    return float(softcap)
+
+
+def checked_z_loss(z_loss) -> float:
+    """``z_loss`` as a float.
+
+    Raises:
+        TypeError: unless it is a real number (not a bool).
+        ValueError: unless it is finite and >= 0 (a negative coefficient rewards a large lse;
+            NaN or inf would make every loss NaN or inf).
+    """
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real):
+        raise TypeError(
+            f"z_loss must be a finite real number >= 0 (the coefficient of lse**2), got "
+            f"{type(z_loss).__name__} {z_loss!r}"
+        )
+    if not 0.0 <= float(z_loss) < math.inf:
+        raise ValueError(
+            f"z_loss must be a finite real number >= 0 (the coefficient of lse**2), got {z_loss!r}"
+        )
+    return float(z_loss)
 
 
 def linear_cross_entropy(
@@ -437,6 +481,7 @@ def linear_cross_entropy(
         "linear_cross_entropy", target, weight, reduction, label_smoothing,
         -100 if ignore_index is None else ignore_index, softcap, batch_shape, logits_shape,
     )  # fmt: skip
+    z_loss = checked_z_loss(z_loss)
     is_index = not target.is_floating_point()
     out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
     if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):

@@ -31,9 +31,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in for :class:`torch.nn.CrossEntropyLoss` computed by
     :func:`triton_softmax.cross_entropy`.
 
-    Takes torch's constructor arguments, plus keyword-only ``z_loss``, ``return_lse``,
-    ``inplace_backward``, ``check_targets`` and ``process_group`` (see
-    :func:`triton_softmax.cross_entropy`);
+    Takes torch's constructor arguments, plus keyword-only ``softcap``, ``z_loss``,
+    ``return_lse``, ``inplace_backward``, ``check_targets`` and ``process_group`` (see
+    :func:`triton_softmax.cross_entropy`; ``softcap`` and ``z_loss`` are checked here);
     with ``return_lse=True`` the module returns ``(loss, lse)``.
     """
 
@@ -46,6 +46,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        softcap: float | None = None,
         z_loss: float = 0.0,
         return_lse: bool = False,
         inplace_backward: bool = False,
@@ -55,7 +56,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
         super().__init__(weight, None, ignore_index, None, reduction, label_smoothing)
-        self.z_loss = z_loss
+        F.checked_softcap(softcap)
+        self.softcap = softcap
+        self.z_loss = F.checked_z_loss(z_loss)
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
         self.check_targets = check_targets
@@ -71,6 +74,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            softcap=self.softcap,
             z_loss=self.z_loss,
             return_lse=self.return_lse,
             inplace_backward=self.inplace_backward,
