@@ -7,6 +7,7 @@ in float64. Both CPU paths: the Triton interpreter (TRITON_INTERPRET=1, as the t
 sets it) and the plain-torch path (without it).
 """
 
+import datetime
 import os
 import socket
 import subprocess
@@ -54,6 +55,14 @@ def test_vocab_parallel_matches_unsharded(world, interpreter):
     _run("vocab", world, interpreter)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("interpreter", [True, False], ids=["interpreter", "torch"])
+def test_vocab_parallel_hostile_inputs(world, interpreter):
+    """Non-negative ignore_index, heads of equal shard sizes, ranks that disagree (world 2);
+    layouts changing between calls and empty shards (world 3)."""
+    _run("hostile", world, interpreter)
+
+
 def test_data_parallel_gradients_match_one_process():
     _run("ddp", 2, interpreter=False)
 
@@ -71,6 +80,17 @@ def _shards(total: int, world: int) -> list[int]:
 
 
 def _vocab_rank(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    for case in CASES:
+        _check_case(rank, _shards(37, world), case)  # 37 classes: uneven shards
+    dist.barrier()
+
+
+def _check_case(rank, sizes, case, *, n=7, h=9, target=None, ignore_index=-100) -> None:
+    """cross_entropy and linear_cross_entropy with the classes sharded as ``sizes`` (one per
+    rank, in rank order) against the unsharded ops in float64: results and gradients.
+    ``target``: these class indices instead of random ones."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -78,51 +98,132 @@ def _vocab_rank(rank: int, world: int) -> None:
     import triton_softmax as ts
 
     group = dist.group.WORLD
-    n, h, v = 7, 9, 37  # v odd: uneven shards
-    sizes = _shards(v, world)
+    v = sum(sizes)
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    for case in CASES:
-        kind, weighted, smoothing, reduction, softcap, z_loss, return_lse = case
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(n, h, dtype=torch.float64, generator=g)
-        head = torch.randn(v, h, dtype=torch.float64, generator=g) / 3
-        bias = torch.randn(v, dtype=torch.float64, generator=g)
-        if kind == "index":
-            target = torch.randint(0, v, (n,), generator=g)
-            target[1] = -100
-        else:
-            target = torch.softmax(torch.randn(n, v, dtype=torch.float64, generator=g), 1)
-        weight = torch.rand(v, dtype=torch.float64, generator=g) + 0.5 if weighted else None
-        local_target = target if kind == "index" else target[:, start:stop]
-        options = dict(
-            weight=weight,
-            reduction=reduction,
-            label_smoothing=smoothing,
-            softcap=softcap,
-            z_loss=z_loss,
-            return_lse=return_lse,
-        )
-        # cross_entropy on logits sharded by class
-        logits = F.linear(x, head, bias)
-        full = logits.clone().requires_grad_()
-        mine = logits[:, start:stop].clone().requires_grad_()
-        ref = ts.cross_entropy(full, target, **options)
-        out = ts.cross_entropy(mine, local_target, process_group=group, **options)
-        shard = (slice(None), slice(start, stop))
-        _compare(case, "cross_entropy", out, ref, [(mine, full, shard)])
-        # linear_cross_entropy with the head sharded by class
-        xs = [x.clone().requires_grad_() for _ in range(2)]
-        w_full, b_full = head.clone().requires_grad_(), bias.clone().requires_grad_()
-        w_mine = head[start:stop].clone().requires_grad_()
-        b_mine = bias[start:stop].clone().requires_grad_()
-        ref = ts.linear_cross_entropy(xs[0], w_full, target, linear_bias=b_full, **options)
-        out = ts.linear_cross_entropy(
-            xs[1], w_mine, local_target, linear_bias=b_mine, process_group=group, **options
-        )
-        rows = (slice(start, stop),)
-        pairs = [(xs[1], xs[0], ()), (w_mine, w_full, rows), (b_mine, b_full, rows)]
-        _compare(case, "linear_cross_entropy", out, ref, pairs)
+    kind, weighted, smoothing, reduction, softcap, z_loss, return_lse = case
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, h, dtype=torch.float64, generator=g)
+    head = torch.randn(v, h, dtype=torch.float64, generator=g) / 3
+    bias = torch.randn(v, dtype=torch.float64, generator=g)
+    if kind == "index" and target is None:
+        target = torch.randint(0, v, (n,), generator=g)
+        target[1] = ignore_index
+    elif kind != "index":
+        target = torch.softmax(torch.randn(n, v, dtype=torch.float64, generator=g), 1)
+    weight = torch.rand(v, dtype=torch.float64, generator=g) + 0.5 if weighted else None
+    local_target = target if kind == "index" else target[:, start:stop]
+    options = dict(
+        weight=weight,
+        reduction=reduction,
+        label_smoothing=smoothing,
+        softcap=softcap,
+        z_loss=z_loss,
+        return_lse=return_lse,
+    )
+    if kind == "index":
+        options["ignore_index"] = ignore_index
+    case = (*case, sizes, ignore_index)
+    # cross_entropy on logits sharded by class
+    logits = F.linear(x, head, bias)
+    full = logits.clone().requires_grad_()
+    mine = logits[:, start:stop].clone().requires_grad_()
+    ref = ts.cross_entropy(full, target, **options)
+    out = ts.cross_entropy(mine, local_target, process_group=group, **options)
+    shard = (slice(None), slice(start, stop))
+    _compare(case, "cross_entropy", out, ref, [(mine, full, shard)])
+    # linear_cross_entropy with the head sharded by class
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    w_full, b_full = head.clone().requires_grad_(), bias.clone().requires_grad_()
+    w_mine = head[start:stop].clone().requires_grad_()
+    b_mine = bias[start:stop].clone().requires_grad_()
+    ref = ts.linear_cross_entropy(xs[0], w_full, target, linear_bias=b_full, **options)
+    out = ts.linear_cross_entropy(
+        xs[1], w_mine, local_target, linear_bias=b_mine, process_group=group, **options
+    )
+    rows = (slice(start, stop),)
+    pairs = [(xs[1], xs[0], ()), (w_mine, w_full, rows), (b_mine, b_full, rows)]
+    _compare(case, "linear_cross_entropy", out, ref, pairs)
+
+
+def _hostile_rank(rank: int, world: int) -> None:
+    """What gave wrong numbers, aborts or hangs (issue 17): a non-negative ignore_index that
+    is some rank's local class index, heads whose shards have the same size on some rank,
+    ranks that disagree, and ranks that hold no class."""
+    import torch
+    import torch.distributed as dist
+
+    plain = ("index", False, 0.0, "none", None, 0.0, False)
+    options = ("index", True, 0.1, "mean", 5.0, 1e-3, True)
+    if world == 2:
+        target = torch.tensor([0, 3, 4, 0, 1, 5])
+        for ignore_index in (0, 4):  # class 3 (4) is local index 0 (1) of rank 1
+            for case in (plain, options):
+                _check_case(rank, [3, 3], case, n=6, target=target, ignore_index=ignore_index)
+        for sizes in ([5, 5], [5, 6], [5, 5]):  # rank 0's shard: the same size each time
+            _check_case(rank, sizes, options)
+        _disagreeing(rank)
+        _check_case(rank, [3, 4], options)  # the group still works after those errors
+    else:
+        for sizes in ([3, 4, 5], [6, 7, 8], [3, 7, 5]):
+            _check_case(rank, sizes, plain)
+        for sizes in ([1, 1, 0], [0, 1, 1], [1, 0, 1]):  # V = 2 over 3 ranks
+            for case in (plain, options, CASES[5]):
+                _check_case(rank, sizes, case)
     dist.barrier()
+
+
+def _disagreeing(rank: int) -> None:
+    """Calls whose ranks disagree raise the same error on every rank (no hang, no abort)."""
+    import re
+
+    import torch
+    import torch.distributed as dist
+
+    import triton_softmax as ts
+
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(2)
+    target = torch.randint(0, 7, (6,), generator=g)  # 7 classes: 3 on rank 0, 4 on rank 1
+    other = target.clone()
+    other[2] = (target[2] + 1) % 7
+    x = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    weight = torch.rand(7, dtype=torch.float64, generator=g) + 0.5
+    logits = torch.randn(6, 3 + rank, dtype=torch.float64, generator=g)
+    head = torch.randn(3 + rank, 4, dtype=torch.float64, generator=g)
+    mine = other if rank == 1 else target
+    dtype = (torch.float64, torch.float32)[rank]
+    bad = target.clone()
+    bad[0] = 7 * rank  # out of range on rank 1 only
+
+    def ce(logits=logits, target=target, **options):
+        return lambda: ts.cross_entropy(logits, target, process_group=group, **options)
+
+    def lce(x=x, head=head, target=target, **options):
+        return lambda: ts.linear_cross_entropy(x, head, target, process_group=group, **options)
+
+    calls = [
+        ("targets differ", ce(target=mine, check_targets=True)),
+        ("targets differ", lce(target=mine, check_targets=True)),
+        ("class weights differ", ce(weight=weight + rank, check_targets=True)),
+        ("disagree on label_smoothing", ce(label_smoothing=0.1 * rank)),
+        ("disagree on reduction", lce(reduction=("mean", "sum")[rank])),
+        ("disagree on check_targets", ce(check_targets=bool(rank))),
+        ("target 7 is out of bounds", ce(target=bad)),
+        (
+            "disagree on the logits' dtype",
+            ce(logits=logits.to(dtype)),
+        ),
+        ("disagree on the row count", ce(logits=logits[: 5 + rank], target=target[: 5 + rank])),
+        ("disagree on the row count", lce(x=x[: 5 + rank], target=target[: 5 + rank])),
+        ("disagree on the feature count", lce(x=x[:, : 3 + rank], head=head[:, : 3 + rank])),
+    ]
+    for expected, call in calls:
+        try:
+            call()
+        except (ValueError, IndexError) as error:
+            assert re.search(expected, str(error)), f"{expected!r} not in {error}"
+        else:
+            raise AssertionError(f"rank {rank}: no error for {expected!r}")
 
 
 def _compare(case, name, out, ref, pairs) -> None:
@@ -171,11 +272,16 @@ def _ddp_rank(rank: int, world: int) -> None:
 def _rank_main(rank: int, mode: str, world: int, port: int) -> None:
     import torch.distributed as dist
 
+    # A short timeout: a collective that falls out of step fails the test instead of hanging.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
     )
     try:
-        (_vocab_rank if mode == "vocab" else _ddp_rank)(rank, world)
+        {"vocab": _vocab_rank, "hostile": _hostile_rank, "ddp": _ddp_rank}[mode](rank, world)
     finally:
         dist.destroy_process_group()
 

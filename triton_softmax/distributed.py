@@ -1,56 +1,213 @@
 """Vocab-parallel cross-entropy over ``torch.distributed``: the classes sharded across ranks.
 
 Rank r of ``process_group`` holds classes [start_r, stop_r) of the head: contiguous, in rank
-order, any sizes (V need not divide by the world size). Targets are global class indices (or,
-for probability targets, the rank's slice of the probabilities, like its logits); class
-``weight`` is the full (V,) vector on every rank, as in unsharded code.
+order, any sizes, 0 included (V need not divide by the world size, and may be smaller than
+it). Targets are global class indices (or, for probability targets, the rank's slice of the
+probabilities, like its logits); class ``weight`` is the full (V,) vector on every rank, as in
+unsharded code.
 
 Each rank runs the single-device op on its shard, which gives per row its local loss
 ``loss_r = sum_{j in r} w_j q_j (lse_r - x_j)``, log-sum-exp ``lse_r`` and target mass
 ``S_r = sum_{j in r} w_j q_j`` (the smoothing term already over the global class count; a
-target on another rank contributes nothing here). They merge exactly:
+target on another rank contributes nothing here; a rank without classes has loss_r = S_r = 0,
+lse_r = -inf). They merge exactly:
 
     lse  = log sum_r exp(lse_r)
     loss = sum_r [loss_r + S_r (lse - lse_r)]  (+ z_loss lse^2),     S = sum_r S_r
 
+The op on a shard never sees the caller's ``ignore_index``, which may be one of its local
+class indices: ignored rows reach it as ``LOCAL_IGNORED`` and another rank's class as
+``HELD_ELSEWHERE``, two distinct negative indices.
+
+Checked across ranks on every call (``check_ranks``, one all_gather of 20 int64 per rank):
+the shard sizes (gathered every call: nothing is cached, so heads of any layout can share a
+group), and that every rank passes the same function, row count, batch shape, feature count,
+logits' and target's dtypes, ignore_index, reduction, label_smoothing, z_loss, softcap, class
+weights' shape and ``check_targets``; a counted class index outside [0, V) on any rank raises
+IndexError on every rank. ``check_targets=True`` adds checksums of the class-index targets and
+of the class weights' bits (O(N + V) work on the device, no extra collective): targets that
+differ raise ValueError on every rank instead of giving each rank a different, wrong loss.
+Probability targets are each rank's own slice, so they are not compared. A disagreement
+raises the same error on every rank, and the group stays usable.
+
 Communication per call (world size P, N rows, 4-byte floats; 8 for fp64):
-    forward:  one all_gather of (loss_r, lse_r, S_r): 3 N floats from each rank (12 N P bytes
-              received per rank), plus, the first time a group and shard size are seen, one
-              all_gather of the shard sizes (P int64, read on the host and cached).
+    forward:  one all_gather of 20 int64 (160 bytes from each rank, 160 P received), read on
+              the host (one host synchronisation per call); one all_gather of (loss_r, lse_r,
+              S_r): 3 N floats from each rank (12 N P bytes received per rank).
     backward: none for the logits' gradient (each rank's is its slice: p_j (g (S + 2 z lse) +
               g_lse) - g r_j from the merged lse and S); the fused linear version all-reduces
               its input gradient (N H floats).
-No other host synchronisation. The collectives are torch.distributed's eager ones: under
-torch.compile they are graph breaks.
+The collectives are torch.distributed's eager ones: under torch.compile they are graph breaks.
 """
 
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 
 import torch
 import torch.distributed as dist
 
-#: (process group, rank, local class count) -> (start, total classes), from one all_gather.
-_LAYOUTS: dict[tuple[object, int, int], tuple[int, int]] = {}
+from triton_softmax.ops._common import accumulator_dtype
+
+#: What the single-device op on a shard sees for a row the caller ignores, and for a target
+#: class held by another rank: both negative, so neither can be a local class index (the
+#: caller's ``ignore_index`` may be one: pad id 0 is class 0 of rank 0's shard), and distinct.
+LOCAL_IGNORED = -1
+HELD_ELSEWHERE = -2
+
+#: (prime p < 2**31, multiplier) per target checksum: sum_i (t_i mod p) c_i mod p with
+#: c_i = 1 + (i a mod (p - 1)) in [1, p), so each product is below 2**62 and the sum of up to
+#: 2**32 of them below 2**63: no int64 overflow. A single changed index changes both sums
+#: unless it moved by a multiple of both primes (about 4.6e18).
+_CHECKSUMS = ((2_147_483_647, 48_271), (2_147_483_629, 69_621))
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def shard_layout(group, local_classes: int, device: torch.device) -> tuple[int, int]:
-    """(first class of this rank, total classes) of a head sharded over ``group`` in rank order.
+def _encode_float(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
-    The shard sizes are gathered once per (group, local size) and cached: a head's shards do
-    not change size between calls.
+
+def _decode_float(code: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def _encode_text(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _dtype_names() -> dict[int, str]:
+    """Every torch dtype by its code (``_encode_text`` of its name)."""
+    dtypes = [d for d in vars(torch).values() if isinstance(d, torch.dtype)]
+    return {_encode_text(str(d)): str(d) for d in dtypes}
+
+
+def _choices(*texts: str):
+    """Show a code of one of ``texts``."""
+    return {_encode_text(t): t for t in texts}.get
+
+
+def _checksum(values: torch.Tensor) -> list[torch.Tensor]:
+    """Two int64 scalars (see ``_CHECKSUMS``) of a 1-D int64 tensor, on its device."""
+    i = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+    sums = []
+    for prime, multiplier in _CHECKSUMS:
+        coefficient = (i * multiplier) % (prime - 1) + 1
+        sums.append(((values.remainder(prime) * coefficient) % prime).sum() % prime)
+    return sums
+
+
+def _bits(weight: torch.Tensor) -> torch.Tensor:
+    """The class weights' bit patterns as int64 (equal bits, equal weights)."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+    return weight.detach().contiguous().reshape(-1).view(as_int).to(torch.int64)
+
+
+def check_ranks(
+    group, *, function: str, batch_shape, features: int, dtype: torch.dtype,
+    local_classes: int, target: torch.Tensor, weight, ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: float, check_targets: bool,
+    device: torch.device,
+) -> tuple[int, int]:  # fmt: skip
+    """Gather what every rank must agree on, with its shard size, in one all_gather; raise
+    the same error on every rank where they do not agree.
+
+    Each rank sends 20 int64 (160 bytes; 160 P received): the shard size; the function, row
+    count, batch shape, feature count (linear), logits' and target's dtypes, ignore_index,
+    reduction, label_smoothing, z_loss, softcap, class weights' shape and ``check_targets``,
+    which must be equal on every rank; the smallest and largest counted class index (so a bad
+    index on any rank is an IndexError on all); and, with ``check_targets``, two checksums of
+    the class-index targets and two of the class weights' bits (else zeros). Reading the
+    gathered values is one host synchronisation.
+
+    Args:
+        group: the process group the classes are sharded over.
+        function: "cross_entropy" or "linear_cross_entropy".
+        batch_shape: the shape of the unreduced loss (its product is the row count).
+        features: the input's feature count (linear_cross_entropy), else 0.
+        dtype: the logits' (linear_cross_entropy: the input's) dtype.
+        local_classes: this rank's class count (0 allowed).
+        target: global class indices (int64, one per row) or this rank's probabilities.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: the options.
+        check_targets: also compare checksums of the targets and class weights.
+        device: where the gathered tensor lives (the group's backend must accept it).
+    Returns:
+        (first class of this rank, total classes).
+    Raises:
+        ValueError: ranks that disagree (naming what and each rank's value), targets or
+            class weights that differ under ``check_targets``, no class on any rank, a
+            ``weight`` that is not (V,).
+        IndexError: a counted class index outside [0, V) on any rank.
     """
-    key = (group, dist.get_rank(group), local_classes)
-    if key not in _LAYOUTS:
-        world = dist.get_world_size(group)
-        mine = torch.tensor([local_classes], dtype=torch.int64, device=device)
-        sizes = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(sizes, mine, group=group)
-        sizes = [int(s) for s in sizes]
-        rank = dist.get_rank(group)
-        _LAYOUTS[key] = (sum(sizes[:rank]), sum(sizes))
-    return _LAYOUTS[key]
+    is_index = not target.is_floating_point()
+    rows = math.prod(batch_shape)
+    weight_shape = "none" if weight is None else str(tuple(weight.shape))
+    agreed = [  # (what, code, how to show a code)
+        ("the function", _encode_text(function), _choices("cross_entropy", "linear_cross_entropy")),
+        ("the row count", rows, str),
+        ("the batch shape", _encode_text(str(tuple(batch_shape))), None),
+        ("the feature count", features, str),
+        ("the logits' dtype", _encode_text(str(dtype)), _dtype_names().get),
+        ("the target's dtype", _encode_text(str(target.dtype)), _dtype_names().get),
+        ("ignore_index", ignore_index, str),
+        ("reduction", _encode_text(reduction), _choices("none", "mean", "sum")),
+        ("label_smoothing", _encode_float(label_smoothing), _decode_float),
+        ("z_loss", _encode_float(z_loss), _decode_float),
+        ("softcap", _encode_float(softcap), _decode_float),
+        ("the class weights' shape", _encode_text(weight_shape), None),
+        ("check_targets", int(check_targets), lambda c: str(bool(c))),
+    ]  # fmt: skip
+    host = torch.tensor([local_classes] + [code for _, code, _ in agreed], dtype=torch.int64)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    low, high = torch.full_like(zero, _INT64_MAX), torch.full_like(zero, _INT64_MIN)
+    if is_index and target.numel():
+        counted = target != ignore_index
+        low = torch.where(counted, target, _INT64_MAX).amin().to(device)
+        high = torch.where(counted, target, _INT64_MIN).amax().to(device)
+    sums = [zero] * 4
+    if check_targets and is_index:
+        sums[:2] = [s.to(device) for s in _checksum(target.reshape(-1))]
+    if check_targets and weight is not None:
+        sums[2:] = [s.to(device) for s in _checksum(_bits(weight))]
+    mine = torch.cat([host.to(device), torch.stack([low, high, *sums])])
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).tolist()  # [P][20], the same on every rank
+
+    where = f"{function} with process_group"
+    for column, (what, _, show) in enumerate(agreed, start=1):
+        values = [row[column] for row in table]
+        if any(v != values[0] for v in values):
+            each = [f"rank {r} {show(v)}" for r, v in enumerate(values)] if show else []
+            raise ValueError(f"{where}: the ranks disagree on {what}" + ": " * bool(each)
+                             + ", ".join(each))  # fmt: skip
+    sizes = [row[0] for row in table]
+    rank, total = dist.get_rank(group), sum(sizes)
+    if total == 0 and rows > 0:
+        raise ValueError(f"{where} needs at least one class; every rank's shard is empty")
+    if weight is not None and weight.shape != (total,):
+        raise ValueError(
+            f"with process_group, weight is the full (V,) = ({total},) vector of class weights "
+            f"on every rank, got {tuple(weight.shape)}"
+        )
+    low = min(row[-6] for row in table)
+    high = max(row[-5] for row in table)
+    for value in (low, high) if low <= high else ():  # low > high: no row counted
+        if not 0 <= value < total:
+            raise IndexError(
+                f"target {value} is out of bounds for {total} classes (expected 0 <= target "
+                f"< {total} or target == ignore_index={ignore_index}; the classes are sharded "
+                f"{sizes} over the ranks)"
+            )
+    for what, columns in (("targets", slice(-4, -2)), ("class weights", slice(-2, None))):
+        if any(row[columns] != table[0][columns] for row in table):
+            raise ValueError(
+                f"{where}: the {what} differ across ranks (check_targets=True compares "
+                f"checksums); every rank must pass the same {what}"
+            )
+    return sum(sizes[:rank]), total
 
 
 def merge_shards(local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,21 +217,26 @@ def merge_shards(local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor
     dist.all_gather(gathered, local.contiguous(), group=group)
     loss_r, lse_r, mass_r = torch.stack(gathered, dim=1)  # [3, P, N]
     lse = torch.logsumexp(lse_r, dim=0)
-    # S_r = 0 (nothing of the row's target here, no smoothing) must not meet lse - lse_r = nan.
+    # S_r = 0 (nothing of the row's target here, no smoothing, no classes) must not meet
+    # lse - lse_r = nan (lse_r = -inf on an empty shard, or with every logit -inf).
     shift = torch.where(mass_r == 0, 0.0, mass_r * (lse - lse_r))
     return (loss_r + shift).sum(dim=0), lse, mass_r.sum(dim=0)
 
 
-def finish_rows(loss, lse, target, total_classes, ignore_index, z_loss) -> torch.Tensor:
-    """z-loss on the merged lse, zero for ignored rows, NaN for class indices outside the full
-    problem's [0, V) (no rank holds them, so no rank saw them as bad)."""
-    if target.is_floating_point():
-        return loss + z_loss * lse * lse if z_loss else loss
-    counted = target != ignore_index
-    bad = counted & ((target < 0) | (target >= total_classes))
+def empty_shard(n_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(loss_r, lse_r, S_r) [3, N] of a rank that holds no class: 0, -inf, 0."""
+    zeros = torch.zeros(n_rows, dtype=accumulator_dtype(dtype), device=device)
+    return torch.stack([zeros, torch.full_like(zeros, -math.inf), zeros])
+
+
+def finish_rows(loss, lse, target, ignore_index, z_loss) -> torch.Tensor:
+    """z-loss on the merged lse, zero for ignored rows (class indices were range-checked by
+    ``check_ranks``)."""
     if z_loss:
         loss = loss + z_loss * lse * lse
-    return torch.where(bad, math.nan, torch.where(counted, loss, 0.0))
+    if target.is_floating_point():
+        return loss
+    return torch.where(target != ignore_index, loss, 0.0)
 
 
 def global_stats(lse: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -84,55 +246,61 @@ def global_stats(lse: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 
 
 def local_target(target: torch.Tensor, start: int, stop: int, ignore_index: int):
-    """Class indices relative to this rank's first class; ``ignore_index`` as it is; another
-    rank's class as an index outside this shard that is not ``ignore_index`` (the sharded ops
-    read it as "held elsewhere"). Probabilities as they are."""
+    """Class indices relative to this rank's first class; ``ignore_index`` as
+    ``LOCAL_IGNORED``; another rank's class as ``HELD_ELSEWHERE`` (outside the shard, so the
+    sharded ops count the row but find no target logit here). Probabilities as they are."""
     if target.is_floating_point():
         return target
-    elsewhere = -1 if ignore_index != -1 else -2
-    local = torch.where((target >= start) & (target < stop), target - start, elsewhere)
-    return torch.where(target == ignore_index, target, local)
+    local = torch.where((target >= start) & (target < stop), target - start, HELD_ELSEWHERE)
+    return torch.where(target == ignore_index, LOCAL_IGNORED, local)
 
 
-def local_weight(weight, start: int, local_classes: int, total_classes: int):
-    if weight is None:
-        return None
-    if weight.shape != (total_classes,):
-        raise ValueError(
-            f"with process_group, weight is the full (V,) = ({total_classes},) vector of "
-            f"class weights on every rank, got {tuple(weight.shape)}"
-        )
-    return weight[start : start + local_classes]
+def local_weight(weight, start: int, local_classes: int):
+    """This rank's slice of the full (V,) class weights (shape checked by ``check_ranks``)."""
+    return None if weight is None else weight[start : start + local_classes]
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-row (loss, lse) of logits sharded by class over ``group``; gradients for the
-    local logits only, with no collective in the backward."""
+    local logits only, with no collective in the backward. ``layout`` = (start, total) from
+    ``check_ranks``."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, group):
-        start, total = shard_layout(group, logits.shape[1], logits.device)
-        local_t = local_target(target, start, start + logits.shape[1], ignore_index)
-        local_w = local_weight(weight, start, logits.shape[1], total)
-        loss_r, lse_r, stats_r = torch.ops.triton_softmax.cross_entropy.default(
-            logits, local_t, local_w, ignore_index, label_smoothing, 0.0, softcap, False, total
-        )
-        loss, lse, mass = merge_shards(torch.stack([loss_r, lse_r, stats_r[2]]), group)
-        loss = finish_rows(loss, lse, target, total, ignore_index, z_loss)
+    def forward(
+        ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, group,
+        layout,
+    ):  # fmt: skip
+        start, total = layout
+        n_rows, local_classes = logits.shape
+        local_t = local_target(target, start, start + local_classes, ignore_index)
+        local_w = local_weight(weight, start, local_classes)
+        if local_classes:
+            loss_r, lse_r, stats_r = torch.ops.triton_softmax.cross_entropy.default(
+                logits, local_t, local_w, LOCAL_IGNORED, label_smoothing, 0.0, softcap, False,
+                total,
+            )  # fmt: skip
+            local = torch.stack([loss_r, lse_r, stats_r[2]])
+        else:
+            local = empty_shard(n_rows, logits.dtype, logits.device)
+        loss, lse, mass = merge_shards(local, group)
+        loss = finish_rows(loss, lse, target, ignore_index, z_loss)
         ctx.save_for_backward(logits, local_t, local_w, global_stats(lse, mass))
-        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, total)
+        ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total)
         ctx.set_materialize_grads(False)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         logits, local_t, local_w, stats = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(stats[0])
-        grad = torch.ops.triton_softmax.cross_entropy_backward.default(
-            grad_loss, grad_lse, logits, local_t, local_w, stats, *ctx.options
-        )
-        return grad, None, None, None, None, None, None, None
+        if logits.shape[1] == 0:
+            grad = torch.zeros_like(logits)
+        else:
+            if grad_loss is None:
+                grad_loss = torch.zeros_like(stats[0])
+            grad = torch.ops.triton_softmax.cross_entropy_backward.default(
+                grad_loss, grad_lse, logits, local_t, local_w, stats, *ctx.options
+            )
+        return grad, None, None, None, None, None, None, None, None
 
 
 class VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -142,21 +310,26 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-        z_loss, softcap, group,
+        z_loss, softcap, group, layout,
     ):  # fmt: skip
-        start, total = shard_layout(group, linear_weight.shape[0], input.device)
-        local_t = local_target(target, start, start + linear_weight.shape[0], ignore_index)
-        local_w = local_weight(weight, start, linear_weight.shape[0], total)
-        loss_r, lse_r, stats_r = torch.ops.triton_softmax.linear_cross_entropy.default(
-            input, linear_weight, linear_bias, local_t, local_w, ignore_index, label_smoothing,
-            0.0, softcap, total,
-        )  # fmt: skip
-        loss, lse, mass = merge_shards(torch.stack([loss_r, lse_r, stats_r[2]]), group)
-        loss = finish_rows(loss, lse, target, total, ignore_index, z_loss)
+        start, total = layout
+        local_classes = linear_weight.shape[0]
+        local_t = local_target(target, start, start + local_classes, ignore_index)
+        local_w = local_weight(weight, start, local_classes)
+        if local_classes:
+            loss_r, lse_r, stats_r = torch.ops.triton_softmax.linear_cross_entropy.default(
+                input, linear_weight, linear_bias, local_t, local_w, LOCAL_IGNORED,
+                label_smoothing, 0.0, softcap, total,
+            )  # fmt: skip
+            local = torch.stack([loss_r, lse_r, stats_r[2]])
+        else:
+            local = empty_shard(input.shape[0], input.dtype, input.device)
+        loss, lse, mass = merge_shards(local, group)
+        loss = finish_rows(loss, lse, target, ignore_index, z_loss)
         ctx.save_for_backward(
             input, linear_weight, linear_bias, local_t, local_w, global_stats(lse, mass)
         )
-        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, total)
+        ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total)
         ctx.group = group
         ctx.set_materialize_grads(False)
         return loss, lse
@@ -164,20 +337,25 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         input, linear_weight, linear_bias, local_t, local_w, stats = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(stats[0])
         needs = list(ctx.needs_input_grad[:3])
-        needs[0] = True  # every rank takes part in the all-reduce below
-        grad_input, grad_weight, grad_bias = (
-            torch.ops.triton_softmax.linear_cross_entropy_backward.default(
-                grad_loss, grad_lse, input, linear_weight, linear_bias, local_t, local_w,
-                stats, *ctx.options, needs,
-            )
-        )  # fmt: skip
+        if linear_weight.shape[0] == 0:  # no class here: nothing to add to the input's gradient
+            grad_input = torch.zeros_like(input)
+            grad_weight = torch.zeros_like(linear_weight)
+            grad_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+        else:
+            if grad_loss is None:
+                grad_loss = torch.zeros_like(stats[0])
+            needs[0] = True  # every rank takes part in the all-reduce below
+            grad_input, grad_weight, grad_bias = (
+                torch.ops.triton_softmax.linear_cross_entropy_backward.default(
+                    grad_loss, grad_lse, input, linear_weight, linear_bias, local_t, local_w,
+                    stats, *ctx.options, needs,
+                )
+            )  # fmt: skip
         dist.all_reduce(grad_input, group=ctx.group)
         return (
             grad_input if ctx.needs_input_grad[0] else None,
             grad_weight if needs[1] else None,
             grad_bias if needs[2] else None,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )  # fmt: skip

@@ -206,15 +206,19 @@ def cross_entropy(
         check_targets: keyword-only; check class indices on the host even for GPU tensors
             (one device synchronisation; under torch.compile a graph break, so
             ``fullgraph=True`` refuses it). CPU tensors are always checked. Unchecked
-            out-of-range indices give a NaN loss, never an out-of-bounds access.
+            out-of-range indices give a NaN loss, never an out-of-bounds access. With
+            ``process_group`` (where class indices are always checked), it compares checksums
+            of the class-index targets and of the class weights across the ranks instead.
         process_group: keyword-only; a ``torch.distributed`` group over which the classes
             are sharded (vocab / tensor parallelism): this rank's ``input`` holds classes
             [start, stop) of the full problem, contiguous and in rank order (sizes may
-            differ); ``target`` holds global class indices (or this rank's slice of the
-            probabilities), ``weight`` the full (V,) class weights. Every rank gets the full
-            problem's loss; the input's gradient is this rank's slice of the full one. One
-            all_gather of 3 floats per row in the forward, none in the backward (see
-            ``triton_softmax.distributed``). Not with ``inplace_backward`` or torch.func.
+            differ, and be 0); ``target`` holds global class indices (or this rank's slice of
+            the probabilities), ``weight`` the full (V,) class weights. Every rank gets the
+            full problem's loss; the input's gradient is this rank's slice of the full one.
+            Per call, one all_gather of 20 int64 (the shard sizes and what the ranks must
+            agree on: ranks that disagree get the same ValueError) and one of 3 floats per
+            row in the forward, none in the backward (see ``triton_softmax.distributed``).
+            Not with ``inplace_backward`` or torch.func.
     Returns:
         The loss: a scalar for "mean"/"sum", else the target's batch shape; in the input's
         dtype (probability targets: the promoted dtype of input and target, as torch; under
@@ -255,7 +259,7 @@ def cross_entropy(
             raise ValueError("inplace_backward is not supported with process_group")
         return _sharded(
             "cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing,
-            z_loss, softcap, return_lse, batch_shape, process_group,
+            z_loss, softcap, return_lse, batch_shape, process_group, check_targets,
         )  # fmt: skip
     if _with_torch(input):
         return _torch_cross_entropy(
@@ -405,6 +409,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     return_lse: bool = False,
+    check_targets: bool = False,
     process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without ever
@@ -422,9 +427,12 @@ def linear_cross_entropy(
             :func:`cross_entropy`.
         ignore_index: as in torch: None means -100 for class indices; with probability
             targets it must stay None.
+        check_targets: keyword-only; as :func:`cross_entropy`'s (with ``process_group``,
+            also compares checksums of the targets and class weights across ranks).
         process_group: keyword-only; the head sharded by class over a ``torch.distributed``
             group, as :func:`cross_entropy`'s: this rank's ``linear_weight`` (and bias) hold
-            classes [start, stop); the input's gradient is all-reduced over the group.
+            classes [start, stop), possibly none; the input's gradient is all-reduced over
+            the group.
         options: accepted for compatibility with torch's ``LinearCrossEntropyOptions`` and
             ignored: our kernels never hold the [N, V] logits whatever it says (on a GPU they
             work tile by tile; on the CPU they run over row chunks of about 2M logits).
@@ -500,8 +508,10 @@ def linear_cross_entropy(
             "linear_cross_entropy", (x, linear_weight, linear_bias), target.reshape(
                 x.shape[0], *target.shape[input.dim() - 1 :]
             ), weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
-            batch_shape, process_group, out_dtype,
+            batch_shape, process_group, check_targets, out_dtype,
         )  # fmt: skip
+    if is_index and check_targets and target.device.type != "cpu":  # CPU: always checked
+        _check_targets_eagerly(target, n_classes, ignore_index)
     n_positions = math.prod(positions)
     weights = linear_weight.reshape(n_classes, n_positions, n_features)
     biases = None if linear_bias is None else linear_bias.reshape(n_classes, n_positions)
@@ -537,7 +547,7 @@ def linear_cross_entropy(
 
 def _sharded(
     function, inputs, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-    softcap, return_lse, batch_shape, group, out_dtype=None,
+    softcap, return_lse, batch_shape, group, check_targets, out_dtype=None,
 ):  # fmt: skip
     """cross_entropy (``inputs`` = the logits) or linear_cross_entropy (``inputs`` = (x, W, b))
     with the classes sharded over ``group``; see ``triton_softmax.distributed``."""
@@ -551,19 +561,25 @@ def _sharded(
         inputs = _autocast_float32(function, inputs)
         if not is_index:
             target = _autocast_float32(function, target)
-        local_classes, device = inputs.shape[0 if inputs.dim() == 1 else 1], inputs.device
         inputs = (_class_dim_last(inputs),)
         target = target.reshape(-1) if is_index else _class_dim_last(target)
+        local_classes, features = inputs[0].shape[1], 0
         apply = distributed.VocabParallelCrossEntropy.apply
     else:
-        local_classes, device = inputs[1].shape[0], inputs[0].device
+        local_classes, features = inputs[1].shape[0], inputs[0].shape[1]
         apply = distributed.VocabParallelLinearCrossEntropy.apply
-    _, total = distributed.shard_layout(group, local_classes, device)
-    if is_index and target.is_cpu:
-        _ce.check_class_indices(target, total, ignore_index)
+    layout = distributed.check_ranks(
+        group, function=function, batch_shape=batch_shape, features=features,
+        dtype=inputs[0].dtype, local_classes=local_classes, target=target, weight=weight,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=float(z_loss), softcap=softcap, check_targets=check_targets,
+        device=inputs[0].device,
+    )  # fmt: skip
+    total = layout[1]
     loss, lse = apply(
-        *inputs, target, weight, ignore_index, label_smoothing, float(z_loss), softcap, group
-    )
+        *inputs, target, weight, ignore_index, label_smoothing, float(z_loss), softcap, group,
+        layout,
+    )  # fmt: skip
     loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
     out = _reduce(loss, target.reshape(batch_shape) if is_index else target, weight,
                   ignore_index, reduction, total, z_loss).to(out_dtype)  # fmt: skip
