@@ -1,17 +1,37 @@
-"""Atomic file writes: write a temporary file in the destination folder, then rename it.
+"""Safe file writes: a temporary file in the destination folder, renamed over the destination.
 
 Used by the checkpoint writer (``regression.train``), the ONNX exporter (``export.onnx_export``)
 and the command line (``cli``). Errors name the destination the caller asked for, never the
 temporary file.
+
+What a destination is decides how it is written (``destination``):
+
+- a regular file, or a new one: written to a temporary file in its folder, then renamed over it,
+  so a failure never leaves a partial file. A file that existed keeps its permission bits (a 0600
+  file stays 0600) and, where the process may set them, its owner and group; a new one gets the
+  usual 0o666 less the umask.
+- a symbolic link: the same, applied to the file the link points to; the link itself is kept.
+- a FIFO, a character device (``/dev/null``, a terminal) or a file descriptor's link
+  (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``): written through, never replaced. The data
+  goes to a temporary file elsewhere first, then is copied in one go once complete; a regular file
+  reached through a descriptor's link is appended to, as the descriptor's owner (a shell's ``>``
+  or ``>>``) expects. Opening a FIFO waits for a reader, as a shell's ``>`` does.
+- a block device or a socket: refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+#: Symbolic links followed before giving up, as the kernel's own limit (``ELOOP``).
+MAX_SYMLINKS = 40
 
 
 class WriteError(OSError):
@@ -25,7 +45,98 @@ class WriteError(OSError):
         return str(self.args[0])
 
 
-def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Path:
+@dataclass(frozen=True)
+class Destination:
+    """Where a write to a path ends up (see the module's docstring).
+
+    Attributes:
+        path: the path as given.
+        target: the file renamed over: ``path`` itself, or the file its symbolic links point to;
+            for a ``"stream"``, ``path``.
+        kind: ``"new"`` (nothing there yet), ``"file"`` (an existing regular file, replaced) or
+            ``"stream"`` (a FIFO, a character device or a descriptor's link, written through).
+        mode: the permission bits of an existing regular file, else ``None``.
+        read_only: an existing regular file with no write permission bit set, or that this
+            process may not write.
+    """
+
+    path: Path
+    target: Path
+    kind: str
+    mode: int | None = None
+    read_only: bool = False
+
+
+def destination(path: str | os.PathLike[str]) -> Destination:
+    """Classify the file a write to ``path`` reaches, following symbolic links.
+
+    Args:
+        path: the destination file. As a string, a trailing separator (``newdir/``) or a last
+            component of ``.`` or ``..`` names a folder and is refused.
+
+    Returns:
+        The destination.
+
+    Raises:
+        WriteError: ``path`` names a folder, is (or points to) a block device or a socket, or its
+            links loop.
+    """
+    text = os.fspath(path)
+    out = Path(text)
+    if out.is_dir():
+        raise WriteError(f"{text}: is a folder; give a file name")
+    if os.path.basename(text) in ("", ".", ".."):
+        raise WriteError(f"{text}: names a folder (it ends with {text[-1]!r}); give a file name")
+    current, through_fd = out, False
+    for _ in range(MAX_SYMLINKS):
+        if not current.is_symlink():
+            break
+        # A link that lives in /proc (/proc/self/fd/1, reached from /dev/stdout or /dev/fd/1)
+        # names an open descriptor, not a path: its text ("pipe:[123]") cannot be followed.
+        if os.path.realpath(current.parent).startswith("/proc/"):
+            through_fd = True
+            break
+        current = current.parent / os.readlink(current)
+    else:
+        raise WriteError(f"{text}: too many levels of symbolic links")
+    try:
+        st = os.stat(current)
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file where a folder is
+        return Destination(out, current, "new")
+    except OSError as e:
+        raise WriteError(f"{text}: {e.strerror}", e.errno) from None
+    kind = _kind(st.st_mode)
+    if kind == "folder":
+        raise WriteError(f"{text}: is a folder; give a file name")
+    if kind in ("block device", "socket", "special file"):
+        raise WriteError(
+            f"{text}: is a {kind}; give a regular file, a FIFO or a character device such as "
+            "/dev/null"
+        )
+    if through_fd or kind != "regular file":
+        return Destination(out, out, "stream")
+    mode = stat.S_IMODE(st.st_mode)
+    read_only = not mode & 0o222 or not os.access(current, os.W_OK)
+    return Destination(out, current, "file", mode, read_only)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def check_writable(
+    path: str | os.PathLike[str], *, folder: bool = False, force: bool = False
+) -> Path:
     """Check, without writing anything there, that ``path`` can be created or replaced.
 
     The nearest existing ancestor must be a folder in which a file can be created (checked by
@@ -34,21 +145,34 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
     Args:
         path: the destination file, or with ``folder=True`` the destination folder.
         folder: whether ``path`` is a folder to write files into.
+        force: accept an existing read-only file (it is replaced and stays read-only).
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
         WriteError: ``path`` is a folder where a file is wanted (or a file where a folder is), an
-            ancestor is a file, or the place is not writable.
+            ancestor is a file, the place is not writable, or the file is read-only and ``force``
+            is false; see also ``destination``.
     """
     out = Path(path)
-    if out.exists():
-        if folder and not out.is_dir():
+    if folder:
+        if out.exists() and not out.is_dir():
             raise WriteError(f"{out}: exists and is not a folder")
-        if not folder and out.is_dir():
-            raise WriteError(f"{out}: is a folder; give a file name")
-    existing = out if folder and out.is_dir() else out.parent
+        existing = out
+    else:
+        dest = destination(path)
+        if dest.kind == "stream":
+            if not os.access(dest.path, os.W_OK):
+                raise WriteError(f"{out}: cannot write to it (permission denied)")
+            return out
+        if dest.target != dest.path and not dest.target.parent.is_dir():
+            raise WriteError(f"{out}: links to {dest.target}, whose folder is missing")
+        if dest.read_only and not force:
+            raise WriteError(
+                f"{out}: is read-only (mode {dest.mode:04o}); --force replaces it, keeping the mode"
+            )
+        existing = dest.target.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -63,14 +187,15 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+    """Yield a temporary path to write to; on success it becomes ``path`` (see the module doc).
 
     On any exception the temporary file is removed and ``path`` is left as it was, so a failed
-    write never leaves a partial file. The file gets the usual permissions (0o666 less the umask),
-    not ``mkstemp``'s 0o600.
+    write never leaves a partial file. A regular file keeps its permission bits; a symbolic link
+    is kept and its target replaced; a FIFO or character device is written through.
 
     Args:
-        path: the destination file; missing parent folders are created.
+        path: the destination file; missing parent folders are created (not those of a symbolic
+            link's target).
 
     Yields:
         The temporary path to write to.
@@ -80,12 +205,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             message names ``path`` (an ``OSError`` from the caller's own writing that names the
             temporary file is reported the same way).
     """
-    out = Path(path)
-    if out.is_dir():
-        raise WriteError(f"{out}: is a folder; give a file name")
+    dest = destination(path)
+    out = dest.path
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        if dest.kind == "stream":
+            folder = Path(tempfile.gettempdir())
+        else:
+            folder = dest.target.parent
+            if dest.target == out:
+                folder.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                raise WriteError(f"{out}: links to {dest.target}, whose folder is missing")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    except WriteError:
+        raise
     except OSError as e:
         raise WriteError(f"{out}: cannot write there ({e.strerror or e})", e.errno) from None
     os.close(fd)
@@ -93,13 +226,44 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         try:
             yield tmp
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o666 & ~umask)
-            os.replace(tmp, out)
+            if dest.kind == "stream":
+                _copy_through(tmp, out)
+            else:
+                _take_over(tmp, dest)
+                os.replace(tmp, dest.target)
         except OSError as e:
+            if isinstance(e, WriteError):
+                raise
             if tmp_name in (e.filename, e.filename2) or tmp_name in str(e):
                 raise WriteError(f"{out}: {e.strerror or 'write failed'}", e.errno) from None
             raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _take_over(tmp: Path, dest: Destination) -> None:
+    """Give ``tmp`` the permissions (and, where allowed, owner) of the file it will replace."""
+    if dest.mode is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        return
+    st = os.stat(dest.target)
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        with contextlib.suppress(PermissionError):  # only root may give a file away
+            os.chown(tmp, st.st_uid, st.st_gid)
+    tmp.chmod(dest.mode)  # after chown, which clears the set-user-ID bit
+
+
+def _copy_through(tmp: Path, out: Path) -> None:
+    """Copy the finished ``tmp`` into the FIFO, device or descriptor ``out``; never replace it."""
+    flags = os.O_WRONLY | os.O_NOCTTY
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.stat(out).st_mode):  # a regular file behind /dev/stdout: append
+            flags |= os.O_APPEND
+    try:
+        fd = os.open(out, flags)
+        with open(tmp, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError as e:
+        raise WriteError(f"{out}: {e.strerror or 'write failed'}", e.errno) from None

@@ -50,6 +50,17 @@ SLOW_IMPORTS = {
 }
 
 
+#: How ``predict -o`` and ``export -o`` treat what is already at the output path.
+OUTPUT_FILES = (
+    "The output file is written to a temporary file, then renamed over it: a failure never leaves "
+    "a partial file. An existing file keeps its permissions (a 0600 file stays 0600); a read-only "
+    "one is refused unless --force; a symbolic link is kept and the file it points to replaced. A "
+    "FIFO or a character device (/dev/stdout, /dev/null) is written through, never replaced; "
+    "block devices and sockets are refused."
+)
+FORCE_HELP = "replace a read-only output file (it stays read-only)"
+
+
 class CommandError(Exception):
     """A failure to report as one line; raised by the commands, printed by ``main``."""
 
@@ -240,17 +251,21 @@ def _parser(training_options: bool = True) -> argparse.ArgumentParser:
             "torch: on the rows of --data, or on synthetic rows drawn from the training mean and "
             "standard deviation. With --triton-repo, into a model repository that Triton "
             "Inference Server (and `triton-softmax serve`) loads: DIR/NAME/config.pbtxt and "
-            "DIR/NAME/1/model.onnx."
+            "DIR/NAME/1/model.onnx. An existing .onnx keeps its permissions; a read-only one is "
+            "refused unless --force; a symbolic link is kept and the file it points to replaced."
         ),
     )
     export.add_argument("checkpoint", type=Path, help="a checkpoint written by `train`")
     export.add_argument(
         "-o",
         "--output",
-        type=Path,
         metavar="ONNX",
-        help="the .onnx file (default: next to the checkpoint)",
+        help=(
+            "the .onnx file (default: next to the checkpoint); it must be a regular file (or a "
+            "link to one), since the parity check reads it back"
+        ),
     )
+    export.add_argument("--force", action="store_true", help=FORCE_HELP)
     triton = export.add_argument_group("Triton Inference Server model repository")
     triton.add_argument(
         "--triton-repo",
@@ -285,15 +300,13 @@ def _parser(training_options: bool = True) -> argparse.ArgumentParser:
         help="predict the classes of a CSV's rows with onnxruntime",
         description=(
             "Read the model's feature columns (by name; other columns are ignored) from a CSV and "
-            "write label, class and one probability column per class. The output is written "
-            "atomically: on failure no partial file is left."
+            "write label, class and one probability column per class. " + OUTPUT_FILES
         ),
     )
     predict.add_argument("model", type=Path, help="a model.onnx written by `train` or `export`")
     predict.add_argument("csv", type=Path, help="input CSV with a header")
-    predict.add_argument(
-        "-o", "--output", type=Path, metavar="CSV", help="output CSV (default: stdout)"
-    )
+    predict.add_argument("-o", "--output", metavar="CSV", help="output CSV (default: stdout)")
+    predict.add_argument("--force", action="store_true", help=FORCE_HELP)
     predict.add_argument(
         "--keep-columns",
         type=_names,
@@ -405,74 +418,75 @@ def _train(args: argparse.Namespace) -> int:
     else:
         data = load_csv(args.data, args.label_column, args.ignore_columns)
         name = args.data.stem
-    out = _run_folder(args.out, DEFAULT_OUT / name, args.force)
-    device = resolve_device(args.device)
-    kernel = ts.kernel_path(device)
-    print(f"kernel path: {kernel} - {KERNEL_PATHS.get(kernel, kernel)}")
-    print(
-        f"data: {data.source}: {data.n_samples} rows, {data.n_features} features, "
-        f"{data.n_classes} classes ({', '.join(data.class_names)})"
-    )
-    run = train(
-        data, config, device=device, progress=not args.quiet, reference=not args.no_reference
-    )
-    m = run.metrics
-    stop = "early stop: loss plateau" if m["stopped_early"] else "epoch limit"
-    print(
-        f"trained {m['epochs_run']} epochs ({stop}) on {m['n_train']} rows in "
-        f"{m['train_seconds']:.1f} s; held-out rows: {m['n_test']} (stratified, seed {config.seed})"
-    )
-    print(f"accuracy: train {m['train_accuracy']:.4f}, test {m['test_accuracy']:.4f}")
-    if run.reference is not None:
+    with _run_folder(args.out, DEFAULT_OUT / name, args.force) as out:
+        device = resolve_device(args.device)
+        kernel = ts.kernel_path(device)
+        print(f"kernel path: {kernel} - {KERNEL_PATHS.get(kernel, kernel)}")
         print(
-            f"plain-torch reference, same split: train {m['reference_train_accuracy']:.4f}, "
-            f"test {m['reference_test_accuracy']:.4f}"
+            f"data: {data.source}: {data.n_samples} rows, {data.n_features} features, "
+            f"{data.n_classes} classes ({', '.join(data.class_names)})"
         )
-    onnx_path = out / ONNX_NAME
-    report = export_and_verify(
-        run.model,
-        onnx_path,
-        run.test.features,
-        feature_names=data.feature_names,
-        class_names=data.class_names,
-        metadata={
-            "triton_softmax_version": library_versions()["triton-softmax"],
-            "test_accuracy": f"{m['test_accuracy']:.6f}",
-        },
-        opset_version=opset,
-    )
-    m.update(
-        onnx_max_abs_diff=report.max_abs_diff,
-        onnx_labels_identical=report.labels_identical,
-        onnx_parity_rows=report.n_rows,
-        onnx_opset=opset,
-        total_seconds=round(time.perf_counter() - start, 3),
-    )
-    print(
-        f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on the "
-        f"{report.n_rows} held-out rows: max abs diff {report.max_abs_diff:.2e}, labels identical"
-    )
-    save_checkpoint(
-        out / CHECKPOINT_NAME,
-        run.model,
-        feature_names=data.feature_names,
-        class_names=data.class_names,
-        config=config,
-        metrics=m,
-    )
-    _write_atomic(
-        out / METRICS_NAME,
-        lambda f: f.write(json.dumps({**m, "config": asdict(config)}, indent=2) + "\n"),
-    )
-    print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / METRICS_NAME}")
-    print(f"model: {onnx_path}")
-    return 0
+        run = train(
+            data, config, device=device, progress=not args.quiet, reference=not args.no_reference
+        )
+        m = run.metrics
+        stop = "early stop: loss plateau" if m["stopped_early"] else "epoch limit"
+        print(
+            f"trained {m['epochs_run']} epochs ({stop}) on {m['n_train']} rows in "
+            f"{m['train_seconds']:.1f} s; held-out rows: {m['n_test']} "
+            f"(stratified, seed {config.seed})"
+        )
+        print(f"accuracy: train {m['train_accuracy']:.4f}, test {m['test_accuracy']:.4f}")
+        if run.reference is not None:
+            print(
+                f"plain-torch reference, same split: train {m['reference_train_accuracy']:.4f}, "
+                f"test {m['reference_test_accuracy']:.4f}"
+            )
+        onnx_path = out / ONNX_NAME
+        report = export_and_verify(
+            run.model,
+            onnx_path,
+            run.test.features,
+            feature_names=data.feature_names,
+            class_names=data.class_names,
+            metadata={
+                "triton_softmax_version": library_versions()["triton-softmax"],
+                "test_accuracy": f"{m['test_accuracy']:.6f}",
+            },
+            opset_version=opset,
+        )
+        m.update(
+            onnx_max_abs_diff=report.max_abs_diff,
+            onnx_labels_identical=report.labels_identical,
+            onnx_parity_rows=report.n_rows,
+            onnx_opset=opset,
+            total_seconds=round(time.perf_counter() - start, 3),
+        )
+        print(
+            f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on the "
+            f"{report.n_rows} held-out rows: max abs diff {report.max_abs_diff:.2e}, "
+            "labels identical"
+        )
+        save_checkpoint(
+            out / CHECKPOINT_NAME,
+            run.model,
+            feature_names=data.feature_names,
+            class_names=data.class_names,
+            config=config,
+            metrics=m,
+        )
+        _write_atomic(
+            out / METRICS_NAME,
+            lambda f: f.write(json.dumps({**m, "config": asdict(config)}, indent=2) + "\n"),
+        )
+        print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / METRICS_NAME}")
+        print(f"model: {onnx_path}")
+        return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from triton_softmax._atomic import check_writable
     from triton_softmax.export.onnx_export import export_and_verify
     from triton_softmax.regression import load_checkpoint, read_features
 
@@ -512,7 +526,7 @@ def _export(args: argparse.Namespace) -> int:
             raise CommandError(f"--name: {e}") from None
     else:
         out = args.output or args.checkpoint.with_suffix(".onnx")
-    check_writable(out)
+    target = _onnx_target(out, args.force)
     ckpt = load_checkpoint(args.checkpoint)
     if args.data is not None:
         rows = read_features(args.data, ckpt.feature_names)
@@ -529,7 +543,7 @@ def _export(args: argparse.Namespace) -> int:
         source = f"{SYNTHETIC_PARITY_ROWS} synthetic rows (training mean and std)"
     report = export_and_verify(
         ckpt.model,
-        out,
+        target,
         rows,
         feature_names=ckpt.feature_names,
         class_names=ckpt.class_names,
@@ -591,7 +605,7 @@ def _predict(args: argparse.Namespace) -> int:
     from triton_softmax.regression.data import read_columns
 
     if args.output is not None:
-        check_writable(args.output)
+        check_writable(args.output, force=args.force)
     clf = OnnxClassifier(args.model, providers=args.provider)
     header = ["label", "class", *(f"probability_{c}" for c in clf.classes_)]
     clash = [c for c in args.keep_columns if c in header]
@@ -682,33 +696,115 @@ def _compact(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
-def _run_folder(out: Path | None, default: Path, force: bool) -> Path:
-    """The folder ``train`` writes into, checked before training starts.
+@contextlib.contextmanager
+def _run_folder(out: Path | None, default: Path, force: bool) -> Iterator[Path]:
+    """The folder ``train`` writes into: checked, created and locked before training starts.
 
     An explicit ``--out`` that already holds a model is refused unless ``force``; without
-    ``--out``, the first of ``default``, ``default-2``, ``default-3``, ... that holds no model is
-    used, so running the same command twice never overwrites the first run.
+    ``--out``, the first of ``default``, ``default-2``, ``default-3``, ... that holds no model and
+    that no other ``train`` is writing into is used, so running the same command twice never
+    overwrites the first run. The folder stays locked (``flock`` on the folder itself) until the
+    block ends, so a second ``train`` into it fails at once with one line instead of both
+    reporting success with one model left; the holds-a-model check runs under the lock, so a run
+    that finished a moment before counts. A folder created here is removed again if the block
+    fails before anything is written into it.
     """
     from triton_softmax._atomic import check_writable
 
-    def holds_model(folder: Path) -> list[str]:
-        return [n for n in (ONNX_NAME, CHECKPOINT_NAME, METRICS_NAME) if (folder / n).exists()]
+    folder, n = (default, 1) if out is None else (out, 0)
+    while True:
+        check_writable(folder, folder=True)
+        created = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = _lock_folder(folder)
+        if lock is None and out is not None:
+            raise CommandError(
+                f"{folder}: another `{PROG} train` is writing there; wait for it to finish or "
+                "choose another --out"
+            )
+        if lock is not None:
+            models = [
+                m for m in (ONNX_NAME, CHECKPOINT_NAME, METRICS_NAME) if (folder / m).exists()
+            ]
+            if not models or (out is not None and force):
+                break
+            os.close(lock)
+            if out is not None:
+                raise CommandError(
+                    f"{out} already holds a model ({', '.join(models)}); "
+                    "choose another --out or pass --force to overwrite it"
+                )
+        n += 1
+        folder = default.with_name(f"{default.name}-{n}")
+    try:
+        yield folder
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # only when empty; the lock keeps others out
+                folder.rmdir()
+        raise
+    finally:
+        os.close(lock)
 
-    if out is None:
-        out, n = default, 1
-        while out.is_dir() and holds_model(out):
-            n += 1
-            out = default.with_name(f"{default.name}-{n}")
-    elif out.is_dir() and holds_model(out) and not force:
-        raise CommandError(
-            f"{out} already holds a model ({', '.join(holds_model(out))}); "
-            "choose another --out or pass --force to overwrite it"
+
+def _lock_folder(folder: Path) -> int | None:
+    """Take an exclusive ``flock`` on ``folder`` without waiting.
+
+    Returns:
+        The descriptor that holds the lock (closing it releases the lock), or ``None`` when
+        another process holds it. Where the file system cannot lock, a note on stderr says so
+        and the unlocked descriptor is returned.
+
+    Raises:
+        CommandError: the folder was removed or replaced while being locked (by a run that had
+            created it and failed).
+    """
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as e:
+        print(
+            f"{PROG} train: note: cannot lock {folder} ({e.strerror}); another train writing "
+            "there at the same time would go unnoticed",
+            file=sys.stderr,
         )
-    return check_writable(out, folder=True)
+        return fd
+    held, now = os.fstat(fd), os.stat(folder)
+    if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+        os.close(fd)
+        raise CommandError(f"{folder}: removed or replaced while being locked; run again")
+    return fd
 
 
-def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
-    """Write text through a temporary file in the same folder, then rename it over ``path``."""
+def _onnx_target(out: str | Path, force: bool) -> Path:
+    """The file ``export`` writes for ``-o out``: ``out``, or the file its symbolic links reach.
+
+    Exporting to the link's target (not the link) means the exporter's removal of a model that
+    fails its parity check removes that file, never the link.
+
+    Raises:
+        WriteError: as ``check_writable``; also for a FIFO or device, which the parity check
+            could not read back.
+    """
+    from triton_softmax._atomic import WriteError, check_writable, destination
+
+    dest = destination(out)
+    if dest.kind == "stream":
+        raise WriteError(
+            f"{out}: is not a regular file; export reads the model back for its parity check, "
+            "so give a file"
+        )
+    check_writable(out, force=force)
+    return dest.target
+
+
+def _write_atomic(path: str | Path, write: Callable[[TextIO], object]) -> None:
+    """Write text through a temporary file, then rename it over ``path`` (see ``_atomic``)."""
     from triton_softmax._atomic import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:

@@ -1,24 +1,47 @@
 """Tabular data for softmax regression: the embedded Iris set, user CSVs and a stratified split.
 
-A CSV has a header row, numeric feature columns and one label column (strings or integers). Row
+A CSV has a header row, numeric feature columns and one label column. Rows end only at ``\n``,
+``\r`` or ``\r\n`` outside quotes (the csv module's rule: U+2028, NEL or a form feed are part of a
+cell); a quote left open at the end of the file is refused, naming the row where it opens. Row
 numbers in error messages count the header as row 1, as a spreadsheet does, so "row 5" is the fifth
 line of a file without quoted line breaks. This module needs numpy only.
+
+Numbers (feature cells, numeric labels) are ASCII decimals: an optional sign, digits with an
+optional decimal point, an optional exponent (``3``, ``-0.5``, ``.5``, ``1e-3``). Anything else is
+not a number: no ``5_1``, no full-width or other non-ASCII digits, no ``nan`` or ``inf``.
+
+Labels, one rule for the whole column: the column is numeric when every label is a number, and then
+classes are compared by value (``1``, ``01``, ``+1``, ``1.0`` and ``1e0`` are one class, named
+``1``) and sorted by value; otherwise every label is a string, compared as written after stripping
+surrounding whitespace (``1`` and ``01`` are two classes), and sorted as strings. An empty label, a
+``nan``/``inf`` label, or one longer than ``MAX_LABEL_CHARS`` characters (written out in full, for
+a number) is refused with its row.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-_INTEGER = re.compile(r"[+-]?\d+")
+#: An ASCII decimal number: sign, integer part, fraction, exponent (groups 1-4).
+_NUMBER = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?", re.ASCII)
+#: What ``float`` reads as a NaN or an infinity.
+_NOT_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The longest label accepted, in characters (a number's as written out in full): class names end
+#: up in the model's metadata and in the column names of `predict`'s output.
+MAX_LABEL_CHARS = 1000
+#: Appended to a CSV's text as a last line of its own: a quoted cell left open swallows it.
+_END = "\x00end of file\x00"
 
 
 class DataError(ValueError):
@@ -33,7 +56,8 @@ class Dataset:
         features: float32 array of shape (n_samples, n_features).
         labels: int64 array of shape (n_samples,), indices into ``class_names``.
         feature_names: one name per feature column, in column order.
-        class_names: the distinct labels, sorted (numerically when all labels are integers).
+        class_names: the distinct labels, sorted (by value when every label is a number; see
+            the module's docstring for the rule).
         source: where the data came from, for messages and metadata.
     """
 
@@ -86,7 +110,7 @@ def load_iris() -> Dataset:
         The dataset; ``source`` is ``"iris (embedded)"``.
     """
     text = resources.files("triton_softmax.regression").joinpath("data/iris.csv").read_text("utf-8")
-    header, rows = _parse(text.splitlines(), "iris.csv")
+    header, rows = _parse(text, "iris.csv")
     return _to_dataset(header, rows, "species", "iris.csv", "iris (embedded)")
 
 
@@ -102,16 +126,18 @@ def load_csv(
         ignore_columns: columns that are neither feature nor label (ids, notes); not read.
 
     Returns:
-        The dataset, classes sorted (numerically when every label is an integer).
+        The dataset, classes sorted (by value when every label is a number; see the module's
+        docstring for the rule).
 
     Raises:
-        DataError: the file is missing, empty or not UTF-8; the label column or an ignored column
-            is absent, or the label column is ignored; a cell is missing or not a finite number
-            (the message names file, row and column); a row has the wrong number of fields; fewer
-            than two classes.
+        DataError: the file is missing, empty or not UTF-8; a quote is never closed; the label
+            column or an ignored column is absent, or the label column is ignored; a cell is
+            missing or not a finite number (the message names file, row and column); a label is
+            empty, NaN, infinite or too long; a row has the wrong number of fields; fewer than two
+            classes.
     """
     name = str(path)
-    header, rows = _parse(_read_lines(path), name)
+    header, rows = _parse(_read_text(path), name)
     _require_columns(header, ignore_columns, name, "column(s) to ignore")
     if label_column is None:
         label_column = next((c for c in reversed(header) if c not in ignore_columns), header[-1])
@@ -155,7 +181,7 @@ def read_columns(
         DataError: as ``read_features``, and when a column to keep is absent.
     """
     name = str(path)
-    header, rows = _parse(_read_lines(path), name, allow_no_rows=True)
+    header, rows = _parse(_read_text(path), name, allow_no_rows=True)
     _require_columns(header, feature_names, name, "feature column(s)")
     _require_columns(header, keep_columns, name, "column(s) to keep")
     positions = [header.index(f) for f in feature_names]
@@ -211,10 +237,10 @@ def stratified_split(
     return np.sort(np.concatenate(train)), test_idx
 
 
-def _read_lines(path: str | Path) -> list[str]:
+def _read_text(path: str | Path) -> str:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read().splitlines(keepends=True)
+            return f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -224,10 +250,10 @@ def _read_lines(path: str | Path) -> list[str]:
 
 
 def _parse(
-    lines: list[str], name: str, allow_no_rows: bool = False
+    text: str, name: str, allow_no_rows: bool = False
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(row_number, cells)`` pairs; blank lines are skipped."""
-    records: Iterator[tuple[int, list[str]]] = _records(lines)
+    records: Iterator[tuple[int, list[str]]] = _records(text, name)
     header_record = next(records, None)
     if header_record is None:
         raise DataError(f"{name}: the file is empty")
@@ -252,11 +278,34 @@ def _parse(
     return header, rows
 
 
-def _records(lines: list[str]) -> Iterator[tuple[int, list[str]]]:
-    reader = csv.reader(lines)
-    for cells in reader:
+def _records(text: str, name: str) -> Iterator[tuple[int, list[str]]]:
+    """``(row_number, stripped cells)`` of each non-blank record of ``text``.
+
+    The csv module splits rows itself (``newline=""``), so only ``\n``, ``\r`` and ``\r\n``
+    end a row. In its lenient mode a quote still open at the end of the file silently takes every
+    line after it into one cell; the sentinel line ``_END`` appended to the text reveals that: it
+    comes back as a record of its own only when every quote was closed.
+    """
+    sep = "" if not text or text.endswith(("\n", "\r")) else "\n"
+    reader = csv.reader(io.StringIO(text + sep + _END + "\n", newline=""))
+    start = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{name}, row {start}: {e}") from None
+        if cells == [_END]:
+            return
+        if cells and cells[-1].endswith(_END + "\n"):
+            raise DataError(
+                f"{name}, row {start}: a quoted cell that opens on this row is never closed "
+                "(a missing '\"' takes in the rest of the file)"
+            )
         if cells:
             yield reader.line_num, [c.strip() for c in cells]
+        start = reader.line_num + 1
 
 
 def _numeric_block(
@@ -273,10 +322,11 @@ def _number(cell: str, name: str, row_number: int, column: str) -> float:
     where = f"{name}, row {row_number}, column {column!r}"
     if not cell:
         raise DataError(f"{where}: missing value")
-    try:
-        value = float(cell)
-    except ValueError:
-        raise DataError(f"{where}: {cell!r} is not a number") from None
+    if _NOT_FINITE.fullmatch(cell):
+        raise DataError(f"{where}: {cell!r} is not a finite float32 number")
+    if not _is_number(cell):
+        raise DataError(f"{where}: {_shown(cell)} is not a number")
+    value = float(cell)
     if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
         raise DataError(f"{where}: {cell!r} is not a finite float32 number")
     return value
@@ -302,16 +352,7 @@ def _to_dataset(
             f"{name}: no feature columns besides the label column {label_column!r}"
             + (" and the ignored ones" if ignore_columns else "")
         )
-    raw_labels = []
-    for row_number, cells in rows:
-        if not cells[label_pos]:
-            raise DataError(f"{name}, row {row_number}, column {label_column!r}: missing label")
-        raw_labels.append(cells[label_pos])
-    if all(_INTEGER.fullmatch(v) for v in raw_labels):
-        raw_labels = [str(int(v)) for v in raw_labels]
-        class_names = sorted(set(raw_labels), key=int)
-    else:
-        class_names = sorted(set(raw_labels))
+    raw_labels, class_names = _labels(rows, label_pos, name, label_column)
     if len(class_names) < 2:
         raise DataError(
             f"{name}: label column {label_column!r} has {len(class_names)} class "
@@ -327,3 +368,76 @@ def _to_dataset(
         tuple(class_names),
         source,
     )
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` is an ASCII decimal number (see the module's docstring)."""
+    m = _NUMBER.fullmatch(text)
+    return m is not None and bool(m.group(2) or m.group(3))
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``repr(text)``, shortened in the middle when longer than ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[: limit // 2]!r}...{text[-limit // 4 :]!r} ({len(text)} characters)"
+
+
+def _canonical(text: str) -> str | None:
+    """The plain decimal form of the number ``text`` (``+01.50e1`` -> ``15``; ``-0`` -> ``0``).
+
+    Exact (no rounding, whatever the digits); equal values give equal strings. ``text`` must be a
+    number per ``_is_number`` and at most ``MAX_LABEL_CHARS`` long, so its exponent is short.
+    ``None`` when the plain form would be longer than ``MAX_LABEL_CHARS`` (``1e999``).
+    """
+    m = _NUMBER.fullmatch(text)
+    assert m is not None
+    sign, whole, fraction, exponent = m.group(1), m.group(2), m.group(3) or "", m.group(4)
+    digits = (whole + fraction).lstrip("0")
+    if not digits:
+        return "0"
+    shift = int(exponent or 0) - len(fraction)
+    stripped = digits.rstrip("0")
+    shift += len(digits) - len(stripped)
+    # value = digits x 10**shift; written out in full, it needs about this many characters.
+    if max(len(stripped) + shift, -shift + 2) > MAX_LABEL_CHARS:
+        return None
+    if shift >= 0:
+        plain = stripped + "0" * shift
+    elif len(stripped) > -shift:
+        plain = f"{stripped[:shift]}.{stripped[shift:]}"
+    else:
+        plain = "0." + "0" * (-shift - len(stripped)) + stripped
+    return ("-" if sign == "-" else "") + plain
+
+
+def _labels(
+    rows: list[tuple[int, list[str]]], label_pos: int, name: str, column: str
+) -> tuple[list[str], list[str]]:
+    """The class name of each row and the sorted class names, by the module docstring's rule."""
+    texts = []
+    for row_number, cells in rows:
+        text = cells[label_pos]
+        where = f"{name}, row {row_number}, column {column!r}"
+        if not text:
+            raise DataError(f"{where}: missing label")
+        if _NOT_FINITE.fullmatch(text):
+            raise DataError(f"{where}: label {text!r} is not a finite number; give a class name")
+        if len(text) > MAX_LABEL_CHARS:
+            raise DataError(
+                f"{where}: label {_shown(text)} is longer than {MAX_LABEL_CHARS} characters"
+            )
+        texts.append((where, text))
+    if not all(_is_number(text) for _, text in texts):
+        labels = [text for _, text in texts]
+        return labels, sorted(set(labels))
+    labels = []
+    for where, text in texts:
+        value = _canonical(text)
+        if value is None:
+            raise DataError(
+                f"{where}: label {_shown(text)} written out in full is longer than "
+                f"{MAX_LABEL_CHARS} characters"
+            )
+        labels.append(value)
+    return labels, sorted(set(labels), key=Decimal)
