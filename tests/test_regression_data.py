@@ -1,11 +1,13 @@
 """Data loading: the embedded Iris set, user CSVs (good and bad), the stratified split."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from triton_softmax.regression.data import (
+    MAX_LABEL_CHARS,
     DataError,
     load_csv,
     load_iris,
@@ -171,3 +173,85 @@ def test_stratified_split_keeps_a_training_row_per_class_and_rejects_bad_sizes()
             stratified_split(labels, bad, seed=0)
     with pytest.raises(DataError, match="holds out no rows"):
         stratified_split(labels, 0.05, seed=0)
+
+
+def test_unclosed_quote_is_refused_with_its_row(tmp_path):
+    # The csv module's lenient mode took every later line into one label: rows lost, a junk class.
+    text = 'a,b,label\n1,2,x\n3,4,"y\n5,6,z\n7,8,x\n'
+    with pytest.raises(DataError, match=r"data\.csv, row 3: a quoted cell .* never closed"):
+        load_csv(_write(tmp_path, text))
+    with pytest.raises(DataError, match=r"row 3: a quoted cell"):  # no newline at the end
+        load_csv(_write(tmp_path, 'a,label\n1,x\n2,"y'))
+    with pytest.raises(DataError, match=r"row 2: a quoted cell"):
+        read_features(_write(tmp_path, 'a,b\n"1,2\n3,4\n'), ["a", "b"])
+    # A quoted cell may span lines; the row named is then the line where the record ends.
+    data = load_csv(_write(tmp_path, 'a,label\r\n1,"x\r\ny"\r\n2,z\r\n'))
+    assert data.class_names == ("x\r\ny", "z")
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1e"])
+def test_only_newlines_end_a_row(tmp_path, separator):
+    # str.splitlines also splits at these, which cut a row in two ("3 fields, but ...").
+    text = f"a,b,label\n1,2,x{separator}y\n3,4,z\n5,{separator}6,x{separator}y\n"
+    data = load_csv(_write(tmp_path, text))
+    assert data.class_names == (f"x{separator}y", "z")
+    assert data.labels.tolist() == [0, 1, 0]
+    np.testing.assert_array_equal(data.features, np.float32([[1, 2], [3, 4], [5, 6]]))
+
+
+def test_numeric_labels_are_one_class_per_value(tmp_path):
+    # Before: "1", "01", "+1" merged only while no label had a decimal point.
+    path = _write(tmp_path, "a,label\n1,1\n2,01\n3,+1\n4,1.0\n5,1e0\n6,2\n7,-0.50\n8,-.5\n9,1e2\n")
+    data = load_csv(path)
+    assert data.class_names == ("-0.5", "1", "2", "100")  # by value, written plainly
+    assert data.labels.tolist() == [1, 1, 1, 1, 1, 2, 0, 0, 3]
+    # Exact: digits beyond float64 (or a 28-digit decimal context) still tell labels apart.
+    big = "1" * 40
+    data = load_csv(_write(tmp_path, f"a,label\n1,{big}0\n2,{big}1\n3,{big}0.0\n", "big.csv"))
+    assert data.class_names == (big + "0", big + "1")
+    assert data.labels.tolist() == [0, 1, 0]
+
+
+def test_one_non_number_makes_every_label_a_string(tmp_path):
+    data = load_csv(_write(tmp_path, "a,label\n1,1\n2,01\n3,1.0\n4,dog\n5, 1 \n"))
+    assert data.class_names == ("01", "1", "1.0", "dog")
+    assert data.labels.tolist() == [1, 0, 2, 3, 1]
+
+
+@pytest.mark.parametrize("label", ["5_1", "\uff11", "\u0661", "0x1", "1e", "."])
+def test_labels_that_are_not_ascii_decimals_are_strings(tmp_path, label):
+    # float() reads "5_1" as 51 and full-width or Arabic-Indic digits as numbers.
+    data = load_csv(_write(tmp_path, f"a,label\n1,{label}\n2,1\n3,51\n"))
+    assert data.class_names == tuple(sorted({label, "1", "51"}))
+    assert len(data.class_names) == 3
+
+
+@pytest.mark.parametrize("cell", ["5_1", "\uff11", "\u0661", "1__0", "0x1"])
+def test_feature_cells_that_are_not_ascii_decimals_are_refused(tmp_path, cell):
+    path = _write(tmp_path, f"a,label\n1,x\n{cell},y\n")
+    message = rf"row 3, column 'a': {re.escape(repr(cell))} is not a number"
+    with pytest.raises(DataError, match=message):
+        load_csv(path)
+
+
+@pytest.mark.parametrize("label", ["NaN", "nan", "-inf", "Infinity", "+INF"])
+def test_nan_and_infinite_labels_are_refused_with_the_row(tmp_path, label):
+    for other in ("1", "dog"):  # numeric column or not
+        path = _write(tmp_path, f"a,label\n1,{other}\n2,{label}\n3,2\n")
+        message = rf"row 3, column 'label': label {re.escape(repr(label))} is not a finite"
+        with pytest.raises(DataError, match=message):
+            load_csv(path)
+
+
+def test_over_long_labels_are_refused_with_the_row(tmp_path):
+    # A 5001-digit label used to reach int(), whose own digit limit printed Python's message.
+    path = _write(tmp_path, "a,label\n1,1\n2," + "5" * 5001 + "\n")
+    with pytest.raises(DataError, match=r"row 3, column 'label': label .*5001 characters.* 1000"):
+        load_csv(path)
+    path = _write(tmp_path, "a,label\n1,1\n2,1e5000\n")
+    with pytest.raises(DataError, match=r"row 3, .* '1e5000' written out in full is longer"):
+        load_csv(path)
+    # At the limit: accepted, as a number written out in full.
+    longest = "1" + "0" * (MAX_LABEL_CHARS - 1)
+    data = load_csv(_write(tmp_path, f"a,label\n1,1\n2,1e{MAX_LABEL_CHARS - 1}\n"))
+    assert data.class_names == ("1", longest)
