@@ -221,6 +221,55 @@ def online_logsumexp_update(m, d, x):
     return m_new, m_new_shift, d
 
 
+#: log2(e): exp(x) = exp2(x * LOG2E), which compiles to one multiply and ex2.approx.ftz in fp32.
+LOG2E = tl.constexpr(1.4426950408889634)
+#: ln(2): log(x) = log2(x) * LN2.
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def online_logsumexp_lanes(m, d, x):
+    """One step of the online log-sum-exp kept per lane: ``m``, ``d`` and ``x`` have one shape
+    ([BLOCK_M, BLOCK_N] in a streamed loop), and each lane keeps its own running max ``m`` and
+    sum ``d`` = sum exp(x - m) over the values it has seen. No reduction across lanes, hence no
+    barrier inside the loop; :func:`logsumexp_lanes_combine` merges the lanes once after it.
+
+    One exponential per element: of exp(m - m_new) and exp(x - m_new) one is 1, so
+    e = exp(-|x - m|) and d_new = d e + 1 when x is the new max, d + e otherwise. A lane that
+    has seen only -inf keeps m = -inf and d = 0 (-inf - -inf would be NaN). NaN in ``x``
+    makes d NaN. fp32 uses exp2 with log2(e) folded into the scale (ex2.approx.ftz); fp64
+    stays fp64.
+
+    Returns:
+        (m_new, d_new).
+    """
+    m_new = tl.maximum(m, x)
+    e = tl.exp2(-tl.abs(x - m) * LOG2E)
+    d_new = tl.where(x > m, d * e + 1.0, d + e)
+    d_new = tl.where(m_new == float("-inf"), d, d_new)
+    return m_new, d_new
+
+
+@triton.jit
+def finite_or_zero(m):
+    """``m`` where finite-or-+inf, 0 where it is -inf: the shift of a lane or row that has seen
+    only -inf (its sum is 0 then, so any shift is exact, and 0 avoids -inf - -inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def logsumexp_lanes_combine(m, d):
+    """Merge per-lane (m, d) of :func:`online_logsumexp_lanes` over axis 1.
+
+    Returns:
+        (row max M, M or 0 for an all -inf row, the row's sum of exp(x - that shift)).
+    """
+    row_max = tl.max(m, axis=1)
+    shift = finite_or_zero(row_max)
+    row_sum = tl.sum(d * tl.exp2((m - shift[:, None]) * LOG2E), axis=1)
+    return row_max, shift, row_sum
+
+
 #: tanh's odd Taylor coefficients, tanh y = y (1 + c1 y^2 + c2 y^4 + ...): below
 #: TANH_SERIES_BELOW, 5 of them (fp32) or 10 (fp64) leave a truncation error under one unit in
 #: the last place (at most 0.6 ulp in fp32, 0.98 ulp in fp64 at |y| = 0.25, checked against

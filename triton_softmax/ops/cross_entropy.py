@@ -49,16 +49,19 @@ import triton
 import triton.language as tl
 
 from triton_softmax.ops._common import (
+    LOG2E,
     UNBOUNDED,
     TileRule,
     TileTable,
     accumulator_dtype,
     as_rows,
     check_floating,
+    finite_or_zero,
     kernel_path,
     kernels_interpreted,
     launching_on,
-    online_logsumexp_update,
+    logsumexp_lanes_combine,
+    online_logsumexp_lanes,
     pick_tile,
     tanh,
     triton_accumulator_dtype,
@@ -166,17 +169,116 @@ def _target_block(
 
 
 @triton.jit
+def _lanes_block(
+    x,
+    c,
+    mask,
+    m,
+    d,
+    a,
+    s,
+    block,
+    target_rows,
+    weight_ptr,
+    n_classes,
+    total_classes,
+    LABEL_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TARGET_IS_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Fold one [BLOCK_M, BLOCK_N] block of raw logits ``x`` (block number ``block``) into the
+    per-lane state: running max m, sum d of exp(x - m), and for the smoothing / probability
+    sums a = sum r_j (x_j - m') and s = sum r_j, m' = m or 0 while the lane saw only -inf
+    (a is rescaled when m grows, so it never subtracts two large numbers). Every operation
+    is lane-wise: no reduction, so no barrier in the loop. Class-index targets without class
+    weights take s in closed form (each lane of a counted row has seen ``block`` classes of
+    r = eps / C before this one) and carry no s."""
+    if SOFTCAP > 0:
+        x = SOFTCAP * tanh(x / SOFTCAP)
+    x = tl.where(mask, x, float("-inf"))
+    m_new, d = online_logsumexp_lanes(m, d, x)
+    if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
+        shift_new = finite_or_zero(m_new)
+        if TARGET_IS_INDEX and not HAS_WEIGHT:
+            smooth = LABEL_SMOOTHING / total_classes.to(ACC_DTYPE)
+            a += (block * smooth) * (finite_or_zero(m) - shift_new)
+            a += tl.where(mask, smooth * (x - shift_new), 0.0)
+        else:
+            r = _target_block(
+                target_rows, weight_ptr, c, mask, n_classes, total_classes,
+                LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+            )  # fmt: skip
+            a += s * (finite_or_zero(m) - shift_new)
+            a += tl.where(mask, r * (x - shift_new), 0.0)
+            s += r
+    return m_new, d, a, s
+
+
+@triton.jit
+def _grad_block(
+    x,
+    c,
+    mask,
+    m,
+    log_d,
+    p_scale,
+    g,
+    counted,
+    safe_target,
+    hot,
+    target_rows,
+    weight_ptr,
+    n_classes,
+    total_classes,
+    LABEL_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TARGET_IS_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ZERO_UNCOUNTED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dx_k = p_k * p_scale - g r_k (times d(c tanh(z / c))/dz with a softcap) on one block of
+    raw logits ``x``; p = exp((x - m) - log d) from the row's stats. The true class's
+    p_t - hot is formed in ACC_DTYPE before the caller's cast (bf16 keeps p = 0.999)."""
+    if SOFTCAP > 0:
+        t = tanh(x / SOFTCAP)
+        x = SOFTCAP * t
+    p = tl.exp2(((x - m[:, None]) - log_d[:, None]) * LOG2E)
+    r = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
+    if TARGET_IS_INDEX:
+        r = tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
+    if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
+        r += _target_block(
+            target_rows, weight_ptr, c, mask, n_classes, total_classes,
+            LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+        )  # fmt: skip
+    grad = p * p_scale[:, None] - g[:, None] * r
+    if SOFTCAP > 0:
+        grad *= 1.0 - t * t  # d(c tanh(z / c))/dz
+    if ZERO_UNCOUNTED:
+        grad = tl.where(counted[:, None], grad, 0.0)  # an ignored all -inf row has p = NaN
+    return grad
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(
     loss_ptr,
     lse_ptr,
     row_max_ptr,
     log_sum_ptr,
     target_mass_ptr,
+    grad_logits_ptr,
+    grad_scale_ptr,
     logits_ptr,
     target_ptr,
     weight_ptr,
     logits_row_stride,
     target_row_stride,
+    grad_logits_row_stride,
     n_rows,
     n_classes,
     ignore_index,
@@ -188,44 +290,60 @@ def _cross_entropy_forward_kernel(
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SHARDED: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Pass 1 reads each logit once into per-lane online log-sum-exp state, merged across
+    # lanes once after the loop. WRITE_GRAD: pass 2 writes g * dloss/dx (g = *grad_scale_ptr,
+    # the reduction's factor) into grad_logits, which may be the logits themselves; a row held
+    # in one block (SINGLE_BLOCK) is still in registers, a streamed row is read again right
+    # after its first pass (from L2).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
     target_rows = target_ptr + rows[:, None] * target_row_stride
     cols = tl.arange(0, BLOCK_N)
 
-    m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max
-    m_shift = tl.zeros([BLOCK_M], ACC_DTYPE)  # m, or 0 while the row has seen only -inf
-    d = tl.zeros([BLOCK_M], ACC_DTYPE)  # sum exp(x - m_shift)
-    a = tl.zeros([BLOCK_M], ACC_DTYPE)  # sum r_j (x_j - m_shift)
-    s = tl.zeros([BLOCK_M], ACC_DTYPE)  # sum r_j
-    for start in range(0, n_classes, BLOCK_N):
-        c = start + cols
-        mask = row_mask[:, None] & (c[None, :] < n_classes)
-        x = tl.load(logits_rows + c[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
-        if SOFTCAP > 0:
-            x = tl.where(mask, SOFTCAP * tanh(x / SOFTCAP), float("-inf"))
-        m_new, m_new_shift, d = online_logsumexp_update(m, d, x)
-        # Without smoothing, class-index targets need only the target logit: a, s stay 0.
-        if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
-            r = _target_block(
-                target_rows, weight_ptr, c, mask, n_classes, total_classes,
-                LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+    m = tl.full([BLOCK_M, BLOCK_N], float("-inf"), ACC_DTYPE)  # per-lane running max
+    d = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum exp(x - m)
+    a = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum r_j (x_j - m')
+    s = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum r_j
+    if SINGLE_BLOCK:
+        held_mask = row_mask[:, None] & (cols[None, :] < n_classes)
+        held = tl.load(logits_rows + cols[None, :], mask=held_mask, other=0.0).to(ACC_DTYPE)
+        m, d, a, s = _lanes_block(
+            held, cols, held_mask, m, d, a, s, 0, target_rows, weight_ptr, n_classes,
+            total_classes, LABEL_SMOOTHING, SOFTCAP, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+        )  # fmt: skip
+    else:
+        for start in range(0, n_classes, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_classes)
+            x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            m, d, a, s = _lanes_block(
+                x, c, mask, m, d, a, s, start // BLOCK_N, target_rows, weight_ptr, n_classes,
+                total_classes, LABEL_SMOOTHING, SOFTCAP, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
-            a += s * (m_shift - m_new_shift)
-            a += tl.sum(tl.where(mask, r * (x - m_new_shift[:, None]), 0.0), axis=1)
-            s += tl.sum(r, axis=1)
-        m = m_new
-        m_shift = m_new_shift
+    row_max, shift, row_sum = logsumexp_lanes_combine(m, d)
+    if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
+        if TARGET_IS_INDEX and not HAS_WEIGHT:
+            # Lane j of a counted row saw the classes j, j + BLOCK_N, ... below n_classes.
+            seen = tl.maximum(n_classes - cols + (BLOCK_N - 1), 0) // BLOCK_N
+            smooth = LABEL_SMOOTHING / total_classes.to(ACC_DTYPE)
+            s = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE) + (seen * smooth)[None, :]
+        a_row = tl.sum(a + s * (finite_or_zero(m) - shift[:, None]), axis=1)
+        s_row = tl.sum(s, axis=1)
+    else:
+        a_row = tl.zeros([BLOCK_M], ACC_DTYPE)
+        s_row = tl.zeros([BLOCK_M], ACC_DTYPE)
     # lse - x = (m - x) + log d keeps |x| ~ 1e4 exact in the subtraction. An all -inf row has
     # m = -inf, d = 0, lse = -inf and a NaN loss, as in torch.
-    log_d = tl.log(d)
-    lse = m + log_d
-    loss = s * log_d - a  # sum_j r_j (lse - x_j) = S log d - sum_j r_j (x_j - m)
+    log_d = tl.log(row_sum)
+    lse = row_max + log_d
+    loss = s_row * log_d - a_row  # sum_j r_j (lse - x_j) = S log d - sum_j r_j (x_j - m)
 
     if TARGET_IS_INDEX:
         safe_target, counted, bad, w_target = _load_index_target(
@@ -240,20 +358,55 @@ def _cross_entropy_forward_kernel(
         if SOFTCAP > 0:
             x_target = SOFTCAP * tanh(x_target / SOFTCAP)
         hot = (1.0 - LABEL_SMOOTHING) * w_target
-        loss += hot * ((m - x_target) + log_d)
-        s += hot
+        loss += hot * ((row_max - x_target) + log_d)
+        s_row += hot
         if Z_LOSS != 0:
             loss += Z_LOSS * lse * lse
         loss = tl.where(counted, loss, 0.0)
         loss = tl.where(bad, float("nan"), loss)
-        s = tl.where(counted, s, 0.0)
-    elif Z_LOSS != 0:
-        loss += Z_LOSS * lse * lse
+        s_row = tl.where(counted, s_row, 0.0)
+    else:
+        counted = row_mask
+        safe_target = rows
+        hot = s_row
+        if Z_LOSS != 0:
+            loss += Z_LOSS * lse * lse
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(row_max_ptr + rows, m, mask=row_mask)
+    tl.store(row_max_ptr + rows, row_max, mask=row_mask)
     tl.store(log_sum_ptr + rows, log_d, mask=row_mask)
-    tl.store(target_mass_ptr + rows, s, mask=row_mask)
+    tl.store(target_mass_ptr + rows, s_row, mask=row_mask)
+
+    if WRITE_GRAD:
+        g = tl.full([BLOCK_M], 0.0, ACC_DTYPE) + tl.load(grad_scale_ptr).to(ACC_DTYPE)
+        if TARGET_IS_INDEX:
+            g = tl.where(counted, g, 0.0)
+            g = tl.where(bad, float("nan"), g)
+        p_scale = s_row
+        if Z_LOSS != 0:
+            p_scale += 2.0 * Z_LOSS * (row_max + log_d)
+        p_scale = tl.where(counted, g * p_scale, 0.0)
+        grad_rows = grad_logits_ptr + rows[:, None] * grad_logits_row_stride
+        if SINGLE_BLOCK:
+            grad = _grad_block(
+                held, cols, held_mask, row_max, log_d, p_scale, g, counted, safe_target, hot,
+                target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
+                TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            grad = grad.to(grad_logits_ptr.dtype.element_ty)
+            tl.store(grad_rows + cols[None, :], grad, mask=held_mask)
+        else:
+            for start in range(0, n_classes, BLOCK_N):
+                c = start + cols
+                mask = row_mask[:, None] & (c[None, :] < n_classes)
+                x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+                grad = _grad_block(
+                    x, c, mask, row_max, log_d, p_scale, g, counted, safe_target, hot,
+                    target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
+                    TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+                grad = grad.to(grad_logits_ptr.dtype.element_ty)
+                tl.store(grad_rows + c[None, :], grad, mask=mask)
 
 
 @triton.jit
@@ -290,7 +443,6 @@ def _cross_entropy_backward_kernel(
 ):
     # dx_k = p_k * (g (S + 2 z lse) + g_lse) - g r_k: one read of the logits, one write.
     # g is the upstream gradient of the row's loss, g_lse that of the returned lse (if used).
-    # The true class's p_t - 1 is formed in ACC_DTYPE before the cast (bf16 keeps p = 0.999).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
@@ -315,6 +467,8 @@ def _cross_entropy_backward_kernel(
         g = tl.where(bad, float("nan"), g)
     else:
         counted = row_mask
+        safe_target = rows
+        hot = g
     p_scale = target_mass
     if Z_LOSS != 0:
         p_scale += 2.0 * Z_LOSS * (m + log_d)
@@ -327,24 +481,24 @@ def _cross_entropy_backward_kernel(
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        if SOFTCAP > 0:
-            t = tanh(x / SOFTCAP)
-            x = SOFTCAP * t
-        p = tl.exp((x - m[:, None]) - log_d[:, None])
-        r = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
-        if TARGET_IS_INDEX:
-            r = tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
-        if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
-            r += _target_block(
-                target_rows, weight_ptr, c, mask, n_classes, total_classes,
-                LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
-            )  # fmt: skip
-        grad = p * p_scale[:, None] - g[:, None] * r
-        if SOFTCAP > 0:
-            grad *= 1.0 - t * t  # d(c tanh(z / c))/dz
-        if not HAS_GRAD_LSE:
-            grad = tl.where(counted[:, None], grad, 0.0)  # an ignored all -inf row has p = NaN
+        grad = _grad_block(
+            x, c, mask, m, log_d, p_scale, g, counted, safe_target, hot, target_rows,
+            weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP, TARGET_IS_INDEX,
+            HAS_WEIGHT, not HAS_GRAD_LSE, ACC_DTYPE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
         tl.store(grad_rows + c[None, :], grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(grad_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr):
+    # grad *= scale in place. Programs exit before touching the gradient when the scale is 1
+    # (loss.backward() of a mean or a sum): decided on the device, no host synchronisation.
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n_elements
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(scale.dtype) * scale
+        tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -442,14 +596,18 @@ def _launch(
     is_index = target.dtype == torch.int64
     rows = as_rows(logits)
     target_rows = target if is_index else as_rows(target)
+    grad_rows = rest.get("grad_logits_ptr")
+    others = (() if is_index else (target_rows,)) + (() if grad_rows is None else (grad_rows,))
     tile = pick_tile(
         table,
         rows.shape[1],
         rows.element_size(),
-        aligned=triton_aligned(rows.shape[1], rows, *(() if is_index else (target_rows,))),
+        aligned=triton_aligned(rows.shape[1], rows, *others),
         interpreted=kernels_interpreted(),
         block_n=block_n,
     )
+    if kernel is _cross_entropy_forward_kernel:
+        rest["SINGLE_BLOCK"] = tile.single_block
     with launching_on(logits):
         kernel[(triton.cdiv(rows.shape[0], tile.block_m),)](
             logits_ptr=rows,
@@ -551,9 +709,11 @@ def cross_entropy_forward(
     softcap: float = 0.0,
     total_classes: int = 0,
     *,
+    grad_out: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy of 2-D logits.
+    """Per-row cross-entropy of 2-D logits, and optionally its gradient in the same pass.
 
     Args:
         logits: [M, C] floating.
@@ -568,6 +728,14 @@ def cross_entropy_forward(
         total_classes: 0, or the full problem's class count when ``logits`` are one rank's
             shard of the classes (``triton_softmax.distributed``): smoothing spreads over
             it, and class indices outside the shard belong to other ranks (not bad ones).
+        grad_out: None, or an [M, C] tensor (``logits`` itself for in place) with unit column
+            stride and non-overlapping rows: the kernel also writes into it the gradient of
+            ``grad_scale * sum(loss)`` with respect to the logits, in ``grad_out``'s dtype,
+            in the same launch (a row held in one block is read once; a streamed row twice,
+            the second time right after the first, from L2). Ignored rows get 0.
+        grad_scale: with ``grad_out``, a one-element tensor on the logits' device, the
+            upstream gradient of every row's loss (1 for a sum, 1 / denominator for a mean,
+            see :func:`reduced_scale`), read on the device; None means 1.
         block_n: override the class block (a power of two; tests use it).
     Returns:
         loss [M], lse [M] and stats [3, M] = (row max m, lse - m, target mass S) for the
@@ -576,6 +744,20 @@ def cross_entropy_forward(
     is_index = _check_operands(logits, target, weight)
     n_rows, n_classes = logits.shape
     loss, lse, stats = row_outputs(logits)
+    if grad_out is not None:
+        if grad_out.shape != logits.shape or grad_out.device != logits.device:
+            raise ValueError(
+                f"grad_out must have the logits' shape {tuple(logits.shape)} on "
+                f"{logits.device}, got {tuple(grad_out.shape)} on {grad_out.device}"
+            )
+        _check_rows_writable(grad_out)
+        if grad_scale is None:
+            grad_scale = torch.ones((), dtype=loss.dtype, device=logits.device)
+        elif grad_scale.numel() != 1 or grad_scale.device != logits.device:
+            raise ValueError(
+                f"grad_scale must be a one-element tensor on {logits.device}, got shape "
+                f"{tuple(grad_scale.shape)} on {grad_scale.device}"
+            )
     if n_rows == 0:
         return loss, lse, stats
     if is_index and target.device.type == "cpu":
@@ -595,6 +777,11 @@ def cross_entropy_forward(
             lse,
             stats,
         )
+        if grad_out is not None:
+            _plain_backward(
+                grad_scale.reshape(()).expand(n_rows), None, logits, target, weight, stats,
+                ignore_index, label_smoothing, z_loss, softcap, total_classes, grad_out,
+            )  # fmt: skip
         return loss, lse, stats
     row_max, log_sum, target_mass = stats
     _launch(
@@ -606,6 +793,10 @@ def cross_entropy_forward(
         row_max_ptr=row_max,
         log_sum_ptr=log_sum,
         target_mass_ptr=target_mass,
+        grad_logits_ptr=loss if grad_out is None else grad_out,  # unused without WRITE_GRAD
+        grad_scale_ptr=loss if grad_scale is None else grad_scale,
+        grad_logits_row_stride=0 if grad_out is None else grad_out.stride(0),
+        WRITE_GRAD=grad_out is not None,
     )  # fmt: skip
     return loss, lse, stats
 
