@@ -2,12 +2,15 @@
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 from importlib import metadata
@@ -408,3 +411,117 @@ def test_console_script_default_run(tmp_path):
     assert metrics["test_accuracy"] >= 0.95
     assert metrics["onnx_max_abs_diff"] <= 1e-5
     assert f"test {metrics['test_accuracy']:.4f}" in done.stdout
+
+
+def _one_line_error(code: int, stdout: str, stderr: str, command: str, message: str) -> None:
+    assert code == 1 and not stdout, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith(f"triton-softmax {command}: error: ") and message in stderr, stderr
+
+
+def test_predict_output_links_fifos_and_modes(flowers, tmp_path):
+    model, data = flowers["out"] / "model.onnx", flowers["data"]
+    code, expected, _ = _main("predict", model, data)
+    assert code == 0
+    # A symlink is kept; the file it points to gets the predictions and keeps its mode.
+    target = tmp_path / "kept.csv"
+    target.write_text("old\n")
+    target.chmod(0o600)
+    link = tmp_path / "link.csv"
+    link.symlink_to(target.name)
+    code, _, stderr = _main("predict", model, data, "-o", link)
+    assert code == 0, stderr
+    assert link.is_symlink() and target.read_text() == expected
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    # A FIFO is written through (it was replaced by a regular file).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, _, stderr = _main("predict", model, data, "-o", fifo)
+    reader.join(timeout=30)
+    assert code == 0, stderr
+    assert got == [expected] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    # A read-only file: refused with one line, unless --force; it stays read-only.
+    frozen = tmp_path / "frozen.csv"
+    frozen.write_text("old\n")
+    frozen.chmod(0o444)
+    code, stdout, stderr = _main("predict", model, data, "-o", frozen)
+    _one_line_error(code, stdout, stderr, "predict", "frozen.csv: is read-only (mode 0444)")
+    assert "--force" in stderr and frozen.read_text() == "old\n"
+    code, _, stderr = _main("predict", model, data, "-o", frozen, "--force")
+    assert code == 0, stderr
+    assert frozen.read_text() == expected and stat.S_IMODE(frozen.stat().st_mode) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fifo",
+        "frozen.csv",
+        "kept.csv",
+        "link.csv",
+    ]
+
+
+def test_output_with_a_trailing_slash_is_refused_not_written_as_a_file(flowers, tmp_path):
+    model, data = flowers["out"] / "model.onnx", flowers["data"]
+    for argv in (
+        ["predict", model, data, "-o", f"{tmp_path / 'newdir'}/"],
+        ["export", flowers["out"] / "model.safetensors", "-o", f"{tmp_path / 'newdir'}/"],
+    ):
+        code, stdout, stderr = _main(*argv)
+        _one_line_error(code, stdout, stderr, argv[0], "newdir/: names a folder")
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_export_keeps_a_link_and_refuses_a_fifo(flowers, tmp_path):
+    ckpt = flowers["out"] / "model.safetensors"
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    code, stdout, stderr = _main("export", ckpt, "-o", fifo)
+    _one_line_error(code, stdout, stderr, "export", "fifo.onnx: is not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    target = tmp_path / "real.onnx"
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target.name)
+    code, stdout, stderr = _main("export", ckpt, "-o", link)
+    assert code == 0, stderr
+    assert stdout.rstrip().endswith(f"model: {link}")
+    assert link.is_symlink() and OnnxClassifier(target).n_classes == 3
+
+
+def test_a_second_train_into_a_locked_folder_fails_with_one_line(tmp_path, monkeypatch):
+    # Two concurrent `train -o X` both reported success and only one model was left. The test
+    # process holds the lock a running train would hold.
+    monkeypatch.chdir(tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    fast = ["--epochs", "1", "--no-reference", "-q"]
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, stdout, stderr = _main("train", "--out", busy, *fast)
+        _one_line_error(code, stdout, stderr, "train", "another `triton-softmax train` is writing")
+        assert not any(busy.iterdir())
+        # Without --out a locked runs/iris is passed over like one holding a model.
+        (tmp_path / "runs").mkdir()
+        os.rename(busy, tmp_path / "runs" / "iris")
+        code, stdout, stderr = _main("train", *fast)
+        assert code == 0, stderr
+        assert stdout.rstrip().endswith(f"model: {Path('runs', 'iris-2', 'model.onnx')}")
+        assert not any((tmp_path / "runs" / "iris").iterdir())
+    finally:
+        os.close(fd)
+    # Released when a run ends: the same folder can be trained into again (with --force).
+    code, _, stderr = _main("train", "--out", Path("runs", "iris-2"), "--force", *fast)
+    assert code == 0, stderr
+
+
+def test_a_failed_train_leaves_no_folder_it_created(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "run"
+
+    def fail(*args, **kwargs):
+        raise ValueError("stopped for the test")
+
+    monkeypatch.setattr("triton_softmax.regression.train", fail)
+    code, _, stderr = _main("train", "--out", out, "--epochs", "1", "--no-reference", "-q")
+    assert code == 1 and "stopped for the test" in stderr
+    assert not out.exists()
