@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,8 +87,8 @@ def _start(*args: str, cwd: Path) -> tuple[subprocess.Popen, int]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     log = open(cwd / f"serve-{port}.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-c", NO_TORCH, "serve", *args, "--port", str(port)]
-        + ["--max-body-bytes", str(MAX_BODY)],
+        [sys.executable, "-c", NO_TORCH, "serve", "--port", str(port)]
+        + ["--max-body-bytes", str(MAX_BODY), *args],  # the last of an option wins
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -138,7 +139,8 @@ def _infer_body(x: np.ndarray, **overrides) -> bytes:
 @pytest.fixture(scope="module")
 def server(models):
     process, port = _start(str(models.repository), cwd=models.repository.parent)
-    yield SimpleNamespace(port=port, url=f"127.0.0.1:{port}", process=process)
+    log = models.repository.parent / f"serve-{port}.log"
+    yield SimpleNamespace(port=port, url=f"127.0.0.1:{port}", process=process, log=log)
     assert _stop(process) == 0
 
 
@@ -178,6 +180,10 @@ def test_triton_config_matches_the_model_beside_it(models):
     assert proba.data_type == mc.TYPE_FP32 == _triton_type(graph_out["probabilities"].elem_type)
     assert list(proba.dims) == dims(graph_out["probabilities"]) == [3]
     assert not proba.HasField("reshape")
+    # Triton's classification extension reads the labels from this file, one per line.
+    assert proba.label_filename == "labels.txt" and not label.label_filename
+    labels = (models.repository / "iris" / "labels.txt").read_text().splitlines()
+    assert labels == json.loads(metadata["class_names"])
     assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     assert [(g.count, g.kind) for g in config.instance_group] == [
@@ -218,21 +224,37 @@ def test_find_models_repository_versions_and_single_files(models, tmp_path):
     (repository / "b" / "11").mkdir()  # no model.onnx: not a version
     (repository / "b" / "0").mkdir()  # Triton's versions start at 1
     (repository / "b" / "0" / "model.onnx").write_bytes(b"")
+    (repository / "b" / "config.pbtxt").write_text('name: "b"\nmax_batch_size: 8  # rows\n')
     (repository / "empty").mkdir()
+    Spec = triton_repo.ModelSpec
     assert triton_repo.find_models(repository) == {
-        "a": repository / "a" / "2" / "model.onnx",
-        "b": repository / "b" / "10" / "model.onnx",
+        "a": Spec(repository / "a" / "2" / "model.onnx", 2, triton_repo.DEFAULT_MAX_BATCH_SIZE),
+        "b": Spec(repository / "b" / "10" / "model.onnx", 10, 8),
     }
-    assert triton_repo.find_models(models.onnx) == {"model": models.onnx}
-    assert triton_repo.find_models(models.onnx, "flowers") == {"flowers": models.onnx}
-    for path, name, message in (
-        (tmp_path / "missing", None, "no such model file or repository folder"),
-        (repository / "empty", None, "no model in this repository"),
-        (repository, "x", "--name is for one .onnx file"),
-        (models.repository / "iris" / "config.pbtxt", None, "expected a .onnx model"),
+    assert triton_repo.find_models(models.onnx) == {"model": Spec(models.onnx)}
+    assert triton_repo.find_models(models.onnx, "flowers", 5) == {
+        "flowers": Spec(models.onnx, 1, 5)
+    }
+    bad_config = tmp_path / "bad"
+    (bad_config / "m" / "1").mkdir(parents=True)
+    (bad_config / "m" / "1" / "model.onnx").write_bytes(b"")
+    (bad_config / "m" / "config.pbtxt").write_text("max_batch_size: 0\n")
+    bad_name = tmp_path / "bad-name"
+    (bad_name / "sp ace" / "1").mkdir(parents=True)
+    (bad_name / "sp ace" / "1" / "model.onnx").write_bytes(b"")
+    for path, name, limit, message in (
+        (tmp_path / "missing", None, None, "no such model file or repository folder"),
+        (repository / "empty", None, None, "no model in this repository"),
+        (repository, "x", None, "--name is for one .onnx file"),
+        (repository, None, 4, "--max-batch-size is for one .onnx file"),
+        (models.onnx, "../../etc", None, "--name: model name '../../etc'"),
+        (models.onnx, None, 0, "--max-batch-size must be at least 1"),
+        (bad_config, None, None, "max_batch_size of at least 1"),
+        (bad_name, None, None, "model name 'sp ace'"),
+        (models.repository / "iris" / "config.pbtxt", None, None, "expected a .onnx model"),
     ):
-        with pytest.raises(ModelError, match=message):
-            triton_repo.find_models(path, name)
+        with pytest.raises(ModelError, match=re.escape(message)):
+            triton_repo.find_models(path, name, limit)
 
 
 def test_health_and_metadata(server):
@@ -346,6 +368,61 @@ BAD_REQUESTS = {
     ),
     "no inputs field": ({"outputs": []}, 400, "inputs: Field required"),
     "malformed JSON": ('{"inputs": [', 400, "not an inference request: invalid JSON"),
+    "an integer of 400 digits": (
+        '{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", '
+        '"data": [1, 2, 3, ' + "9" * 400 + "]}]}",
+        400,
+        "too large for FP32",
+    ),
+    "booleans as FP32": (
+        {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [True] * 4}]},
+        400,
+        "data[0] is bool",
+    ),
+    "numeric strings as FP32": (
+        {
+            "inputs": [
+                {"name": "features", "shape": [1, 4], "datatype": "FP32", "data": ["1.5"] * 4}
+            ]
+        },
+        400,
+        "data[0] is str",
+    ),
+    "nested lists as FP32": (
+        {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": X1}]},
+        400,
+        "data[0] is a nested list",
+    ),
+    "lower-case datatype": (
+        {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "fp32", "data": X1[0]}]},
+        400,
+        "datatype 'fp32' is not one of the protocol's",
+    ),
+    "more rows than max_batch_size": (
+        {
+            "inputs": [
+                {"name": "features", "shape": [257, 4], "datatype": "FP32", "data": [1] * 1028}
+            ]
+        },
+        400,
+        "257 rows, more than this model's max_batch_size 256",
+    ),
+    "classification of zero classes": (
+        {
+            "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": X1[0]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 0}}],
+        },
+        400,
+        "classification must be a positive integer",
+    ),
+    "classification of the label": (
+        {
+            "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": X1[0]}],
+            "outputs": [{"name": "label", "parameters": {"classification": 1}}],
+        },
+        400,
+        "classification is offered on 'probabilities' only",
+    ),
     "unknown output": (
         {
             "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": X1[0]}],
@@ -379,7 +456,10 @@ def test_binary_tensor_of_the_wrong_size_is_a_400(server, rows):
     tensor = httpclient.InferInput("features", [2, 4], "FP32")
     tensor.set_data_from_numpy(rows[:2])
     tensor.set_shape([3, 4])  # the binary part holds 2 rows
-    with pytest.raises(InferenceServerException, match="400.*does not decode"):
+    with pytest.raises(
+        InferenceServerException,
+        match=re.escape("[400] input 'features': shape [3, 4] needs 12 values, got 8"),
+    ):
         client.infer("iris", [tensor])
     with pytest.raises(InferenceServerException, match="nope"):
         client.infer("nope", [tensor])
@@ -418,15 +498,24 @@ def test_concurrent_clients_all_answered_correctly(server, models, rows):
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(models, rows):
-    process, port = _start(str(models.onnx), "--name", "flowers", cwd=models.repository.parent)
+    read_timeout = 4
+    process, port = _start(
+        str(models.onnx), "--name", "flowers", "--read-timeout", str(read_timeout),
+        cwd=models.repository.parent,
+    )  # fmt: skip
     body = _infer_body(rows[:2])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.putrequest("POST", "/v2/models/flowers/infer")
     conn.putheader("Content-Length", str(len(body)))
     conn.endheaders()
     conn.send(body[:20])  # the request is in flight: its body is still arriving
+    # Two stalled requests: headers cut short, and a body that never comes.
+    head = _raw(port, b"POST /v2/models/flowers/infer HTTP/1.1\r\nHost: x\r\n")
+    stalled = _raw(port, b"POST /v2/models/flowers/infer HTTP/1.1\r\nContent-Length: 99\r\n\r\n{")
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert _read_status(head) == 503  # at once: its headers never came
     time.sleep(0.5)
     assert process.poll() is None  # waiting for the request in flight
     conn.send(body[20:])
@@ -434,7 +523,10 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(models, rows):
     answer = json.loads(response.read())
     assert response.status == 200, answer
     assert answer["outputs"][0]["data"] == OnnxClassifier(models.onnx).run(rows[:2])[0].tolist()
+    assert _read_status(stalled) == 503  # within the read timeout, inside the grace period
+    assert time.monotonic() - signalled < read_timeout + 2
     assert _stop(process) == 0
+    assert time.monotonic() - signalled < 9
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
@@ -517,3 +609,323 @@ def test_http_benchmark_smoke(tmp_path):
     text = csv_path.with_suffix(".md").read_text()
     assert "Target (DESIGN.md §4)" in text and "smoke run" in text
     assert "No HTTP serving numbers" not in serving_http.readme_section(tmp_path)
+
+
+BIG_ROWS = 300_000  # a legal request of several seconds' work on 2 cores, for the "extra" server
+READ_TIMEOUT = 1.5
+
+
+@pytest.fixture(scope="module")
+def extra(models):
+    """One .onnx file served with every option: gRPC, model control, a big row limit."""
+    grpc_port = _free_port()
+    process, port = _start(
+        str(models.onnx), "--name", "flowers", "--model-control", "--grpc-port", str(grpc_port),
+        "--max-batch-size", str(BIG_ROWS), "--max-body-bytes", str(32 * 2**20),
+        "--read-timeout", str(READ_TIMEOUT), cwd=models.repository.parent,
+    )  # fmt: skip
+    yield SimpleNamespace(port=port, grpc_port=grpc_port, url=f"127.0.0.1:{port}")
+    assert _stop(process) == 0
+
+
+def _raw(port: int, data: bytes) -> socket.socket:
+    """A socket that has sent ``data`` (and nothing after)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(data)
+    return sock
+
+
+def _read_status(sock: socket.socket) -> int:
+    """The status of the one response on ``sock``, whose body must be a JSON ``error``."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert "error" in json.loads(body), data
+    return int(head.split()[1])
+
+
+def test_model_control_is_off_by_default(server, rows):
+    for action in ("unload", "load"):
+        status, body = _request(server.port, "POST", f"/v2/repository/models/iris/{action}")
+        assert status == 403 and "model control is off" in body["error"]
+    assert _request(server.port, "GET", "/v2/health/ready") == (200, {"ready": True})
+    assert _request(server.port, "POST", "/v2/models/iris/infer", _infer_body(rows[:1]))[0] == 200
+    extensions = _request(server.port, "GET", "/v2")[1]["extensions"]
+    assert "classification" in extensions and not any("repository" in e for e in extensions)
+
+
+def test_model_control_flag_and_readiness(extra, rows):
+    body = _infer_body(rows[:1])
+    assert _request(extra.port, "POST", "/v2/repository/models/nope/unload")[0] == 404
+    assert _request(extra.port, "POST", "/v2/repository/models/flowers/unload")[0] == 200
+    # Readiness follows the models: a probe stops sending traffic while one is unloaded.
+    assert _request(extra.port, "GET", "/v2/health/ready")[0] == 503
+    assert _request(extra.port, "GET", "/v2/models/flowers/ready")[0] == 404
+    assert _request(extra.port, "POST", "/v2/models/flowers/infer", body)[0] == 404
+    assert _request(extra.port, "POST", "/v2/repository/models/flowers/load")[0] == 200
+    assert _request(extra.port, "GET", "/v2/health/ready") == (200, {"ready": True})
+    assert _request(extra.port, "POST", "/v2/models/flowers/infer", body)[0] == 200
+    assert "model_repository" in _request(extra.port, "GET", "/v2")[1]["extensions"]
+
+
+def test_health_answers_while_a_large_request_runs(extra, models):
+    x = np.random.default_rng(1).normal(3, 1, size=(BIG_ROWS, 4)).astype(np.float32)
+    client = httpclient.InferenceServerClient(extra.url, network_timeout=120)
+    tensor = httpclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    wanted = [httpclient.InferRequestedOutput("probabilities", binary_data=False)]
+    result = {}
+
+    def big() -> None:
+        start = time.monotonic()
+        result["answer"] = client.infer("flowers", [tensor], outputs=wanted)
+        result["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    waits = []
+    while thread.is_alive():
+        start = time.monotonic()
+        assert _request(extra.port, "GET", "/v2/health/ready")[0] == 200
+        waits.append(time.monotonic() - start)
+        time.sleep(0.05)
+    thread.join()
+    # The big request took seconds; the health checks made meanwhile never waited on it.
+    assert result["seconds"] > 0.5 and len(waits) >= 3, (result, waits)
+    assert max(waits) < 0.5, waits
+    proba = OnnxClassifier(models.onnx).run(x[:100])[1]
+    np.testing.assert_array_equal(result["answer"].as_numpy("probabilities")[:100], proba)
+
+
+def test_max_batch_size_of_a_single_file(models, tmp_path):
+    # The repository's limit (256) is in BAD_REQUESTS; a single file takes --max-batch-size.
+    rows = np.ones((3, 4), dtype=np.float32)
+    process, port = _start(str(models.onnx), "--max-batch-size", "2", cwd=tmp_path)
+    try:
+        status, body = _request(port, "POST", "/v2/models/model/infer", _infer_body(rows))
+        assert status == 400 and "3 rows, more than this model's max_batch_size 2" in body["error"]
+        assert _request(port, "POST", "/v2/models/model/infer", _infer_body(rows[:2]))[0] == 200
+    finally:
+        assert _stop(process) == 0
+
+
+def test_read_timeout_answers_408(extra):
+    started = time.monotonic()
+    head = _raw(extra.port, b"POST /v2/models/flowers/infer HTTP/1.1\r\nHost: x\r\n")
+    body = _raw(
+        extra.port, b"POST /v2/models/flowers/infer HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"
+    )
+    assert _read_status(head) == 408 and _read_status(body) == 408
+    assert READ_TIMEOUT - 0.1 < time.monotonic() - started < READ_TIMEOUT + 5
+    assert _request(extra.port, "GET", "/v2/health/live")[0] == 200
+
+
+def test_versions(server, models, rows):
+    client = httpclient.InferenceServerClient(server.url)
+    assert client.is_model_ready("iris", model_version="1")
+    assert not client.is_model_ready("iris", model_version="2")
+    metadata = client.get_model_metadata("iris", model_version="1")
+    assert metadata["versions"] == ["1"] and metadata["platform"] == "onnxruntime_onnx"
+    tensor = httpclient.InferInput("features", [4, 4], "FP32")
+    tensor.set_data_from_numpy(rows[:4])
+    result = client.infer("iris", [tensor], model_version="1")
+    assert result.get_response()["model_version"] == "1"
+    label = OnnxClassifier(models.onnx).run(rows[:4])[0]
+    np.testing.assert_array_equal(result.as_numpy("label"), label.reshape(-1, 1))
+    with pytest.raises(InferenceServerException, match="version 2"):
+        client.infer("iris", [tensor], model_version="2")
+    status, body = _request(server.port, "POST", "/v2/models/iris/infer", _infer_body(rows[:1]))
+    assert status == 200 and body["model_version"] == "1"
+
+
+def _expected_classes(proba: np.ndarray, k: int, names: list[str]) -> list[list[str]]:
+    """Triton's strings: "%f" score, index, label; the k most probable first."""
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return [
+        [f"{float(p[i]):f}:{i}:{names[i]}" for i in row]
+        for p, row in zip(proba, order, strict=True)
+    ]
+
+
+def test_classification_extension(server, models, rows):
+    clf = OnnxClassifier(models.onnx)
+    proba = clf.run(rows)[1]
+    names = list(clf.classes_)
+    request = json.loads(_infer_body(rows))
+    request["outputs"] = [{"name": "probabilities", "parameters": {"classification": 2}}]
+    status, body = _request(
+        server.port, "POST", "/v2/models/iris/infer", json.dumps(request).encode()
+    )
+    assert status == 200, body
+    (out,) = body["outputs"]
+    assert (out["name"], out["datatype"], out["shape"]) == ("probabilities", "BYTES", [64, 2])
+    assert np.array(out["data"]).reshape(64, 2).tolist() == _expected_classes(proba, 2, names)
+    # tritonclient's class_count, binary both ways; more classes than the model has gives all.
+    client = httpclient.InferenceServerClient(server.url)
+    tensor = httpclient.InferInput("features", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows)
+    wanted = [httpclient.InferRequestedOutput("probabilities", class_count=5)]
+    got = client.infer("iris", [tensor], outputs=wanted).as_numpy("probabilities")
+    assert got.shape == (64, 3)
+    assert [[v.decode() for v in r] for r in got] == _expected_classes(proba, 3, names)
+
+
+def _metric(port: int, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    line = next(x for x in text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+def test_metrics_count_requests_and_latency(server, rows):
+    count = 'request_predict_seconds_count{model_name="iris"}'
+    slowest = 'request_predict_seconds_bucket{le="+Inf",model_name="iris"}'
+    total = 'request_predict_seconds_sum{model_name="iris"}'
+    before = [_metric(server.port, m) for m in (count, slowest, total)]
+    for n in (1, 2, 3):
+        assert (
+            _request(server.port, "POST", "/v2/models/iris/infer", _infer_body(rows[:n]))[0] == 200
+        )
+    after = [_metric(server.port, m) for m in (count, slowest, total)]
+    assert after[0] == before[0] + 3 and after[1] == before[1] + 3 and after[2] > before[2]
+
+
+def _binary_body(header: dict, data: bytes) -> tuple[bytes, dict]:
+    text = json.dumps(header).encode()
+    return text + data, {"Inference-Header-Content-Length": str(len(text))}
+
+
+def test_malformed_binary_and_chunked_requests_get_4xx_and_one_log_line(server, rows):
+    data = rows[:2].tobytes()
+
+    def tensor(**fields) -> dict:
+        base = {"name": "features", "shape": [2, 4], "datatype": "FP32"}
+        base.update(parameters={"binary_data_size": len(data)})
+        return {"inputs": [{**base, **fields}]}
+
+    cases = {
+        "shape [-1, 4]": (tensor(shape=[-1, 4]), data, "with N >= 1"),
+        "BYTES as binary": (tensor(datatype="BYTES"), data, "binary data must be FP32"),
+        "trailing bytes": (tensor(), data + b"\0" * 8, "8 bytes after the binary tensors"),
+        "size past the body": (tensor(), data[:16], "must be a byte count within the body"),
+        "size not a number": (tensor(parameters={"binary_data_size": "32"}), data, "byte count"),
+        "lower-case datatype": (tensor(datatype="fp32"), data, "is not one of the protocol's"),
+    }
+    log_before = server.log.read_text()
+    for what, (header, tail, message) in cases.items():
+        body, headers = _binary_body(header, tail)
+        status, answer = _request(server.port, "POST", "/v2/models/iris/infer", body, headers)
+        assert (status, message in answer.get("error", "")) == (400, True), (what, answer)
+    body, headers = _binary_body(tensor(), data)
+    headers["Inference-Header-Content-Length"] = str(len(body) + 1)
+    status, answer = _request(server.port, "POST", "/v2/models/iris/infer", body, headers)
+    assert status == 400 and "within the body" in answer["error"]
+    # A chunked body over the limit: 413 as for a declared one.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    chunks = (b"x" * 8192 for _ in range(MAX_BODY // 8192 + 2))
+    conn.request("POST", "/v2/models/iris/infer", chunks, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413 and "limit" in json.loads(response.read())["error"]
+    conn.close()
+    # One log line per client error, no traceback.
+    new = server.log.read_text()[len(log_before) :].splitlines()
+    errors = [line for line in new if " 400 POST " in line or " 413 POST " in line]
+    assert len(errors) == len(cases) + 2 and "Traceback" not in "\n".join(new), new
+
+
+GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+url, rows_path, expected_path = sys.argv[1:]
+rows, expected = np.load(rows_path), json.load(open(expected_path))
+client = grpcclient.InferenceServerClient(url)
+assert client.is_server_live() and client.is_server_ready()
+assert client.is_model_ready("flowers", "1")
+metadata = client.get_model_metadata("flowers", "1", as_json=True)
+assert metadata["versions"] == ["1"] and metadata["platform"] == "onnxruntime_onnx", metadata
+tensor = grpcclient.InferInput("features", list(rows.shape), "FP32")
+tensor.set_data_from_numpy(rows)
+result = client.infer("flowers", [tensor], model_version="1")
+assert result.get_response().model_version == "1"
+assert result.as_numpy("label").ravel().tolist() == expected["label"]
+assert np.array_equal(result.as_numpy("probabilities"), np.array(expected["proba"], np.float32))
+wanted = [grpcclient.InferRequestedOutput("probabilities", class_count=2)]
+got = client.infer("flowers", [tensor], outputs=wanted).as_numpy("probabilities")
+assert [[v.decode() for v in r] for r in got] == expected["top2"], got
+for call in (lambda: client.infer("flowers", [tensor], model_version="2"),
+             lambda: client.infer("nope", [tensor])):
+    try:
+        call()
+        raise AssertionError("no error")
+    except InferenceServerException as e:
+        assert "NOT_FOUND" in str(e.status()), e
+bad = grpcclient.InferInput("features", [300001, 4], "FP32")
+bad.set_data_from_numpy(np.zeros((300001, 4), np.float32))
+try:
+    client.infer("flowers", [bad])
+    raise AssertionError("no error")
+except InferenceServerException as e:
+    assert "INVALID_ARGUMENT" in str(e.status()) and "max_batch_size" in str(e), e
+print("ok")
+"""
+
+
+def test_grpc_with_tritonclient_in_its_own_process(extra, models, rows, tmp_path):
+    # tritonclient.grpc's protobuf stubs and KServe's clash in one process: the client runs apart.
+    label, proba = OnnxClassifier(models.onnx).run(rows)
+    names = list(OnnxClassifier(models.onnx).classes_)
+    np.save(tmp_path / "rows.npy", rows)
+    expected = {
+        "label": label.tolist(),
+        "proba": proba.tolist(),
+        "top2": _expected_classes(proba, 2, names),
+    }
+    (tmp_path / "expected.json").write_text(json.dumps(expected))
+    done = subprocess.run(
+        [sys.executable, "-c", GRPC_CLIENT, f"127.0.0.1:{extra.grpc_port}"]
+        + [str(tmp_path / "rows.npy"), str(tmp_path / "expected.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_busy_port_ends_serve_with_one_line(models, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for option in ("--port", "--grpc-port"):
+            args = ["serve", str(models.onnx), "--port", str(_free_port()), option, str(port)]
+            done = _run_without_torch(args, tmp_path)
+            assert done.returncode == 1, done.stderr
+            assert "serving" not in done.stderr and "Traceback" not in done.stderr
+            what = "gRPC" if option == "--grpc-port" else "HTTP"
+            assert done.stderr.splitlines()[-1] == (
+                f"triton-softmax serve: error: cannot listen for {what} on 127.0.0.1:{port}: "
+                "Address already in use"
+            )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "a port is 1 to 65535"),
+        (["--grpc-port", "0"], "must be at least 1"),
+        (["--max-body-bytes", "-1"], "must be at least 1"),
+        (["--max-batch-size", "0"], "must be at least 1"),
+        (["--read-timeout", "nan"], "must be above 0 and finite"),
+    ],
+)
+def test_serve_options_are_checked(models, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", str(models.onnx), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

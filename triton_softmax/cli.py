@@ -333,13 +333,15 @@ def _parser(training_options: bool = True) -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve models over the Open Inference Protocol (KServe v2 REST)",
+        help="serve models over the Open Inference Protocol (KServe v2 REST, gRPC)",
         description=(
             "Serve a Triton model repository (every DIR/NAME/<version>/model.onnx, the highest "
-            "version) or one .onnx file over REST with KServe's model server: the protocol that "
+            "version, with config.pbtxt's max_batch_size) or one .onnx file (as version 1) over "
+            "REST, and gRPC with --grpc-port, with KServe's model server: the protocol that "
             "Triton Inference Server, KServe and MLServer speak, so the same clients (curl, "
-            "tritonclient) work with each. SIGTERM or Ctrl-C finish the requests in flight, then "
-            "exit 0. Imports neither torch nor triton."
+            "tritonclient) work with each. Prometheus metrics on /metrics. Model control "
+            "(repository load/unload) is off unless --model-control. SIGTERM or Ctrl-C finish "
+            "the requests in flight, then exit 0. Imports neither torch nor triton."
         ),
     )
     serve.add_argument("path", type=Path, help="a model repository folder or a .onnx file")
@@ -349,13 +351,35 @@ def _parser(training_options: bool = True) -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (%(default)s; 0.0.0.0: all)"
     )
-    serve.add_argument("--port", type=int, default=8000, help="HTTP port (%(default)s)")
+    serve.add_argument("--port", type=_port, default=8000, help="HTTP port (%(default)s)")
+    serve.add_argument(
+        "--grpc-port", type=_port, metavar="PORT", help="serve gRPC on this port too (default: off)"
+    )
     serve.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=_positive_int,
         default=16 * 2**20,
         metavar="N",
-        help="larger request bodies get 413 (%(default)s)",
+        help="larger request bodies get 413, larger gRPC messages are refused (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="most rows per request for a .onnx file, 400 above (default 1024; a repository's "
+        "models take config.pbtxt's)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds a request may take to arrive, 408 after (%(default)s)",
+    )
+    serve.add_argument(
+        "--model-control",
+        action="store_true",
+        help="allow POST /v2/repository/models/NAME/load and unload (off: 403)",
     )
     serve.add_argument("--access-log", action="store_true", help="log one line per request")
     serve.set_defaults(run=_serve)
@@ -570,22 +594,51 @@ def _serve(args: argparse.Namespace) -> int:
     from triton_softmax.export import serve
     from triton_softmax.export.triton_repo import find_models
 
-    models = serve.load_models(find_models(args.path, args.name))
+    if args.grpc_port is not None and args.grpc_port == args.port:
+        raise CommandError(f"--grpc-port {args.grpc_port} is the HTTP port too; give another")
+    models = serve.load_models(find_models(args.path, args.name, args.max_batch_size))
     print(serve.describe(models), file=sys.stderr)
-    print(
-        f"serving {len(models)} model(s) on http://{args.host}:{args.port}/v2 "
-        "(Open Inference Protocol, REST); Ctrl-C or SIGTERM to stop",
-        file=sys.stderr,
-        flush=True,
-    )
     serve.serve(
         models,
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,
         access_log=args.access_log,
+        grpc_port=args.grpc_port,
+        read_timeout=args.read_timeout,
+        model_control=args.model_control,
     )
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port number for argparse: 1 to 65535."""
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An integer of at least 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A finite number above 0 for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0 and finite, got {text}")
+    return value
 
 
 def _opset(value: int | None) -> int:
