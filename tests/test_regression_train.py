@@ -27,6 +27,12 @@ def iris_run():
     return train(load_iris())
 
 
+@pytest.fixture(scope="module")
+def short_run():
+    """A few epochs of the default run on Iris: enough for what does not need a trained model."""
+    return train(load_iris(), TrainConfig(epochs=5))
+
+
 def _blobs(n_classes: int, n_per_class: int = 20, seed: int = 0) -> Dataset:
     """Well separated Gaussian blobs in 3-D, one per class."""
     rng = np.random.default_rng(seed)
@@ -42,6 +48,7 @@ def _blobs(n_classes: int, n_per_class: int = 20, seed: int = 0) -> Dataset:
     )
 
 
+@pytest.mark.slow  # the full default run through the interpreter: ~40 s on 2 cores
 def test_default_iris_run_reaches_the_bar_and_matches_the_reference(iris_run):
     m = iris_run.metrics
     assert m["test_accuracy"] >= 0.95
@@ -57,6 +64,7 @@ def test_default_iris_run_reaches_the_bar_and_matches_the_reference(iris_run):
     assert m["stopped_early"] and m["epochs_run"] < iris_run.config.epochs
 
 
+@pytest.mark.slow  # shares the default run above
 def test_training_loss_falls_and_probabilities_are_the_library_softmax(iris_run):
     losses = iris_run.fit.losses
     assert losses[-1] < 0.25 * losses[0]
@@ -173,7 +181,8 @@ def test_normalisation_and_shape_checks():
         SoftmaxRegression(3, 1)
 
 
-def test_checkpoint_round_trip(tmp_path, iris_run):
+def test_checkpoint_round_trip(tmp_path, short_run):
+    iris_run = short_run
     data = iris_run.data
     path = save_checkpoint(
         tmp_path / "sub" / "model.safetensors",

@@ -5,9 +5,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # every step of the GPU script under the interpreter: ~30 s on 2 cores
 def test_dry_run_writes_every_step_and_the_summary(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--dry-run", str(tmp_path)],
