@@ -265,5 +265,7 @@ def _copy_through(tmp: Path, out: Path) -> None:
         fd = os.open(out, flags)
         with open(tmp, "rb") as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst)
+    except BrokenPipeError:
+        raise  # the reader went away (`-o /dev/stdout | head`): the caller stops quietly
     except OSError as e:
         raise WriteError(f"{out}: {e.strerror or 'write failed'}", e.errno) from None
