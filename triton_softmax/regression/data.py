@@ -157,8 +157,9 @@ def read_features(path: str | Path, feature_names: Sequence[str]) -> np.ndarray:
         float32 array of shape (n_rows, len(feature_names)); zero rows for a header-only file.
 
     Raises:
-        DataError: the file is missing, empty or not UTF-8; a named column is absent; a cell is
-            missing or not a finite number; a row has the wrong number of fields.
+        DataError: the file is missing, empty or not UTF-8; a quote is never closed; a named
+            column is absent; a cell is missing or not a finite number; a row has the wrong number
+            of fields.
     """
     return read_columns(path, feature_names)[0]
 
