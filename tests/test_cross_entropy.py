@@ -790,3 +790,163 @@ def test_zero_sum_weights_give_torchs_inf():
 def test_integer_class_weight_raises():
     with pytest.raises(TypeError, match="weight"):
         ts.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), weight=torch.ones(3).long())
+
+
+# The two-pass path: a reduced loss's gradient formed in the forward (cross_entropy_forward's
+# grad_out / grad_scale, the cross_entropy_reduced ops), only rescaled in the backward.
+@pytest.mark.parametrize("n_classes", [1, 16, 33])  # with block_n 16: 1, 1 and 3 blocks
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("block_n", [None, 16])  # held in one block, streamed over several
+@pytest.mark.parametrize("in_place", [False, True])
+def test_forward_writes_the_gradient(n_classes, kind, block_n, in_place):
+    n = 9
+    x = torch.randn(n, n_classes, device=DEVICE, dtype=torch.float64) * 3
+    if kind == "index":
+        target = torch.randint(0, n_classes, (n,), device=DEVICE)
+        target[0] = -100
+    else:
+        target = _probabilities((n, n_classes)).double()
+    weight = torch.rand(n_classes, device=DEVICE, dtype=torch.float64) + 0.5
+    options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01, softcap=4.0)
+    scale = torch.tensor(0.37, device=DEVICE, dtype=torch.float64)
+    logits = x.clone()
+    grad_out = logits if in_place else torch.full_like(x, math.nan)
+    loss, lse, _ = ce_ops.cross_entropy_forward(
+        logits, target, weight, **options, grad_out=grad_out, grad_scale=scale, block_n=block_n
+    )
+    x_ref = x.clone().requires_grad_()
+    capped = 4.0 * torch.tanh(x_ref / 4.0)
+    loss_ref = F.cross_entropy(
+        capped, target, weight=weight, reduction="none", label_smoothing=0.15
+    )
+    counted = (target != -100) if kind == "index" else torch.ones(n, dtype=torch.bool)
+    loss_ref = loss_ref + 0.01 * torch.logsumexp(capped, -1) ** 2 * counted.to(DEVICE)
+    torch.testing.assert_close(loss, loss_ref.detach())
+    (loss_ref.sum() * scale).backward()
+    torch.testing.assert_close(grad_out, x_ref.grad)
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_reduced_loss_upstream_gradients(inplace_backward, reduction, kind):
+    # loss.backward() (upstream 1: the buffer is returned as is), a scaled loss, and a second
+    # backward through the same graph with another scale, which must not see the first one's.
+    x = torch.randn(7, 20, device=DEVICE, dtype=torch.float64) * 2
+    if kind == "index":
+        target = torch.randint(0, 20, (7,), device=DEVICE)
+        target[3] = -100
+    else:
+        target = _probabilities((7, 20)).double()
+    weight = torch.rand(20, device=DEVICE, dtype=torch.float64) + 0.5
+    options = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
+    for scales in ([1.0], [3.0], [2.5, -0.5]):
+        leaf = x.clone().requires_grad_()
+        logits = leaf * 1.0  # not a leaf: inplace_backward may overwrite it
+        loss = ts.cross_entropy(logits, target, inplace_backward=inplace_backward, **options)
+        x_ref = x.clone().requires_grad_()
+        ref = F.cross_entropy(x_ref, target, **options)
+        torch.testing.assert_close(loss, ref)
+        for i, scale in enumerate(scales):
+            last = i == len(scales) - 1
+            grad = torch.autograd.grad(loss * scale, leaf, retain_graph=not last)[0]
+            grad_ref = torch.autograd.grad(ref * scale, x_ref, retain_graph=not last)[0]
+            torch.testing.assert_close(grad, grad_ref)
+
+
+def test_reduced_loss_gradient_accumulates_into_a_leaf_twice():
+    # The first backward may hand the forward's buffer to .grad; the second must not change it.
+    x = torch.randn(5, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 8, (5,), device=DEVICE)
+    loss = ts.cross_entropy(x, target)
+    (loss * 2.0).backward(retain_graph=True)
+    (loss * 5.0).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (F.cross_entropy(x_ref, target) * 7.0).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_reduced_inplace_overwrites_the_logits_in_the_forward():
+    x = torch.randn(4, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 6, (4,), device=DEVICE)
+    logits = x * 1.0
+    loss = ts.cross_entropy(logits, target, inplace_backward=True)
+    expected = torch.softmax(x.detach(), 1) - F.one_hot(target, 6).double()
+    torch.testing.assert_close(logits.detach(), expected / 4)  # the mean's gradient, already
+    loss.backward()
+    torch.testing.assert_close(x.grad, expected / 4)
+
+
+def test_no_grad_forward_takes_the_one_pass_op(monkeypatch):
+    x = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 6, (4,), device=DEVICE)
+    calls = []
+    original = ce_ops.cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("grad_out") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ce_ops, "cross_entropy_forward", spy)
+    with torch.no_grad():
+        ts.cross_entropy(x, target)
+    ts.cross_entropy(x.detach(), target)
+    ts.cross_entropy(x, target, reduction="none")
+    assert calls == [False, False, False]
+    ts.cross_entropy(x, target)
+    assert calls[-1] is True
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_opcheck_reduced(kind, reduction):
+    x = torch.randn(5, 7, device=DEVICE)
+    if kind == "index":
+        target = torch.tensor([0, 6, -100, 3, 3], device=DEVICE)
+    else:
+        target = _probabilities((5, 7))
+    weight = torch.rand(7, device=DEVICE) + 0.5
+    args = (target, weight, -100, 0.1, 1e-3, 5.0, reduction)
+    # Not test_aot_dispatch_dynamic: the backward rescales the forward's gradient output in
+    # place, and AOT's partitioner refuses that when the caller also receives that output
+    # (opcheck returns every output; the functional API drops it, and torch.compile over the
+    # functional API is tested below).
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_reduced.default,
+        (x.requires_grad_(), *args),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_reduced_.default, (x.detach().clone(), *args)
+    )
+    grad, applied = torch.randn(5, 7, device=DEVICE), torch.ones((), device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_scale_.default,
+        (grad, applied, torch.tensor(2.0, device=DEVICE)),
+    )
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_reduced_compiles_fullgraph(inplace_backward):
+    x = torch.randn(6, 10, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 10, (6,), device=DEVICE)
+
+    def f(x):
+        return 3.0 * ts.cross_entropy(x * 1.0, target, inplace_backward=inplace_backward)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(x).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (3.0 * F.cross_entropy(x_ref, target)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_scale_op_rescales_by_the_ratio():
+    grad = torch.randn(3, 5, device=DEVICE, dtype=torch.float64)
+    original = grad.clone()
+    applied = torch.tensor(2.0, device=DEVICE, dtype=torch.float64)
+    torch.ops.triton_softmax.cross_entropy_scale_(grad, applied, applied.clone())
+    assert torch.equal(grad, original)  # factor 1: untouched
+    torch.ops.triton_softmax.cross_entropy_scale_(grad, applied, torch.tensor(6.0).double())
+    torch.testing.assert_close(grad, original * 3.0)
+    assert applied.item() == 6.0

@@ -274,6 +274,22 @@ def cross_entropy(
         _check_targets_eagerly(target, n_classes, ignore_index)
     logits = _class_dim_last(input)
     target_rows = target.reshape(-1) if is_index else _class_dim_last(target)
+    if (
+        reduction != "none"
+        and not return_lse
+        and torch.is_grad_enabled()
+        and logits.requires_grad
+        and not target_rows.requires_grad
+    ):
+        # Two passes: the forward forms the reduced loss's gradient, the backward rescales it.
+        options = (weight, ignore_index, label_smoothing, float(z_loss), softcap, reduction)
+        if inplace_backward and _ce.rows_writable(logits):
+            out, _, _ = _ce.ReducedInplace.apply(logits, target_rows, *options)
+        else:
+            out, _, _ = torch.ops.triton_softmax.cross_entropy_reduced.default(
+                logits, target_rows, *options
+            )
+        return out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
     loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(
         logits,
         target_rows,
@@ -433,9 +449,14 @@ def linear_cross_entropy(
             group, as :func:`cross_entropy`'s: this rank's ``linear_weight`` (and bias) hold
             classes [start, stop), possibly none; the input's gradient is all-reduced over
             the group.
-        options: accepted for compatibility with torch's ``LinearCrossEntropyOptions`` and
-            ignored: our kernels never hold the [N, V] logits whatever it says (on a GPU they
-            work tile by tile; on the CPU they run over row chunks of about 2M logits).
+        options: torch's ``LinearCrossEntropyOptions`` or None. Its ``batch_chunk_size``
+            (or an explicit ``chunking_method="aspect_ratio[:k]"``, torch's formula) sets the
+            rows per chunk; ``allow_retain_graph=True`` keeps the gradients formed in the
+            forward of a mean / sum so that a second backward through the same graph works.
+            Without it (or with ``None``) the chunks hold about 256 MiB of logits on CUDA
+            (>= 1024 rows up to 131072 classes in 16-bit) and 4 MiB on the CPU. ``acc_policy``
+            and ``acc_dtype`` are not read: ``grad_weight`` always accumulates in the input's
+            dtype (``triton_softmax.ops.linear_cross_entropy`` says why).
     Returns:
         The loss (a scalar for "mean"/"sum", else the target's batch shape), in the input's
         dtype (float32 under ``torch.autocast``, as torch); with ``return_lse``, also the
@@ -445,8 +466,14 @@ def linear_cross_entropy(
             ``linear_weight`` and ``linear_bias`` that do not fit the input.
         NotImplementedError (at backward): a probability target that requires grad.
 
-    The gradients for ``input``, ``linear_weight`` and ``linear_bias`` are exact (no tile is
-    skipped); on a GPU they are summed with fp32 atomics, so not bitwise reproducible.
+    Rows go in chunks through the vendor's GEMMs (cuBLAS, the CPU's BLAS) and our
+    cross-entropy; no atomics, so the gradients are bitwise reproducible run to run. A mean or
+    sum with gradients forms them in the forward (three GEMMs) and the backward only scales
+    them: a second backward through the same graph raises unless
+    ``options.allow_retain_graph``. Per-row losses (``reduction="none"``) or a gradient
+    through the returned lse recompute the chunks in the backward (four GEMMs). Double
+    backward (``create_graph=True``) works: that backward recomputes the loss with torch's
+    unfused functions, holding the [N, V] logits as they do.
     """
     _require_tensor(input, "linear_cross_entropy", "input")
     _require_tensor(linear_weight, "linear_cross_entropy", "linear_weight")
@@ -520,6 +547,25 @@ def linear_cross_entropy(
     else:
         targets = target.reshape(x.shape[0], n_classes, n_positions)
     use_composite = _under_transforms()
+    rows, keep = _linear_chunking(options, x.shape[0], n_features, n_classes)
+    needs = [t is not None and t.requires_grad for t in (x, linear_weight, linear_bias)]
+    reduced = reduction != "none" and torch.is_grad_enabled() and any(needs) and n_positions > 0
+    if reduced and not use_composite:  # gradients formed in the forward, scaled in backward
+        denominator = _linear_denominator(target, weight, ignore_index, reduction, n_classes, x)
+        total, lses = 0.0, []
+        for p in range(n_positions):
+            w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
+            t_p = targets[:, p] if is_index else targets[:, :, p]
+            part, lse, *_ = torch.ops.triton_softmax.linear_cross_entropy_reduced.default(
+                x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss),
+                softcap, denominator, needs, rows, keep,
+            )  # fmt: skip
+            total = total + part
+            lses.append(lse)
+        if z_loss and reduction == "mean":  # as _reduce: no counted weight gives NaN
+            total = torch.where(denominator != 0, total, math.nan)
+        lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
+        return (total.to(out_dtype), lse) if return_lse else total.to(out_dtype)
     losses, lses = [], []
     for p in range(n_positions):
         w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
@@ -532,17 +578,68 @@ def linear_cross_entropy(
             )  # fmt: skip
         else:
             loss, lse, _ = torch.ops.triton_softmax.linear_cross_entropy.default(
-                x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss), softcap
-            )
+                x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss), softcap,
+                0, rows,
+            )  # fmt: skip
         losses.append(loss)
         lses.append(lse)
-    if n_positions == 0:  # a K-dimensional loss with an empty position dimension
-        losses = lses = [x.new_empty(x.shape[0], dtype=accumulator_dtype(x.dtype))]
+    if n_positions == 0:  # a K-dimensional loss with an empty position dimension: (N, 0),
+        # from the (empty) logits, so that the result has a grad_fn as torch's
+        bias = None if biases is None else biases.reshape(0)
+        empty = F.linear(x, weights.reshape(0, n_features), bias)
+        losses = lses = [empty.to(accumulator_dtype(x.dtype))]
     loss = (losses[0] if n_positions == 1 else torch.stack(losses, 1)).reshape(batch_shape)
     lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
     out = _reduce(loss, target, weight, ignore_index, reduction, n_classes, z_loss)
     out = out.to(out_dtype)
     return (out, lse) if return_lse else out
+
+
+def _linear_chunking(options, n_rows: int, n_features: int, n_classes: int) -> tuple[int, bool]:
+    """(rows per chunk, 0 for the op's own choice; keep the gradients formed in the forward)
+    from torch's ``LinearCrossEntropyOptions`` (its batch_chunk_size, or its documented
+    aspect-ratio rule when chunking_method is given explicitly)."""
+    if options is None:
+        return 0, False
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options_type is None or not isinstance(options, options_type):
+        raise TypeError(
+            "options must be a torch.nn.LinearCrossEntropyOptions or None, got "
+            f"{type(options).__name__}"
+        )
+    rows = options.batch_chunk_size or 0
+    method = options.chunking_method
+    if method is None and not rows:  # torch: neither a size nor a rule means one chunk
+        rows = n_rows
+    elif method not in (None, "auto"):
+        factor = int(method.partition(":")[2] or 1)
+        per_row = -(-n_classes // max(n_features, 1))  # ceil(V / H)
+        target = -(-n_rows // max(per_row, 1))
+        by_rule = max(1, min((1 << max(target - 1, 0).bit_length()) // factor, n_rows))
+        if rows and rows != by_rule:
+            raise ValueError(
+                f"batch_chunk_size (={rows}) and chunking_method ({method!r}) give different "
+                f"chunk sizes ({rows} vs {by_rule}); pass only one (as torch)"
+            )
+        rows = by_rule
+    return rows, bool(options.allow_retain_graph)
+
+
+def _linear_denominator(target, weight, ignore_index, reduction, n_classes, x) -> torch.Tensor:
+    """The divisor of the fused op's summed losses, as :func:`_reduce` forms it: 1 for "sum";
+    for "mean" the counted targets' summed class weights, or the element count of
+    probability targets' batch."""
+    acc = accumulator_dtype(x.dtype)
+    if reduction == "sum":
+        return torch.ones((), dtype=acc, device=x.device)
+    if target.is_floating_point():
+        rows = target.numel() // max(n_classes, 1)
+        return torch.full((), rows, dtype=acc, device=x.device)
+    counted = target != ignore_index
+    if weight is None:
+        return counted.sum().to(acc)
+    safe = target.clamp(0, max(n_classes - 1, 0))
+    return (weight.to(acc)[safe] * counted).sum()
 
 
 def _sharded(

@@ -1075,3 +1075,216 @@ def _backward(ctx, grad_loss, grad_lse, _grad_stats):
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Two passes for a loss reduced to a scalar: the forward writes the gradient of the reduced
+# loss (its own buffer, or the logits in place), the backward only rescales it by the upstream
+# gradient, on the device and not at all when that is 1.
+# --------------------------------------------------------------------------------------
+
+
+def reduced_scale(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    z_loss: float,
+    n_classes: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The upstream gradient every row's loss gets from torch's reduction, as a 0-d tensor on
+    the targets' device (no host synchronisation): 1 for "sum"; for "mean", 1 / the number of
+    rows (probabilities) or 1 / the summed class weight of the counted targets (class indices;
+    inf when that is 0, as torch's mean; NaN with a z-loss, whose mean is then NaN)."""
+    device = target.device
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=device)
+    if reduction != "mean":
+        raise ValueError(
+            f"reduced cross_entropy takes reduction 'mean' or 'sum', got {reduction!r}"
+        )
+    if target.dtype != torch.int64:
+        return torch.full((), 1.0 / target.shape[0], dtype=dtype, device=device)
+    return 1.0 / _mean_denominator(target, weight, ignore_index, n_classes, dtype)
+
+
+def _mean_denominator(target, weight, ignore_index, n_classes, dtype):
+    """torch's mean denominator for class indices: the summed weight of counted targets."""
+    counted = target != ignore_index
+    if weight is None:
+        return counted.sum().to(dtype)
+    safe = target.clamp(0, max(n_classes - 1, 0))
+    return (weight.to(dtype)[safe] * counted).sum()
+
+
+def _reduced(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+             grad_out):  # fmt: skip
+    """The reduced loss (0-d, accumulator dtype), its gradient written into ``grad_out``."""
+    acc = accumulator_dtype(logits.dtype)
+    is_index = _check_operands(logits, target, weight)
+    scale = reduced_scale(target, weight, ignore_index, reduction, z_loss, logits.shape[1], acc)
+    if reduction == "mean" and is_index and z_loss:
+        # torch's mean with a z-loss is NaN without counted weight: so is its gradient.
+        denominator = _mean_denominator(target, weight, ignore_index, logits.shape[1], acc)
+        scale = torch.where(denominator != 0, scale, math.nan)
+    loss, _, _ = cross_entropy_forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+        grad_out=grad_out, grad_scale=scale,
+    )  # fmt: skip
+    if reduction == "sum":
+        return loss.sum()
+    if not is_index:
+        return loss.mean()
+    mean = loss.sum() / _mean_denominator(target, weight, ignore_index, logits.shape[1], acc)
+    if z_loss:
+        mean = torch.where(scale == scale, mean, math.nan)
+    return mean
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy_reduced", mutates_args=())
+def cross_entropy_reduced_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad, applied): the cross-entropy of 2-D logits reduced by ``reduction``
+    ("mean" or "sum", as torch), 0-d in the accumulator dtype; its gradient with respect to
+    the logits (logits' dtype), both from one kernel launch; and the upstream gradient the
+    buffer holds the gradient for (1, 0-d). Autograd rescales the buffer in place by the
+    upstream gradient over ``applied`` (skipped on the device when that is 1) and returns it."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    loss = _reduced(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad
+    )
+    return loss, grad, torch.ones_like(loss)
+
+
+@cross_entropy_reduced_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
+    _check_operands(logits, target, weight)
+    loss = logits.new_empty((), dtype=accumulator_dtype(logits.dtype))
+    return loss, torch.empty_like(logits), torch.empty_like(loss)
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy_reduced_", mutates_args=("logits",))
+def cross_entropy_reduced_inplace_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``cross_entropy_reduced``, the gradient written over ``logits``; returns
+    (loss, applied)."""
+    loss = _reduced(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, logits
+    )
+    return loss, torch.ones_like(loss)
+
+
+@cross_entropy_reduced_inplace_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
+    _check_operands(logits, target, weight)
+    loss = logits.new_empty((), dtype=accumulator_dtype(logits.dtype))
+    return loss, torch.empty_like(loss)
+
+
+#: Elements per program of the in-place rescale.
+_SCALE_BLOCK = 4096
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy_scale_", mutates_args=("grad", "applied"))
+def cross_entropy_scale_op(grad: torch.Tensor, applied: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad *= scale / applied`` in place, then ``applied = scale``: ``grad`` (contiguous)
+    holds a gradient for the upstream gradient ``applied`` and is made to hold it for
+    ``scale`` (both one element on its device). On the kernel paths decided on the device:
+    nothing is read or written when the factor is 1."""
+    if (
+        not grad.is_contiguous()
+        or scale.numel() != 1
+        or applied.numel() != 1
+        or scale.device != grad.device
+        or applied.device != grad.device
+    ):
+        raise ValueError(
+            "cross_entropy_scale_ takes a contiguous grad and one-element scale and applied "
+            "on its device"
+        )
+    factor = (scale.to(applied.dtype) / applied).reshape(())
+    if grad.numel() > 0:
+        if kernel_path(grad) == "torch":
+            grad.copy_(grad.to(factor.dtype) * factor)
+        else:
+            with launching_on(grad):
+                _scale_kernel[(triton.cdiv(grad.numel(), _SCALE_BLOCK),)](
+                    grad, factor, grad.numel(), BLOCK=_SCALE_BLOCK, num_warps=8
+                )
+    applied.copy_(scale.reshape(applied.shape))
+
+
+@cross_entropy_scale_op.register_fake
+def _(grad, applied, scale):
+    return None
+
+
+def _rescaled(ctx, grad_loss):
+    """The logits' gradient for upstream ``grad_loss`` from the forward's buffer (saved as
+    ``(grad, applied)``): rescaled in place the first time; after that (a second backward
+    through the same graph: ``retain_graph=True``, gradcheck), a new tensor, so that a gradient
+    already handed out (which autograd may have made ``.grad`` itself) never changes. The
+    buffer is kept on ``ctx`` at the first backward: autograd's version check would refuse
+    to unpack it again after its in-place rescale."""
+    if grad_loss is None:  # the loss is unused: no gradient
+        return None
+    if getattr(ctx, "rescaled", None) is None:
+        grad, applied = ctx.saved_tensors
+        ctx.rescaled = grad, applied
+        cross_entropy_scale_op(grad, applied, grad_loss)
+        return grad
+    grad, applied = ctx.rescaled
+    factor = grad_loss.to(applied.dtype) / applied
+    return (grad.to(factor.dtype) * factor).to(grad.dtype)
+
+
+def _reduced_setup_context(ctx, inputs, output) -> None:
+    _, grad, applied = output
+    ctx.save_for_backward(grad, applied)
+    ctx.mark_non_differentiable(grad, applied)
+    ctx.set_materialize_grads(False)
+
+
+def _reduced_backward(ctx, grad_loss, _grad_grad, _grad_applied):
+    return _rescaled(ctx, grad_loss), None, None, None, None, None, None, None
+
+
+cross_entropy_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+
+
+class ReducedInplace(torch.autograd.Function):
+    """``cross_entropy_reduced_`` under autograd: the forward overwrites the logits with the
+    gradient (marked dirty, so autograd's version check catches any other saved use of them),
+    the backward rescales them in place and hands them back as the logits' gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                reduction):  # fmt: skip
+        loss, applied = cross_entropy_reduced_inplace_op(
+            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction
+        )
+        ctx.mark_dirty(logits)
+        ctx.mark_non_differentiable(applied)
+        ctx.save_for_backward(logits, applied)
+        return loss, logits, applied
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logits, _grad_applied):
+        return _rescaled(ctx, grad_loss), None, None, None, None, None, None, None
