@@ -1,11 +1,13 @@
 """Fused linear + cross-entropy against F.cross_entropy(F.linear(...)) in float64.
 
-Sizes are chosen off every tile: under the interpreter the kernels take (BLOCK_M, BLOCK_V,
-BLOCK_K) = (16, 64, 32), so N = 37 rows span 3 row blocks, V = 150 classes 3 class tiles (and
-2 forward splits), H = 70 features 3 K slices.
+N = 37 rows, H = 70 features, V = 150 classes; ``batch_chunk_size=16`` makes three chunks, the
+last one short. Both CPU paths: the cross-entropy of each chunk runs our Triton kernels (under
+the interpreter, as the session sets it) or, with ``path="plain"``, the plain-torch math that CPU
+tensors take without the interpreter (cross_entropy's ``kernel_path`` patched to "torch").
 """
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -17,8 +19,25 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 import triton_softmax as ts
+from triton_softmax.ops import cross_entropy as ce_ops
+from triton_softmax.ops import linear_cross_entropy as lce_ops
 
 N, H, V = 37, 70, 150
+CHUNKS = 16  # rows per chunk where a test asks for several chunks: 16 + 16 + 5
+
+
+@pytest.fixture(params=["kernel", "plain"])
+def path(request, monkeypatch):
+    """The chunks' cross-entropy through our kernels, or through the plain-torch math."""
+    if request.param == "plain":
+        if DEVICE != "cpu":
+            pytest.skip("the plain-torch path serves CPU tensors")
+        monkeypatch.setattr(ce_ops, "kernel_path", lambda _: "torch")
+    return request.param
+
+
+def _chunked(rows=CHUNKS, **fields):
+    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows, **fields)
 
 
 def _problem(kind, bias=True, dtype=torch.float64, batch=(N,)):
@@ -318,3 +337,199 @@ def test_degenerate_shapes_and_arguments_as_torch():
     )
     with pytest.raises(ValueError, match="label_smoothing"):
         ts.LinearCrossEntropyLoss(4, 5, label_smoothing=1.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_every_option_over_chunks_on_both_paths(path, kind, reduction):
+    # Loss, lse and the gradients of input, weight and bias, with the lse's gradient too, in
+    # three chunks: class weights, ignored rows, smoothing, z-loss and soft-capping at once.
+    x, w, b, target = _problem(kind)
+    options = dict(
+        weight=torch.rand(V, device=DEVICE, dtype=torch.float64) + 0.1,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        softcap=20.0,
+        reduction=reduction,
+    )
+    ours = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    refs = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    loss, lse = ts.linear_cross_entropy(
+        ours[0], ours[1], target, linear_bias=ours[2], return_lse=True, options=_chunked(),
+        **options,
+    )  # fmt: skip
+    ref, ref_lse = _reference(*refs, target, **options)
+    torch.testing.assert_close(loss, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    up, up_lse = torch.rand_like(ref) + 0.5, torch.randn_like(ref_lse)
+    ((loss * up).sum() + (lse * up_lse).sum()).backward()
+    ((ref * up).sum() + (ref_lse * up_lse).sum()).backward()
+    for ours_t, ref_t in zip(ours, refs, strict=True):
+        torch.testing.assert_close(ours_t.grad, ref_t.grad, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_bitwise_reproducible(path, reduction):
+    x, w, b, target = _problem("index", dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        loss = ts.linear_cross_entropy(
+            leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
+            options=_chunked(),
+        )  # fmt: skip
+        loss.sum().backward()
+        runs.append([loss.detach(), *(t.grad for t in leaves)])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_the_fused_path_has_no_atomics():
+    # The chunk loop is the vendor's GEMMs and cross_entropy's kernels; none may use atomics
+    # (gradients bitwise reproducible, no fences). No Triton kernel of its own.
+    import inspect
+    import re
+
+    from triton.runtime import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def kernels(module):
+        kinds = (JITFunction, InterpretedFunction)
+        return [v for v in vars(module).values() if isinstance(v, kinds)]
+
+    atomic = re.compile(r"atomic_\w*\(")  # tl.atomic_add(...), tl.atomic_cas(...), ...
+    assert not kernels(lce_ops) and not atomic.search(inspect.getsource(lce_ops))
+    assert kernels(ce_ops)
+    for kernel in kernels(ce_ops):
+        assert not atomic.search(inspect.getsource(kernel.fn)), kernel.fn.__name__
+
+
+def test_chunk_size_from_torchs_options(monkeypatch):
+    seen = []
+    original = ce_ops.cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["logits"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ce_ops, "cross_entropy_forward", spy)
+    x, w, b, target = _problem("index")
+    for options, rows in (
+        (_chunked(5), [5] * 7 + [2]),
+        (torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio"), [16, 16, 5]),
+        (torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio:2"), [8] * 4 + [5]),
+        (torch.nn.LinearCrossEntropyOptions(chunking_method=None), [N]),
+    ):
+        seen.clear()
+        ts.linear_cross_entropy(x, w, target, linear_bias=b, options=options)
+        assert seen == rows, options
+        seen.clear()  # the reduced op with gradients chunks the same way
+        ts.linear_cross_entropy(x.requires_grad_(), w, target, options=options).backward()
+        assert seen == rows, options
+        x = x.detach()
+    monkeypatch.setitem(lce_ops.CHUNK_BYTES, DEVICE, 40 * V * 8)  # default: fit the budget
+    seen.clear()
+    ts.linear_cross_entropy(x, w, target, linear_bias=b)
+    assert seen == [37]
+    monkeypatch.setitem(lce_ops.CHUNK_BYTES, DEVICE, 20 * V * 8)
+    seen.clear()
+    ts.linear_cross_entropy(x, w, target, linear_bias=b)
+    assert seen == [20, 17]
+    with pytest.raises(ValueError, match="chunk sizes"):
+        ts.linear_cross_entropy(x, w, target, options=_chunked(3, chunking_method="aspect_ratio"))
+    with pytest.raises(TypeError, match="LinearCrossEntropyOptions"):
+        ts.linear_cross_entropy(x, w, target, options={"batch_chunk_size": 4})
+
+
+def test_retain_graph_needs_allow_retain_graph():
+    x, w, b, target = _problem("index")
+    x.requires_grad_()
+    loss = ts.linear_cross_entropy(x, w, target, linear_bias=b, options=_chunked())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="allow_retain_graph=True"):
+        loss.backward()
+    x.grad = None
+    options = _chunked(allow_retain_graph=True)
+    loss = ts.linear_cross_entropy(x, w, target, linear_bias=b, options=options)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    x_ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(x_ref, w, b), target).backward()
+    torch.testing.assert_close(once, x_ref.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_as_torch(path, reduction):
+    # Hessian-vector products through the input and the head (create_graph=True), which the
+    # backward serves with torch's own functions; the first-order gradients still match.
+    x, w, b, target = _problem("index")
+    options = dict(reduction=reduction, label_smoothing=0.1, softcap=20.0, z_loss=1e-3)
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        if fused:
+            loss = ts.linear_cross_entropy(
+                leaves[0], leaves[1], target, linear_bias=leaves[2], options=_chunked(),
+                **options,
+            )  # fmt: skip
+        else:
+            loss = _reference(*leaves, target, **options)[0]
+        grads = torch.autograd.grad(loss.sum(), leaves, create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        results.append([*grads, *torch.autograd.grad(penalty, leaves)])
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_empty_positions_and_rows_as_torch(path):
+    # torch's K-dimensional loss with no positions (linear_weight (V, 0, H)), and no rows.
+    x = torch.randn(3, H, device=DEVICE, dtype=torch.float64)
+    cases = [
+        (x, torch.randn(V, 0, H, device=DEVICE, dtype=torch.float64), (3, 0), torch.randn(V, 0)),
+        (x[:0], torch.randn(V, H, device=DEVICE, dtype=torch.float64), (0,), torch.randn(V)),
+        (x[:0], torch.randn(V, 2, H, device=DEVICE, dtype=torch.float64), (0, 2), None),
+    ]
+    for inputs, w, batch, b in cases:
+        b = None if b is None else b.to(DEVICE, torch.float64)
+        target = torch.zeros(batch, dtype=torch.long, device=DEVICE)
+        for reduction in ("mean", "sum", "none"):
+            ours_leaves = [t.clone().requires_grad_() for t in (inputs, w)]
+            ref_leaves = [t.clone().requires_grad_() for t in (inputs, w)]
+            ours = ts.linear_cross_entropy(*ours_leaves, target, linear_bias=b, reduction=reduction)
+            ref = F.linear_cross_entropy(*ref_leaves, target, linear_bias=b, reduction=reduction)
+            assert ours.shape == ref.shape and ours.dtype == ref.dtype
+            torch.testing.assert_close(ours, ref, equal_nan=True)
+            assert ours.grad_fn is not None and ref.grad_fn is not None
+            ours.sum().backward()
+            ref.sum().backward()
+            for a, r in zip(ours_leaves, ref_leaves, strict=True):
+                torch.testing.assert_close(a.grad, r.grad, equal_nan=True)
+
+
+def test_module_label_smoothing_nan_as_torch():
+    # torch's constructor accepts NaN (it means no smoothing in F.cross_entropy).
+    torch.manual_seed(0)
+    ours = ts.LinearCrossEntropyLoss(H, V, label_smoothing=math.nan, dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch.nn.LinearCrossEntropyLoss(H, V, label_smoothing=math.nan, dtype=torch.float64)
+    x, _, _, target = _problem("index")
+    ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
+    torch.testing.assert_close(ours(x, target), theirs(x, target))
+    for bad in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            ts.LinearCrossEntropyLoss(H, V, label_smoothing=bad)
+
+
+def test_opcheck_reduced():
+    x, w, b, target = _problem("index")
+    x, w = x[:20, :40].clone(), w[:70, :40].clone()
+    b, target = b[:70].clone(), target[:20].clamp(max=69)
+    weight = torch.rand(70, device=DEVICE, dtype=torch.float64)
+    op = torch.ops.triton_softmax.linear_cross_entropy_reduced.default
+    denominator = torch.tensor(7.0, device=DEVICE, dtype=torch.float64)
+    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), target, weight)
+    options = (-100, 0.1, 1e-3, 10.0, denominator, [True, True, True], 8)
+    torch.library.opcheck(op, (*args, *options), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, (*args, *options, True))

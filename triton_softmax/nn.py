@@ -114,7 +114,7 @@ class LinearCrossEntropyLoss(nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing <= 1.0:  # as torch's constructor
+        if label_smoothing < 0.0 or label_smoothing > 1.0:  # as torch's: NaN passes (no smoothing)
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         if weight is not None and process_group is None and weight.shape != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
