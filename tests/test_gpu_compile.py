@@ -140,9 +140,11 @@ def jobs(complete: bool = False) -> list[Job]:
         ("backward", cross_entropy.BACKWARD_TILES, "_cross_entropy_backward_kernel"),
     ):
         names = getattr(cross_entropy, function).arg_names
-        # These kernels always loop over class blocks: single_block is not theirs.
-        tiles = {(size, tile._replace(single_block=False), aligned)
-                 for size, tile, aligned in _specialisations(table, complete)}  # fmt: skip
+        # The backward always loops over class blocks; the forward holds a row that fits.
+        tiles = {
+            (size, tile._replace(single_block=tile.single_block and kernel == "forward"), aligned)
+            for size, tile, aligned in _specialisations(table, complete)
+        }
         for size, tile, aligned in sorted(tiles):
             for dtype in DTYPES_BY_SIZE[size]:
                 acc, acc_pointer = _acc(dtype)
@@ -167,6 +169,9 @@ def jobs(complete: bool = False) -> list[Job]:
                         )
                         if kernel == "backward":
                             meta["HAS_GRAD_LSE"] = full
+                        else:  # the gradient written in the forward (reduced losses)
+                            meta["WRITE_GRAD"] = full
+                            meta["SINGLE_BLOCK"] = tile.single_block
                         if "SHARDED" in names:  # one rank's shard of the classes
                             meta["SHARDED"] = full
                         variant = ("class index" if is_index else "probabilities") + (
