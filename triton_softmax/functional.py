@@ -194,15 +194,16 @@ def cross_entropy(
             summed weights like the rest. Each distinct value compiles once, as above.
         return_lse: keyword-only; also return the log-sum-exp per row, shaped like
             the unreduced loss, in float32 (float64 for float64 logits); differentiable.
-        inplace_backward: keyword-only; the backward writes the gradient into ``input``'s
-            memory instead of a new tensor (saves one logits-sized buffer). After
-            ``backward()`` the tensor holds the gradient, not the logits: do not read it again
-            (e.g. for accuracy). Another op that saved it for its own backward is caught by
-            torch's in-place version check, which raises. A leaf that requires grad (a
-            parameter) is refused. Logits whose rows overlap or are not contiguous along the
-            class dimension fall back to the out-of-place backward; (N, C, d1, ..., dk) inputs
-            are copied to rows first, so they gain nothing. Without effect on the plain-torch
-            path, where torch's own backward runs.
+        inplace_backward: keyword-only; the gradient is written into ``input``'s memory instead of a
+            new tensor (saves one logits-sized buffer). With a "mean" or "sum" loss whose input
+            requires grad (and no ``return_lse``) it is written by the forward itself: the tensor
+            holds the gradient, not the logits, as soon as this call returns; otherwise after
+            ``backward()``. Do not read it again (e.g. for accuracy: compute that before the loss).
+            Another op that saved it for its own backward is caught by torch's in-place version
+            check, which raises. A leaf that requires grad (a parameter) is refused. Logits whose
+            rows overlap or are not contiguous along the class dimension fall back to the out-of-
+            place backward; (N, C, d1, ..., dk) inputs are copied to rows first, so they gain
+            nothing. Without effect on the plain-torch path, where torch's own backward runs.
         check_targets: keyword-only; check class indices on the host even for GPU tensors
             (one device synchronisation; under torch.compile a graph break, so
             ``fullgraph=True`` refuses it). CPU tensors are always checked. Unchecked
