@@ -70,16 +70,18 @@ def test_matches_torch_per_dtype(name, dtype, shape):
     _check(ours, ref, (torch.randn(shape, device=DEVICE) * 3).to(dtype))
 
 
-# Block boundaries of the streamed path, reached on short rows by forcing BLOCK_N = 16.
+# Block boundaries of the streamed path (split=False) and slice boundaries of the split path
+# (split=True), reached on short rows by forcing blocks / slices of 16 columns.
+@pytest.mark.parametrize("split", [False, True], ids=["streamed", "split"])
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("n_cols", [1, 15, 16, 17, 31, 32, 33, 100])
-def test_block_boundaries(log, n_cols):
+def test_block_boundaries(log, n_cols, split):
     x = torch.randn(5, n_cols, device=DEVICE, dtype=torch.float64) * 4
-    y = softmax_ops.softmax_forward(x, log, block_n=16)
+    y = softmax_ops.softmax_forward(x, log, block_n=16, split=split)
     ref = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
     torch.testing.assert_close(y, ref, **TOLERANCES[torch.float64])
     dy = torch.randn_like(x)
-    dx = softmax_ops.softmax_backward(y, dy, log, block_n=16)
+    dx = softmax_ops.softmax_backward(y, dy, log, block_n=16, split=split)
     x_ref = x.clone().requires_grad_()
     (torch.log_softmax if log else torch.softmax)(x_ref, -1).backward(dy)
     torch.testing.assert_close(dx, x_ref.grad, **TOLERANCES[torch.float64])
@@ -142,16 +144,17 @@ def test_empty(name, shape):
     assert x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("block_n", [None, 16])  # one-block and streamed paths
+# One-block, streamed and split paths.
+@pytest.mark.parametrize("block_n,split", [(None, None), (16, False), (16, True)], ids=str)
 @pytest.mark.parametrize("log", [False, True])
-def test_minus_inf(block_n, log):
+def test_minus_inf(block_n, split, log):
     inf = float("inf")
     x = torch.randn(4, 40, device=DEVICE, dtype=torch.float64)
     x[0] = -inf  # all -inf: NaN, as torch
     x[1, :20] = -inf  # the first block(s) all -inf, then finite values
     x[2, ::2] = -inf  # scattered
     x[3, -1] = -inf  # last element only
-    y = softmax_ops.softmax_forward(x, log, block_n=block_n)
+    y = softmax_ops.softmax_forward(x, log, block_n=block_n, split=split)
     ref = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
     torch.testing.assert_close(y, ref, equal_nan=True)
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
@@ -295,3 +298,63 @@ def test_row_offsets_beyond_int32():
 def test_row_of_a_million_columns():
     # 2**20 + 1 columns: 257 streamed blocks, the last holding one element.
     _check(ts.log_softmax, torch.log_softmax, torch.randn(1, 2**20 + 1, device=DEVICE))
+
+
+# The split kernels: rows past the longest block (32 768 columns, 8192 in fp64) cut into
+# slices, one program a slice, the slices' partials merged per row. Forced slices of 16 columns
+# reach their boundaries on short rows; under the interpreter they run as two launches.
+SPLIT_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _ops_against_float64(x: torch.Tensor, log: bool, **launch) -> None:
+    """The forward op and the backward op (x.grad) on ``x`` against torch in float64 on the same
+    rounded input; 16-bit gradients against torch's float64 backward applied to our output."""
+    tol = TOLERANCES[x.dtype]
+    x_ref = x.double().requires_grad_()
+    y_ref = (torch.log_softmax if log else torch.softmax)(x_ref, -1)
+    y = softmax_ops.softmax_forward(x, log, **launch)
+    torch.testing.assert_close(y.double(), y_ref, **tol, equal_nan=True)
+    dy = torch.randn_like(y_ref).to(x.dtype)
+    dx = softmax_ops.softmax_backward(y, dy, log, **launch)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        aten = torch.ops.aten
+        backward = aten._log_softmax_backward_data if log else aten._softmax_backward_data
+        dx_ref = backward(dy.double(), y.double(), -1, torch.float64)
+    else:
+        y_ref.backward(dy.double())
+        dx_ref = x_ref.grad
+    torch.testing.assert_close(dx.double(), dx_ref, **tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES, ids=str)
+def test_split_slice_boundaries(log, dtype):
+    # One slice, exactly one, one more (the last slice holding one column), then three.
+    for n_cols in (15, 16, 17, 47, 48, 49):
+        x = (torch.randn(2, n_cols, device=DEVICE) * 4).to(dtype)
+        _ops_against_float64(x, log, block_n=16, split=True)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES, ids=str)
+def test_split_special_values(log, dtype):
+    inf = float("inf")
+    x = torch.randn(7, 49, device=DEVICE) * 4  # 4 slices of 16: the last holds one column
+    x[0] = -inf  # all -inf: NaN, as torch
+    x[1, :20] = -inf  # the first slice all -inf, the second in part
+    x[2, ::2] = -inf  # scattered
+    x[3] += 1e4
+    x[4] -= 1e4
+    x[5, :-1] = -inf  # only the last slice's one column is finite: y = 1 there
+    x = x.to(dtype)
+    y = softmax_ops.softmax_forward(x, log, block_n=16, split=True)
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
+    assert y[5, -1].item() == (0.0 if log else 1.0)
+    _ops_against_float64(x, log, block_n=16, split=True)
+
+
+def test_split_rows_of_262144_columns():
+    # The default split: 64 slices of 4096 a row; through the functional API and autograd.
+    _check(ts.log_softmax, torch.log_softmax, torch.randn(1, 262144, device=DEVICE) * 3)
+    x = (torch.randn(1, 262144, device=DEVICE) * 3).to(torch.bfloat16)
+    _check(ts.softmax, torch.softmax, x)

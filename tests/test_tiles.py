@@ -116,22 +116,52 @@ def _softmax_both_ways(x: torch.Tensor, log: bool) -> None:
     torch.testing.assert_close(dx.double(), dx_ref, **tol)
 
 
-# Rows of exactly the longest single block, and one more (the first streamed length: a full
-# block then a block holding one element).
+# Rows of exactly the longest single block, and one more (the first split length: full
+# slices then a slice holding one element).
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize(
     "dtype,n_cols",
     [
         (torch.float32, 32768),  # held whole, forward and backward
-        (torch.float32, 32769),  # streamed: 5 blocks of 8192, the last with one element
+        (torch.float32, 32769),  # split: 9 slices of 4096, the last with one element
         (torch.bfloat16, 32768),
         (torch.float64, 8192),  # fp64's longest single block
-        (torch.float64, 8193),
+        (torch.float64, 8193),  # split: 5 slices of 2048
     ],
     ids=str,
 )
 def test_single_block_limits(log, dtype, n_cols):
     _softmax_both_ways((torch.randn(2, n_cols, device=DEVICE) * 3).to(dtype), log)
+
+
+def test_softmax_plan_splits_rows_past_the_longest_block():
+    plan = softmax_ops.plan
+    for backward in (False, True):
+        for size in (2, 4):
+            assert plan(32768, size, backward=backward, aligned=True).path == "one block"
+            first = plan(32769, size, backward=backward, aligned=False)
+            assert first == ("split", Tile(1, 4096, 8, False), 9)
+            assert plan(262144, size, backward=backward, aligned=True).slices == 64
+            assert plan(524288, size, backward=backward, aligned=True).slices == 128
+            # Past MAX_SLICES, or past the GPU's SMs: streamed.
+            assert plan(524289, size, backward=backward, aligned=False).path == "streamed"
+            fewer_sms = plan(262144, size, backward=backward, aligned=True, max_slices=63)
+            assert fewer_sms.path == "streamed"
+        assert plan(8192, 8, backward=backward, aligned=True).path == "one block"
+        assert plan(8193, 8, backward=backward, aligned=False) == (
+            "split",
+            Tile(1, 2048, 8, False),
+            5,
+        )
+        assert plan(262145, 8, backward=backward, aligned=False).path == "streamed"
+    # The backward's 32 768 unaligned columns stream (the table's aligned-only rule).
+    assert plan(32768, 4, backward=True, aligned=False).path == "streamed"
+    # Tests force the paths on short rows.
+    assert plan(100, 4, backward=False, aligned=False, block_n=16).path == "streamed"
+    assert plan(100, 4, backward=False, aligned=False, block_n=16, split=True).slices == 7
+    with pytest.raises(ValueError, match="needs 19 slices of 16"):
+        plan(300, 4, backward=False, aligned=False, block_n=16, split=True, max_slices=8)
+    assert softmax_ops.slices_allowed(torch.device("cpu")) == softmax_ops.MAX_SLICES
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
