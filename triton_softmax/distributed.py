@@ -78,10 +78,10 @@ def _encode_text(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def _dtype_names() -> dict[int, str]:
-    """Every torch dtype by its code (``_encode_text`` of its name)."""
+def _show_dtype(code: int) -> str:
+    """The torch dtype whose code (``_encode_text`` of its name) is ``code``."""
     dtypes = [d for d in vars(torch).values() if isinstance(d, torch.dtype)]
-    return {_encode_text(str(d)): str(d) for d in dtypes}
+    return {_encode_text(str(d)): str(d) for d in dtypes}.get(code, "?")
 
 
 def _choices(*texts: str):
@@ -149,8 +149,8 @@ def check_ranks(
         ("the row count", rows, str),
         ("the batch shape", _encode_text(str(tuple(batch_shape))), None),
         ("the feature count", features, str),
-        ("the logits' dtype", _encode_text(str(dtype)), _dtype_names().get),
-        ("the target's dtype", _encode_text(str(target.dtype)), _dtype_names().get),
+        ("the logits' dtype", _encode_text(str(dtype)), _show_dtype),
+        ("the target's dtype", _encode_text(str(target.dtype)), _show_dtype),
         ("ignore_index", ignore_index, str),
         ("reduction", _encode_text(reduction), _choices("none", "mean", "sum")),
         ("label_smoothing", _encode_float(label_smoothing), _decode_float),
