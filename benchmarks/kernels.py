@@ -19,7 +19,9 @@ no bias, mean loss; forward+backward = gradients for input and weight) is counte
 instead (forward 2*M*V*H, forward+backward 6*M*V*H), with its peak extra memory on CUDA in MiB,
 against torch eager (``F.linear`` + ``F.cross_entropy``), ``torch.compile`` of that, torch's
 chunked ``F.linear_cross_entropy`` (torch >= 2.13), Liger's fused linear CE and Cut Cross-Entropy
-(exact, and with its default gradient filtering).
+(exact, and with its default gradient filtering), and against its ceiling measured in the same
+run: the GEMMs alone (provider ``gemms``: ``torch.matmul`` of X Wᵀ forward, and dZ W, dZᵀ X
+forward+backward, same shapes and dtypes), with ours reported as a ratio to it.
 
 Output (``--out``, default ``benchmarks/results``): ``kernels_<gpu>_torch<v>_triton<v>.csv``
 (written row by row: a cut-short run keeps what it measured), ``.md`` and a PNG per (op, mode).
@@ -114,10 +116,12 @@ def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tu
         the logits; the gradient needs them read again and written (ours and quack: in the
         backward kernel; Liger: in a second pass of its forward, its backward a no-op for a
         scalar loss). Forward alone: M*V*s, the minimum.
-    softmax / log_softmax, ours: rows the launch tables stream (``our_softmax_passes``; over
-        32768 elements, 8192 in fp64) are read twice in the forward (online max/sum pass, then
-        the write pass): 3*M*N*s; the streamed backward reads y and dy twice (log_softmax: dy
-        twice, y once) and writes dx: 5*M*N*s (4). Rows held whole: the minimum.
+    softmax / log_softmax, ours (``our_softmax_passes``): rows held whole (up to 32768
+        elements, 8192 in fp64) and rows split over programs that each hold a slice (up to
+        128 slices: 524288 elements, 262144 in fp64) move the minimum; longer rows are
+        streamed, read twice in the forward (online max/sum pass, then the write pass):
+        3*M*N*s, and the streamed backward reads y and dy twice (log_softmax: dy twice, y once)
+        and writes dx: 5*M*N*s (4). The second reads may come from L2; counted as DRAM here.
     softmax, Liger (one block per row, errors above 65536) and quack (the row stays on chip,
         clusters for long rows): the minimum.
     torch, torch.compile: not modelled (their kernels and passes depend on the size).
@@ -137,13 +141,14 @@ def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tu
 
 def our_softmax_passes(op: str, n: int, s: int) -> tuple[int, int]:
     """Row transfers (reads + writes, in units of N*s) of our softmax forward and backward for
-    rows of n elements of s bytes, from the launch tables the launchers use."""
+    rows of n elements of s bytes, from ``softmax.plan``, which the launchers follow (a GPU
+    with at least MAX_SLICES SMs: fewer SMs stream rows of more slices than SMs)."""
     from triton_softmax.ops import softmax
-    from triton_softmax.ops._common import pick_tile
 
-    aligned = n * s % 16 == 0
-    forward = pick_tile(softmax.FORWARD_TILES, n, s, aligned=aligned).single_block
-    backward = pick_tile(softmax.BACKWARD_TILES, n, s, aligned=aligned).single_block
+    where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    how = dict(aligned=n % 16 == 0, max_slices=softmax.slices_allowed(where))
+    forward = softmax.plan(n, s, backward=False, **how).path != "streamed"
+    backward = softmax.plan(n, s, backward=True, **how).path != "streamed"
     return (2 if forward else 3), (3 if backward else 4 if op == "log_softmax" else 5)
 
 
@@ -155,6 +160,30 @@ def flops(mode: str, m: int, v: int, h: int) -> tuple[int, str]:
     if mode == "forward":
         return 2 * m * v * h, "2*M*V*H (logits)"
     return 6 * m * v * h, "6*M*V*H (logits, grad_input, grad_weight; recomputation not counted)"
+
+
+#: The row of linear_cross_entropy's ceiling: its GEMMs alone (not an implementation of the op).
+CEILING = "gemms"
+#: DESIGN.md's target for the fused linear + CE forward+backward: at most this × its GEMMs' time.
+CEILING_TARGET = 1.15
+
+
+def gemms(x: torch.Tensor, w: torch.Tensor, mode: str) -> Callable:
+    """linear_cross_entropy's ceiling: the GEMMs the op cannot avoid, ``torch.matmul`` (cuBLAS on
+    CUDA) on the same shapes and dtypes, into buffers allocated once: forward the logits
+    Z = X Wᵀ ([M, H] x [H, V]); forward+backward also grad_input = dZ W and grad_weight = dZᵀ X,
+    the logits buffer standing in for dZ. Whole-batch GEMMs: a chunked op runs smaller ones."""
+    z = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    if mode == "forward":
+        return lambda: torch.matmul(x, w.t(), out=z)
+    grad_x, grad_w = torch.empty_like(x), torch.empty_like(w)
+
+    def three() -> None:
+        torch.matmul(x, w.t(), out=z)
+        torch.matmul(z, w, out=grad_x)
+        torch.matmul(z.t(), x, out=grad_w)
+
+    return three
 
 
 # Providers: build(op) -> the function, or why it cannot run. Conventions: softmax / log_softmax
@@ -503,6 +532,25 @@ class Run:
                 if self.cuda:
                     torch.cuda.empty_cache()
             self.emit(row)
+        if op == LCE:
+            self.emit(self.ceiling(dict(base, provider=CEILING), x, skip or self.over_budget()))
+
+    def ceiling(self, row: dict, x, skip: str | None) -> dict:
+        """Time linear_cross_entropy's GEMMs alone (``gemms``) on the case's inputs."""
+        row["notes"] = "ceiling: the GEMMs alone (torch.matmul), not checked against ours"
+        if skip:
+            row["status"] = skip
+            return row
+        try:
+            timed = gemms(*x, row["mode"])
+            row["ms_p50"], row["ms_p20"], row["ms_p80"] = self.timer(timed)
+            row["tflops"] = row["flops"] / (row["ms_p50"] * 1e-3) / 1e12
+        except torch.OutOfMemoryError:
+            row["status"] = "skipped: out of memory"
+        finally:
+            if self.cuda:
+                torch.cuda.empty_cache()
+        return row
 
     def measure(self, row: dict, fn: Callable, x, other, inplace: bool, reference):
         """Check ``fn`` against ``reference`` (None: ``fn`` is ours and becomes it), then time
@@ -659,6 +707,7 @@ def lce_table(rows: list[dict], mode: str, dtype: str, m: int, level: str = "###
     shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
     by, fb = {(r["N"], r["provider"]): r for r in sel}, mode == "forward+backward"
     peers = [p for p in shown if p != "triton-softmax"]
+    ceiling = any(r["provider"] == CEILING and r["status"] == "ok" for r in sel)
     mem = any(r["peak_mem_mib"] == r["peak_mem_mib"] for r in sel if r["status"] == "ok")
     lines = [
         f"{level} {LCE}, {mode}, {dtype}, M = {m}, H = {sel[0]['H']}",
@@ -670,6 +719,14 @@ def lce_table(rows: list[dict], mode: str, dtype: str, m: int, level: str = "###
             else ""
         )
         + ". 'ours vs X': X's time / ours."
+        + (
+            f" {CEILING}: the GEMMs alone ({'X Wᵀ, dZ W, dZᵀ X' if fb else 'X Wᵀ'}, torch.matmul,"
+            f" same shapes and dtypes), the ceiling; 'ours / {CEILING}': our time over theirs"
+            + (f" (✗ above {CEILING_TARGET:g}×)" if fb else "")
+            + "."
+            if ceiling
+            else ""
+        )
         + (
             " ✗: misses DESIGN.md's target (no slower than torch eager, ≥ 1.2× torch-chunked "
             "and Liger, peak ≤ CCE's)."
@@ -699,6 +756,16 @@ def lce_table(rows: list[dict], mode: str, dtype: str, m: int, level: str = "###
                     else ""
                 )
             cells.append(cell)
+        if ceiling:
+            r, cell = by.get((n, CEILING)), ""
+            if r and r["status"] == "ok":
+                cells.append(f"{_num(r['tflops'])} ({_num(r['ms_p50'])} ms)")
+                if _both_ok(ours, r):
+                    ratio = ours["ms_p50"] / r["ms_p50"]
+                    cell = f"{ratio:.2f}×" + (" ✗" if fb and ratio > CEILING_TARGET else "")
+            else:
+                cells.append(r["status"].split(":")[0] if r else "")
+            cells.append(cell)
         if mem and "cce" in shown:
             r, cell = by.get((n, "cce")), ""
             if _both_ok(ours, r):
@@ -707,13 +774,15 @@ def lce_table(rows: list[dict], mode: str, dtype: str, m: int, level: str = "###
             cells.append(cell)
         body.append(cells)
     header = ["V", *shown, *[f"ours vs {p}" for p in peers]]
+    header += [CEILING, f"ours / {CEILING}"] if ceiling else []
     header += ["peak ours / cce"] if mem and "cce" in shown else []
     lines += common.md_table(header, body)
-    notes = {f"{r['provider']}: {r['status']}" for r in sel if r["provider"] not in shown}
+    listed = [*shown, CEILING] if ceiling else shown
+    notes = {f"{r['provider']}: {r['status']}" for r in sel if r["provider"] not in listed}
     notes |= {
         f"{r['provider']} at V = {r['N']}: {r['status']}"
         for r in sel
-        if r["provider"] in shown and r["status"] != "ok"
+        if r["provider"] in listed and r["status"] != "ok"
     }
     notes |= {f"{r['provider']}: {r['notes']}" for r in sel if r["notes"] and r["status"] == "ok"}
     return lines + ["", *[f"- {s}" for s in sorted(notes)]] if notes else lines
@@ -797,7 +866,7 @@ def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.6 * len(panels)), 4.4))
         metric = "tflops" if op == LCE else "gbps_min"
         for ax, (dtype, m) in zip(getattr(axes, "flat", [axes]), panels, strict=True):
-            for p in PROVIDERS:
+            for p in [*PROVIDERS, CEILING]:  # the ceiling: linear_cross_entropy's GEMMs
                 pts = sorted(
                     (r["N"], r[metric])
                     for r in sel
@@ -860,8 +929,10 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "other ops, GB/s is counted over the minimum bytes (1 read + 1 write "
         "for softmax forward and for cross-entropy forward+backward) and, where it differs, over "
         "the bytes a provider really moves (our cross-entropy forward+backward reads the logits "
-        "twice, as Liger's does; our softmax reads rows longer than 8192 twice), each also as % "
-        "of the copy bandwidth of the same run. A CSV per GPU, markdown and plots go to "
+        "twice, as Liger's does; our softmax reads twice only rows longer than 524 288 "
+        "elements), each also as % of the copy bandwidth of the same run; the fused linear "
+        "cross-entropy also as a ratio to its GEMMs alone (`torch.matmul`, same shapes), timed "
+        "in the same run. A CSV per GPU, markdown and plots go to "
         "`benchmarks/results/`; `python -m benchmarks.report --update-readme` regenerates this "
         "section. Details: [benchmarks/README.md](benchmarks/README.md).",
         "",

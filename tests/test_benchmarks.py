@@ -92,7 +92,11 @@ def test_linear_cross_entropy_rows(smoke):
         "liger",
         "cce",
         "cce-filtered",
+        kernels.CEILING,  # the GEMMs alone, timed in the same run
     }
+    ceiling = [r for r in rows if r["provider"] == kernels.CEILING]
+    assert len(ceiling) == len(kernels.MODES) * len(kernels.SMOKE_GRID[kernels.LCE][1])
+    assert all(r["status"] == "ok" and r["tflops"] > 0 for r in ceiling)
     assert {(r["mode"], r["N"]) for r in rows} == {
         (m, v) for m in kernels.MODES for v in kernels.SMOKE_GRID[kernels.LCE][1]
     }
@@ -160,8 +164,14 @@ def test_byte_formulas():
     for provider in ("triton-softmax", "triton-softmax-inplace", "liger", "quack"):
         moved = kernels.bytes_moved(provider, "cross_entropy", "forward+backward", M, N, s)
         assert moved[0] == 3 * M * N * s
-    # Our softmax reads a row twice once the launch tables stream it (over 32768 in fp32).
-    long = 32768 + 1
+    # Our softmax moves the minimum for rows held whole or split over programs (up to 128
+    # slices of 4096), and reads a row twice once it is streamed (over 524288 in fp32).
+    for n in (32768, 32768 + 1, 524288):
+        for mode, k in (("forward", 2), ("forward+backward", 5)):
+            assert (
+                kernels.bytes_moved("triton-softmax", "softmax", mode, M, n, s)[0] == k * M * n * s
+            )
+    long = 524288 + 1
     assert (
         kernels.bytes_moved("triton-softmax", "softmax", "forward", M, long, s)[0]
         == 3 * M * long * s
@@ -190,6 +200,7 @@ def test_kernel_report_has_tables_and_plots(smoke):
     assert "TFLOP/s over 6*M*V*H (logits, grad_input, grad_weight" in md
     assert "| V | triton-softmax | triton-softmax-tp1 | torch | torch.compile |" in md
     assert "ours vs torch |" in md
+    assert f"| {kernels.CEILING} | ours / {kernels.CEILING} |" in md
     pytest.importorskip("matplotlib")
     pngs = list(out.glob("*.png"))
     assert len(pngs) == len(kernels.OPS) * len(kernels.MODES)
