@@ -55,6 +55,15 @@ def test_vocab_parallel_matches_unsharded(world, interpreter):
     _run("vocab", world, interpreter)
 
 
+@pytest.mark.parametrize(
+    ("world", "interpreter"), [(2, False), (3, True)], ids=["2-torch", "3-interp"]
+)
+def test_vocab_parallel_temperature_entropy(world, interpreter):
+    """temperature= and return_entropy= (issue 20): the merged entropy and every gradient
+    against the unsharded op, itself checked against torch in test_temperature_entropy.py."""
+    _run("entropy", world, interpreter)
+
+
 @pytest.mark.parametrize("interpreter", [True, False], ids=["interpreter", "torch"])
 def test_vocab_parallel_hostile_inputs(interpreter):
     """Over 3 ranks: a non-negative ignore_index inside a shard, layouts changing between
@@ -86,7 +95,29 @@ def _vocab_rank(rank: int, world: int) -> None:
     dist.barrier()
 
 
-def _check_case(rank, sizes, case, *, n=7, h=9, target=None, ignore_index=-100) -> None:
+#: (case as CASES, temperature, return_entropy): entropy with every reduction and target kind.
+ENTROPY_CASES = [
+    (("index", True, 0.1, "none", 5.0, 1e-3, True), 0.7, True),
+    (("index", False, 0.0, "mean", None, 0.0, False), 1.5, True),
+    (("index", True, 0.2, "sum", 10.0, 0.0, False), 0.9, False),
+    (("probability", False, 0.1, "mean", None, 0.0, True), 1.2, True),
+]
+
+
+def _entropy_rank(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    for case, temperature, return_entropy in ENTROPY_CASES:
+        extra = dict(temperature=temperature, return_entropy=return_entropy)
+        _check_case(rank, _shards(37, world), case, extra=extra)
+    # a rank without classes: its share of the probability is 0
+    sizes = [0, 20, 17][:world] if world == 3 else [0, 37]
+    _check_case(rank, sizes, ENTROPY_CASES[0][0], extra=dict(temperature=0.7,
+                return_entropy=True))  # fmt: skip
+    dist.barrier()
+
+
+def _check_case(rank, sizes, case, *, n=7, h=9, target=None, ignore_index=-100, extra=None) -> None:
     """cross_entropy and linear_cross_entropy with the classes sharded as ``sizes`` (one per
     rank, in rank order) against the unsharded ops in float64: results and gradients.
     ``target``: these class indices instead of random ones."""
@@ -118,10 +149,11 @@ def _check_case(rank, sizes, case, *, n=7, h=9, target=None, ignore_index=-100) 
         softcap=softcap,
         z_loss=z_loss,
         return_lse=return_lse,
+        **(extra or {}),
     )
     if kind == "index":
         options["ignore_index"] = ignore_index
-    case = (*case, sizes, ignore_index)
+    case = (*case, sizes, ignore_index, extra)
     # cross_entropy on logits sharded by class
     logits = F.linear(x, head, bias)
     full = logits.clone().requires_grad_()
@@ -280,7 +312,9 @@ def _rank_main(rank: int, mode: str, world: int, port: int) -> None:
         timeout=datetime.timedelta(seconds=120),
     )
     try:
-        {"vocab": _vocab_rank, "hostile": _hostile_rank, "ddp": _ddp_rank}[mode](rank, world)
+        modes = {"vocab": _vocab_rank, "hostile": _hostile_rank, "ddp": _ddp_rank,
+                 "entropy": _entropy_rank}  # fmt: skip
+        modes[mode](rank, world)
     finally:
         dist.destroy_process_group()
 

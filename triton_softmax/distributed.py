@@ -15,25 +15,31 @@ lse_r = -inf). They merge exactly:
     lse  = log sum_r exp(lse_r)
     loss = sum_r [loss_r + S_r (lse - lse_r)]  (+ z_loss lse^2),     S = sum_r S_r
 
+With ``return_entropy`` each rank also sends E_r[x] = lse_r - H_r, the mean of its (tempered)
+logits under its own softmax: H = lse - sum_r exp(lse_r - lse) E_r[x] (one more float per row
+in the same all_gather), so every rank gets the full-vocabulary entropy.
+
 The op on a shard never sees the caller's ``ignore_index``, which may be one of its local
 class indices: ignored rows reach it as ``LOCAL_IGNORED`` and another rank's class as
 ``HELD_ELSEWHERE``, two distinct negative indices.
 
-Checked across ranks on every call (``check_ranks``, one all_gather of 20 int64 per rank):
+Checked across ranks on every call (``check_ranks``, one all_gather of 22 int64 per rank):
 the shard sizes (gathered every call: nothing is cached, so heads of any layout can share a
 group), and that every rank passes the same function, row count, batch shape, feature count,
-logits' and target's dtypes, ignore_index, reduction, label_smoothing, z_loss, softcap, class
-weights' shape and ``check_targets``; a counted class index outside [0, V) on any rank raises
-IndexError on every rank. ``check_targets=True`` adds checksums of the class-index targets and
-of the class weights' bits (O(N + V) work on the device, no extra collective): targets that
-differ raise ValueError on every rank instead of giving each rank a different, wrong loss.
-Probability targets are each rank's own slice, so they are not compared. A disagreement
-raises the same error on every rank, and the group stays usable.
+logits' and target's dtypes, ignore_index, reduction, label_smoothing, z_loss, softcap,
+temperature, ``return_entropy``, class weights' shape and ``check_targets``; a counted class
+index outside [0, V) on any rank raises IndexError on every rank. ``check_targets=True`` adds
+checksums of the class-index targets and of the class weights' bits (O(N + V) work on the
+device, no extra collective): targets that differ raise ValueError on every rank instead of
+giving each rank a different, wrong loss. Probability targets are each rank's own slice, so
+they are not compared. A disagreement raises the same error on every rank, and the group stays
+usable.
 
 Communication per call (world size P, N rows, 4-byte floats; 8 for fp64):
-    forward:  one all_gather of 20 int64 (160 bytes from each rank, 160 P received), read on
+    forward:  one all_gather of 22 int64 (176 bytes from each rank, 176 P received), read on
               the host (one host synchronisation per call); one all_gather of (loss_r, lse_r,
-              S_r): 3 N floats from each rank (12 N P bytes received per rank).
+              S_r): 3 N floats from each rank (12 N P bytes received per rank), 4 N with
+              ``return_entropy``.
     backward: none for the logits' gradient (each rank's is its slice: p_j (g (S + 2 z lse) +
               g_lse) - g r_j from the merged lse and S); the fused linear version all-reduces
               its input gradient (N H floats).
@@ -109,14 +115,15 @@ def check_ranks(
     group, *, function: str, batch_shape, features: int, dtype: torch.dtype,
     local_classes: int, target: torch.Tensor, weight, ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: float, check_targets: bool,
-    device: torch.device,
+    device: torch.device, temperature: float = 1.0, return_entropy: bool = False,
 ) -> tuple[int, int]:  # fmt: skip
     """Gather what every rank must agree on, with its shard size, in one all_gather; raise
     the same error on every rank where they do not agree.
 
-    Each rank sends 20 int64 (160 bytes; 160 P received): the shard size; the function, row
+    Each rank sends 22 int64 (176 bytes; 176 P received): the shard size; the function, row
     count, batch shape, feature count (linear), logits' and target's dtypes, ignore_index,
-    reduction, label_smoothing, z_loss, softcap, class weights' shape and ``check_targets``,
+    reduction, label_smoothing, z_loss, softcap, temperature, ``return_entropy``, class
+    weights' shape and ``check_targets``,
     which must be equal on every rank; the smallest and largest counted class index (so a bad
     index on any rank is an IndexError on all); and, with ``check_targets``, two checksums of
     the class-index targets and two of the class weights' bits (else zeros). Reading the
@@ -130,7 +137,8 @@ def check_ranks(
         dtype: the logits' (linear_cross_entropy: the input's) dtype.
         local_classes: this rank's class count (0 allowed).
         target: global class indices (int64, one per row) or this rank's probabilities.
-        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: the options.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature,
+            return_entropy: the options.
         check_targets: also compare checksums of the targets and class weights.
         device: where the gathered tensor lives (the group's backend must accept it).
     Returns:
@@ -156,6 +164,8 @@ def check_ranks(
         ("label_smoothing", _encode_float(label_smoothing), _decode_float),
         ("z_loss", _encode_float(z_loss), _decode_float),
         ("softcap", _encode_float(softcap), _decode_float),
+        ("temperature", _encode_float(temperature), _decode_float),
+        ("return_entropy", int(return_entropy), lambda c: str(bool(c))),
         ("the class weights' shape", _encode_text(weight_shape), None),
         ("check_targets", int(check_targets), lambda c: str(bool(c))),
     ]  # fmt: skip
@@ -174,7 +184,7 @@ def check_ranks(
     mine = torch.cat([host.to(device), torch.stack([low, high, *sums])])
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
-    table = torch.stack(gathered).tolist()  # [P][20], the same on every rank
+    table = torch.stack(gathered).tolist()  # [P][22], the same on every rank
 
     where = f"{function} with process_group"
     for column, (what, _, show) in enumerate(agreed, start=1):
@@ -210,23 +220,31 @@ def check_ranks(
     return sum(sizes[:rank]), total
 
 
-def merge_shards(local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_shards(local: torch.Tensor, group) -> tuple[torch.Tensor, ...]:
     """Merge every rank's (loss_r, lse_r, S_r) [3, N] into the full problem's per-row
-    (loss without z-loss, lse, S); one all_gather."""
+    (loss without z-loss, lse, S); one all_gather. With a fourth row E_r[x] = lse_r - H_r
+    ([4, N]), also the full problem's entropy H = lse - sum_r exp(lse_r - lse) E_r[x]."""
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local.contiguous(), group=group)
-    loss_r, lse_r, mass_r = torch.stack(gathered, dim=1)  # [3, P, N]
+    stacked = torch.stack(gathered, dim=1)  # [3 or 4, P, N]
+    loss_r, lse_r, mass_r = stacked[:3]
     lse = torch.logsumexp(lse_r, dim=0)
     # S_r = 0 (nothing of the row's target here, no smoothing, no classes) must not meet
     # lse - lse_r = nan (lse_r = -inf on an empty shard, or with every logit -inf).
     shift = torch.where(mass_r == 0, 0.0, mass_r * (lse - lse_r))
-    return (loss_r + shift).sum(dim=0), lse, mass_r.sum(dim=0)
+    merged = ((loss_r + shift).sum(dim=0), lse, mass_r.sum(dim=0))
+    if local.shape[0] == 4:
+        share = torch.exp(lse_r - lse)  # rank r's share of the probability; 0 on an empty one
+        mean = torch.where(share == 0, 0.0, share * stacked[3]).sum(dim=0)
+        merged += (lse - mean,)
+    return merged
 
 
-def empty_shard(n_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(loss_r, lse_r, S_r) [3, N] of a rank that holds no class: 0, -inf, 0."""
+def empty_shard(n_rows: int, dtype: torch.dtype, device: torch.device, rows: int = 3):
+    """(loss_r, lse_r, S_r) [3, N] of a rank that holds no class: 0, -inf, 0; ``rows`` = 4
+    adds E_r[x] = 0 (its share of the probability is 0)."""
     zeros = torch.zeros(n_rows, dtype=accumulator_dtype(dtype), device=device)
-    return torch.stack([zeros, torch.full_like(zeros, -math.inf), zeros])
+    return torch.stack([zeros, torch.full_like(zeros, -math.inf), *[zeros] * (rows - 2)])
 
 
 def finish_rows(loss, lse, target, ignore_index, z_loss) -> torch.Tensor:
@@ -237,6 +255,16 @@ def finish_rows(loss, lse, target, ignore_index, z_loss) -> torch.Tensor:
     if target.is_floating_point():
         return loss
     return torch.where(target != ignore_index, loss, 0.0)
+
+
+def finish_entropy(entropy: list[torch.Tensor], target, ignore_index):
+    """The merged entropy (in a list of one, as ``merge_shards`` leaves it), 0 for ignored
+    rows; None without it."""
+    if not entropy:
+        return None
+    if target.is_floating_point():
+        return entropy[0]
+    return torch.where(target != ignore_index, entropy[0], 0.0)
 
 
 def global_stats(lse: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -268,39 +296,45 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, group,
-        layout,
+        layout, temperature=1.0, return_entropy=False,
     ):  # fmt: skip
         start, total = layout
         n_rows, local_classes = logits.shape
         local_t = local_target(target, start, start + local_classes, ignore_index)
         local_w = local_weight(weight, start, local_classes)
-        if local_classes:
-            loss_r, lse_r, stats_r = torch.ops.triton_softmax.cross_entropy.default(
-                logits, local_t, local_w, LOCAL_IGNORED, label_smoothing, 0.0, softcap, False,
-                total,
-            )  # fmt: skip
-            local = torch.stack([loss_r, lse_r, stats_r[2]])
+        args = (logits, local_t, local_w, LOCAL_IGNORED, label_smoothing, 0.0, softcap, False,
+                total, temperature)  # fmt: skip
+        if not local_classes:
+            local = empty_shard(n_rows, logits.dtype, logits.device, 3 + return_entropy)
+        elif return_entropy:
+            loss_r, lse_r, entropy_r, stats_r = (
+                torch.ops.triton_softmax.cross_entropy_with_entropy.default(*args)
+            )
+            local = torch.stack([loss_r, lse_r, stats_r[2], lse_r - entropy_r])
         else:
-            local = empty_shard(n_rows, logits.dtype, logits.device)
-        loss, lse, mass = merge_shards(local, group)
+            loss_r, lse_r, stats_r = torch.ops.triton_softmax.cross_entropy.default(*args)
+            local = torch.stack([loss_r, lse_r, stats_r[2]])
+        loss, lse, mass, *entropy = merge_shards(local, group)
         loss = finish_rows(loss, lse, target, ignore_index, z_loss)
-        ctx.save_for_backward(logits, local_t, local_w, global_stats(lse, mass))
-        ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total)
+        entropy = finish_entropy(entropy, target, ignore_index)
+        ctx.save_for_backward(logits, local_t, local_w, global_stats(lse, mass), entropy)
+        ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total, temperature)
         ctx.set_materialize_grads(False)
-        return loss, lse
+        return loss, lse, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        logits, local_t, local_w, stats = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, grad_entropy):
+        logits, local_t, local_w, stats, entropy = ctx.saved_tensors
         if logits.shape[1] == 0:
             grad = torch.zeros_like(logits)
         else:
             if grad_loss is None:
                 grad_loss = torch.zeros_like(stats[0])
+            extra = () if grad_entropy is None else (grad_entropy, entropy)
             grad = torch.ops.triton_softmax.cross_entropy_backward.default(
-                grad_loss, grad_lse, logits, local_t, local_w, stats, *ctx.options
+                grad_loss, grad_lse, logits, local_t, local_w, stats, *ctx.options, *extra
             )
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 class VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -310,33 +344,39 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-        z_loss, softcap, group, layout,
+        z_loss, softcap, group, layout, temperature=1.0, return_entropy=False,
     ):  # fmt: skip
         start, total = layout
         local_classes = linear_weight.shape[0]
         local_t = local_target(target, start, start + local_classes, ignore_index)
         local_w = local_weight(weight, start, local_classes)
-        if local_classes:
-            loss_r, lse_r, stats_r = torch.ops.triton_softmax.linear_cross_entropy.default(
-                input, linear_weight, linear_bias, local_t, local_w, LOCAL_IGNORED,
-                label_smoothing, 0.0, softcap, total,
-            )  # fmt: skip
-            local = torch.stack([loss_r, lse_r, stats_r[2]])
+        args = (input, linear_weight, linear_bias, local_t, local_w, LOCAL_IGNORED,
+                label_smoothing, 0.0, softcap, total, 0, temperature)  # fmt: skip
+        if not local_classes:
+            local = empty_shard(input.shape[0], input.dtype, input.device, 3 + return_entropy)
+        elif return_entropy:
+            loss_r, lse_r, entropy_r, stats_r = (
+                torch.ops.triton_softmax.linear_cross_entropy_with_entropy.default(*args)
+            )
+            local = torch.stack([loss_r, lse_r, stats_r[2], lse_r - entropy_r])
         else:
-            local = empty_shard(input.shape[0], input.dtype, input.device)
-        loss, lse, mass = merge_shards(local, group)
+            loss_r, lse_r, stats_r = torch.ops.triton_softmax.linear_cross_entropy.default(*args)
+            local = torch.stack([loss_r, lse_r, stats_r[2]])
+        loss, lse, mass, *entropy = merge_shards(local, group)
         loss = finish_rows(loss, lse, target, ignore_index, z_loss)
+        entropy = finish_entropy(entropy, target, ignore_index)
         ctx.save_for_backward(
-            input, linear_weight, linear_bias, local_t, local_w, global_stats(lse, mass)
+            input, linear_weight, linear_bias, local_t, local_w, global_stats(lse, mass), entropy
         )
         ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total)
+        ctx.temperature = temperature
         ctx.group = group
         ctx.set_materialize_grads(False)
-        return loss, lse
+        return loss, lse, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        input, linear_weight, linear_bias, local_t, local_w, stats = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, grad_entropy):
+        input, linear_weight, linear_bias, local_t, local_w, stats, entropy = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
         if linear_weight.shape[0] == 0:  # no class here: nothing to add to the input's gradient
             grad_input = torch.zeros_like(input)
@@ -349,7 +389,8 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = (
                 torch.ops.triton_softmax.linear_cross_entropy_backward.default(
                     grad_loss, grad_lse, input, linear_weight, linear_bias, local_t, local_w,
-                    stats, *ctx.options, needs,
+                    stats, *ctx.options, needs, 0, ctx.temperature, grad_entropy,
+                    None if grad_entropy is None else entropy,
                 )
             )  # fmt: skip
         dist.all_reduce(grad_input, group=ctx.group)
@@ -357,5 +398,5 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_input if ctx.needs_input_grad[0] else None,
             grad_weight if needs[1] else None,
             grad_bias if needs[2] else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )  # fmt: skip

@@ -169,7 +169,9 @@ def cross_entropy(
     inplace_backward: bool = False,
     check_targets: bool = False,
     process_group=None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
     Args:
@@ -220,15 +222,28 @@ def cross_entropy(
             agree on: ranks that disagree get the same ValueError) and one of 3 floats per
             row in the forward, none in the backward (see ``triton_softmax.distributed``).
             Not with ``inplace_backward`` or torch.func.
+        temperature: keyword-only, a positive finite real number T (default 1): the logits
+            are soft-capped first (with ``softcap``), then divided by T, and everything (loss,
+            lse, z-loss, smoothing, entropy) is taken on those tempered logits (vLLM's
+            sampling order). Per-token log-probs at temperature T are
+            ``-cross_entropy(logits, tokens, reduction="none", temperature=T)``. Each distinct
+            value compiles its own kernel specialisation once.
+        return_entropy: keyword-only; also return the entropy ``H = -sum_j p_j log p_j`` of
+            softmax(tempered logits), formed in the same pass as the loss and differentiable,
+            reduced like the loss over the counted rows: "none" per row (0 where the target is
+            ``ignore_index``), "sum" their sum, "mean" that sum over the number of counted rows
+            (class weights do not enter it); in the loss's dtype.
     Returns:
         The loss: a scalar for "mean"/"sum", else the target's batch shape; in the input's
         dtype (probability targets: the promoted dtype of input and target, as torch; under
-        ``torch.autocast``, float32 as torch). With ``return_lse``, ``(loss, lse)``.
+        ``torch.autocast``, float32 as torch). With ``return_lse``, ``(loss, lse)``; with
+        ``return_entropy``, ``(loss, entropy)``; with both, ``(loss, lse, entropy)``.
     Raises:
         TypeError: non-tensor arguments, non-floating logits, or a target that is neither
             integer nor floating.
         ValueError: shapes that do not fit (both named), bad weight, reduction, smoothing,
-            softcap, z_loss or ignore_index; ``inplace_backward`` on a leaf that requires grad.
+            softcap, z_loss, temperature or ignore_index; ``inplace_backward`` on a leaf that
+            requires grad.
         IndexError: a class index outside [0, C) that is not ``ignore_index``.
     """
     _require_tensor(input, "cross_entropy", "input")
@@ -247,6 +262,8 @@ def cross_entropy(
         batch_shape, input.shape,
     )  # fmt: skip
     z_loss = checked_z_loss(z_loss)
+    temperature = checked_temperature(temperature)
+    return_entropy = bool(return_entropy)
     is_index = not target.is_floating_point()
     if inplace_backward and _is_leaf_requiring_grad(input):
         raise ValueError(
@@ -261,11 +278,12 @@ def cross_entropy(
         return _sharded(
             "cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing,
             z_loss, softcap, return_lse, batch_shape, process_group, check_targets,
+            temperature=temperature, return_entropy=return_entropy,
         )  # fmt: skip
     if _with_torch(input):
         return _torch_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-            return_lse,
+            return_lse, temperature, return_entropy,
         )  # fmt: skip
 
     input = _autocast_float32("cross_entropy", input)
@@ -278,12 +296,15 @@ def cross_entropy(
     if (
         reduction != "none"
         and not return_lse
+        and not return_entropy
         and torch.is_grad_enabled()
         and logits.requires_grad
         and not target_rows.requires_grad
     ):
         # Two passes: the forward forms the reduced loss's gradient, the backward rescales it.
-        options = (weight, ignore_index, label_smoothing, float(z_loss), softcap, reduction)
+        options = (
+            weight, ignore_index, label_smoothing, float(z_loss), softcap, reduction, temperature
+        )  # fmt: skip
         if inplace_backward and _ce.rows_writable(logits):
             out, _, _ = _ce.ReducedInplace.apply(logits, target_rows, *options)
         else:
@@ -291,21 +312,61 @@ def cross_entropy(
                 logits, target_rows, *options
             )
         return out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
-    loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(
-        logits,
-        target_rows,
-        weight,
-        ignore_index,
-        label_smoothing,
-        float(z_loss),
-        softcap,
-        inplace_backward and _ce.rows_writable(logits),
-    )
+    args = (
+        logits, target_rows, weight, ignore_index, label_smoothing, float(z_loss), softcap,
+        inplace_backward and _ce.rows_writable(logits), 0, temperature,
+    )  # fmt: skip
+    entropy = None
+    if return_entropy:
+        loss, lse, entropy, _ = torch.ops.triton_softmax.cross_entropy_with_entropy.default(*args)
+    else:
+        loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(*args)
     out = _reduce(
         loss.reshape(batch_shape), target, weight, ignore_index, reduction, n_classes, z_loss
     )
     out = out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
-    return (out, lse.reshape(batch_shape)) if return_lse else out
+    if entropy is not None:
+        entropy = _reduce_entropy(entropy.reshape(batch_shape), target, ignore_index, reduction)
+        entropy = entropy.to(out.dtype)
+    return _outputs(out, lse.reshape(batch_shape), entropy, return_lse)
+
+
+def _outputs(loss, lse, entropy, return_lse: bool):
+    """loss, (loss, lse), (loss, entropy) or (loss, lse, entropy): what was asked for."""
+    if entropy is None:
+        return (loss, lse) if return_lse else loss
+    return (loss, lse, entropy) if return_lse else (loss, entropy)
+
+
+def _reduce_entropy(entropy, target, ignore_index, reduction):
+    """Per-row entropies (0 for ignored rows) reduced over the counted rows, unweighted."""
+    if reduction == "none":
+        return entropy
+    if reduction == "sum":
+        return entropy.sum()
+    if target.is_floating_point():
+        return entropy.mean()
+    return entropy.sum() / (target != ignore_index).sum()
+
+
+def checked_temperature(temperature) -> float:
+    """``temperature`` as a float.
+
+    Raises:
+        ValueError: unless it is a positive finite real number (not a bool): 0 or a negative
+            value would divide by 0 or flip the distribution, NaN / inf make every loss NaN.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(
+            f"temperature must be a positive finite real number (the logits are divided by "
+            f"it), got {type(temperature).__name__} {temperature!r}"
+        )
+    if not 0.0 < float(temperature) < math.inf:
+        raise ValueError(
+            f"temperature must be a positive finite real number (the logits are divided by "
+            f"it), got {temperature!r}"
+        )
+    return float(temperature)
 
 
 def _checked_options(
@@ -428,7 +489,9 @@ def linear_cross_entropy(
     return_lse: bool = False,
     check_targets: bool = False,
     process_group=None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without ever
     holding the logits, as ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13).
 
@@ -440,8 +503,9 @@ def linear_cross_entropy(
         target: class indices of shape (), (*) or (N, d1, ..., dk); or class probabilities of
             the logits' shape (*, V) or (N, V, d1, ..., dk).
         linear_bias: (V,) (or (V, d1, ..., dk)) bias, or None.
-        weight, reduction, label_smoothing, softcap, z_loss, return_lse: as
-            :func:`cross_entropy`.
+        weight, reduction, label_smoothing, softcap, z_loss, return_lse, temperature,
+            return_entropy: as :func:`cross_entropy` (the entropy differentiable with respect
+            to input, linear_weight and linear_bias, formed in the same pass over each chunk).
         ignore_index: as in torch: None means -100 for class indices; with probability
             targets it must stay None.
         check_targets: keyword-only; as :func:`cross_entropy`'s (with ``process_group``,
@@ -461,7 +525,8 @@ def linear_cross_entropy(
     Returns:
         The loss (a scalar for "mean"/"sum", else the target's batch shape), in the input's
         dtype (float32 under ``torch.autocast``, as torch); with ``return_lse``, also the
-        log-sum-exp per row in float32 (float64 for float64 input).
+        log-sum-exp per row in float32 (float64 for float64 input); with ``return_entropy``,
+        also the entropy reduced as :func:`cross_entropy`'s, last.
     Raises:
         TypeError, ValueError, IndexError: as :func:`cross_entropy`, plus shapes of
             ``linear_weight`` and ``linear_bias`` that do not fit the input.
@@ -518,6 +583,8 @@ def linear_cross_entropy(
         -100 if ignore_index is None else ignore_index, softcap, batch_shape, logits_shape,
     )  # fmt: skip
     z_loss = checked_z_loss(z_loss)
+    temperature = checked_temperature(temperature)
+    return_entropy = bool(return_entropy)
     is_index = not target.is_floating_point()
     out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
     if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
@@ -536,7 +603,8 @@ def linear_cross_entropy(
             "linear_cross_entropy", (x, linear_weight, linear_bias), target.reshape(
                 x.shape[0], *target.shape[input.dim() - 1 :]
             ), weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
-            batch_shape, process_group, check_targets, out_dtype,
+            batch_shape, process_group, check_targets, out_dtype, temperature=temperature,
+            return_entropy=return_entropy,
         )  # fmt: skip
     if is_index and check_targets and target.device.type != "cpu":  # CPU: always checked
         _check_targets_eagerly(target, n_classes, ignore_index)
@@ -551,6 +619,7 @@ def linear_cross_entropy(
     rows, keep = _linear_chunking(options, x.shape[0], n_features, n_classes)
     needs = [t is not None and t.requires_grad for t in (x, linear_weight, linear_bias)]
     reduced = reduction != "none" and torch.is_grad_enabled() and any(needs) and n_positions > 0
+    reduced = reduced and not return_entropy  # per-row entropy gradients: the per-row op
     if reduced and not use_composite:  # gradients formed in the forward, scaled in backward
         denominator = _linear_denominator(target, weight, ignore_index, reduction, n_classes, x)
         total, lses = 0.0, []
@@ -559,7 +628,7 @@ def linear_cross_entropy(
             t_p = targets[:, p] if is_index else targets[:, :, p]
             part, lse, *_ = torch.ops.triton_softmax.linear_cross_entropy_reduced.default(
                 x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss),
-                softcap, denominator, needs, rows, keep,
+                softcap, denominator, needs, rows, keep, temperature,
             )  # fmt: skip
             total = total + part
             lses.append(lse)
@@ -567,33 +636,43 @@ def linear_cross_entropy(
             total = torch.where(denominator != 0, total, math.nan)
         lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
         return (total.to(out_dtype), lse) if return_lse else total.to(out_dtype)
-    losses, lses = [], []
+    losses, lses, entropies = [], [], []
     for p in range(n_positions):
         w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
         t_p = targets[:, p] if is_index else targets[:, :, p]
         if use_composite:  # the same math with torch's functions, for torch.func / forward AD
-            loss, lse = cross_entropy(
+            loss, lse, *entropy = cross_entropy(
                 F.linear(x, w_p, b_p), t_p, weight, ignore_index=ignore_index, reduction="none",
                 label_smoothing=label_smoothing, softcap=softcap or None, z_loss=z_loss,
-                return_lse=True,
+                return_lse=True, temperature=temperature, return_entropy=return_entropy,
             )  # fmt: skip
         else:
-            loss, lse, _ = torch.ops.triton_softmax.linear_cross_entropy.default(
-                x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss), softcap,
-                0, rows,
-            )  # fmt: skip
+            args = (x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss),
+                    softcap, 0, rows, temperature)  # fmt: skip
+            if return_entropy:
+                op = torch.ops.triton_softmax.linear_cross_entropy_with_entropy.default
+                loss, lse, *entropy, _ = op(*args)
+            else:
+                loss, lse, _ = torch.ops.triton_softmax.linear_cross_entropy.default(*args)
+                entropy = []
         losses.append(loss)
         lses.append(lse)
+        entropies += entropy
     if n_positions == 0:  # a K-dimensional loss with an empty position dimension: (N, 0),
         # from the (empty) logits, so that the result has a grad_fn as torch's
         bias = None if biases is None else biases.reshape(0)
         empty = F.linear(x, weights.reshape(0, n_features), bias)
-        losses = lses = [empty.to(accumulator_dtype(x.dtype))]
+        losses = lses = entropies = [empty.to(accumulator_dtype(x.dtype))]
     loss = (losses[0] if n_positions == 1 else torch.stack(losses, 1)).reshape(batch_shape)
     lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
     out = _reduce(loss, target, weight, ignore_index, reduction, n_classes, z_loss)
     out = out.to(out_dtype)
-    return (out, lse) if return_lse else out
+    entropy = None
+    if return_entropy:
+        entropy = entropies[0] if n_positions == 1 else torch.stack(entropies, 1)
+        entropy = _reduce_entropy(entropy.reshape(batch_shape), target, ignore_index, reduction)
+        entropy = entropy.to(out_dtype)
+    return _outputs(out, lse, entropy, return_lse)
 
 
 def _linear_chunking(options, n_rows: int, n_features: int, n_classes: int) -> tuple[int, bool]:
@@ -645,7 +724,8 @@ def _linear_denominator(target, weight, ignore_index, reduction, n_classes, x) -
 
 def _sharded(
     function, inputs, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-    softcap, return_lse, batch_shape, group, check_targets, out_dtype=None,
+    softcap, return_lse, batch_shape, group, check_targets, out_dtype=None, *,
+    temperature=1.0, return_entropy=False,
 ):  # fmt: skip
     """cross_entropy (``inputs`` = the logits) or linear_cross_entropy (``inputs`` = (x, W, b))
     with the classes sharded over ``group``; see ``triton_softmax.distributed``."""
@@ -671,17 +751,20 @@ def _sharded(
         dtype=inputs[0].dtype, local_classes=local_classes, target=target, weight=weight,
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         z_loss=float(z_loss), softcap=softcap, check_targets=check_targets,
-        device=inputs[0].device,
+        device=inputs[0].device, temperature=temperature, return_entropy=return_entropy,
     )  # fmt: skip
     total = layout[1]
-    loss, lse = apply(
+    loss, lse, entropy = apply(
         *inputs, target, weight, ignore_index, label_smoothing, float(z_loss), softcap, group,
-        layout,
+        layout, temperature, return_entropy,
     )  # fmt: skip
     loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
-    out = _reduce(loss, target.reshape(batch_shape) if is_index else target, weight,
-                  ignore_index, reduction, total, z_loss).to(out_dtype)  # fmt: skip
-    return (out, lse) if return_lse else out
+    target = target.reshape(batch_shape) if is_index else target
+    out = _reduce(loss, target, weight, ignore_index, reduction, total, z_loss).to(out_dtype)
+    if entropy is not None:
+        entropy = entropy.reshape(batch_shape)
+        entropy = _reduce_entropy(entropy, target, ignore_index, reduction).to(out_dtype)
+    return _outputs(out, lse, entropy, return_lse)
 
 
 @torch.compiler.disable
@@ -718,8 +801,9 @@ def _reduce(per_row, target, weight, ignore_index, reduction, n_classes, z_loss=
 
 
 def _torch_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse
-):
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
+    temperature=1.0, return_entropy=False,
+):  # fmt: skip
     """Cross-entropy with torch's own functions; the extras composed from torch ops."""
     is_index = not target.is_floating_point()
     out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
@@ -729,11 +813,13 @@ def _torch_cross_entropy(
         out_dtype = torch.float32  # torch's autocast policy for cross_entropy
     if softcap:  # capped in fp32 at least, as the kernels do
         input = softcap * torch.tanh(input.to(accumulator_dtype(input.dtype)) / softcap)
+    if temperature != 1.0:  # tempered after capping, in fp32 at least
+        input = input.to(accumulator_dtype(input.dtype)) / temperature
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)  # torch wants them alike; the kernels take any
     # Positional, in F.cross_entropy's order (weight, size_average, ignore_index, reduce,
     # reduction, label_smoothing): keyword passing costs a measurable share at 4 x 3.
-    if not z_loss and not return_lse:
+    if not z_loss and not return_lse and not return_entropy:
         out = F.cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
         )
@@ -746,7 +832,16 @@ def _torch_cross_entropy(
     elif z_loss:
         loss = loss + torch.where(target != ignore_index, z_loss * lse * lse, 0.0)
     out = _reduce(loss, target, weight, ignore_index, reduction, input.shape[class_dim], z_loss)
-    return (out.to(out_dtype), lse) if return_lse else out.to(out_dtype)
+    entropy = None
+    if return_entropy:
+        log_p = input.to(lse.dtype).log_softmax(dim=class_dim)
+        p = log_p.exp()
+        # -sum p log p with 0 log 0 = 0; the where keeps the gradient of a p = 0 class finite.
+        entropy = -(p * torch.where(p == 0, 0.0, log_p)).sum(dim=class_dim)
+        if is_index:
+            entropy = torch.where(target != ignore_index, entropy, 0.0)
+        entropy = _reduce_entropy(entropy, target, ignore_index, reduction).to(out_dtype)
+    return _outputs(out.to(out_dtype), lse, entropy, return_lse)
 
 
 def _class_dim_last(t: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,11 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     :func:`triton_softmax.cross_entropy`.
 
     Takes torch's constructor arguments, plus keyword-only ``softcap``, ``z_loss``,
-    ``return_lse``, ``inplace_backward``, ``check_targets`` and ``process_group`` (see
-    :func:`triton_softmax.cross_entropy`; ``softcap`` and ``z_loss`` are checked here);
-    with ``return_lse=True`` the module returns ``(loss, lse)``.
+    ``return_lse``, ``inplace_backward``, ``check_targets``, ``process_group``, ``temperature``
+    and ``return_entropy`` (see :func:`triton_softmax.cross_entropy`; ``softcap``, ``z_loss``
+    and ``temperature`` are checked here); with ``return_lse=True`` the module returns
+    ``(loss, lse)``, with ``return_entropy=True`` ``(loss, entropy)``, with both
+    ``(loss, lse, entropy)``.
     """
 
     def __init__(
@@ -52,6 +54,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         inplace_backward: bool = False,
         check_targets: bool = False,
         process_group=None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
     ) -> None:
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -63,10 +67,12 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
         self.check_targets = check_targets
         self.process_group = process_group
+        self.temperature = F.checked_temperature(temperature)
+        self.return_entropy = return_entropy
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return F.cross_entropy(
             input,
             target,
@@ -80,6 +86,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             inplace_backward=self.inplace_backward,
             check_targets=self.check_targets,
             process_group=self.process_group,
+            temperature=self.temperature,
+            return_entropy=self.return_entropy,
         )
 
 
@@ -90,8 +98,9 @@ class LinearCrossEntropyLoss(nn.Module):
 
     Same constructor arguments and parameters as torch's (``self.linear`` holds the head as an
     ``nn.Linear`` of ``num_classes * prod(out_features)`` outputs; ``self.weight`` the class
-    weights), plus keyword-only ``softcap``, ``z_loss``, ``return_lse`` and ``process_group``
-    (this rank's shard of the head: ``num_classes`` is then the local class count).
+    weights), plus keyword-only ``softcap``, ``z_loss``, ``return_lse``, ``process_group``
+    (this rank's shard of the head: ``num_classes`` is then the local class count),
+    ``temperature`` and ``return_entropy`` (as :class:`CrossEntropyLoss`'s).
     """
 
     def __init__(
@@ -112,6 +121,8 @@ class LinearCrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         return_lse: bool = False,
         process_group=None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
     ) -> None:
         super().__init__()
         if label_smoothing < 0.0 or label_smoothing > 1.0:  # as torch's: NaN passes (no smoothing)
@@ -129,6 +140,8 @@ class LinearCrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
         self.return_lse = return_lse
         self.process_group = process_group
+        self.temperature = F.checked_temperature(temperature)
+        self.return_entropy = return_entropy
         self.linear = nn.Linear(
             in_features,
             math.prod(self.out_features, start=num_classes),
@@ -139,7 +152,7 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         shape = (self.num_classes, *self.out_features)
         bias = self.linear.bias
         return F.linear_cross_entropy(
@@ -156,6 +169,8 @@ class LinearCrossEntropyLoss(nn.Module):
             z_loss=self.z_loss,
             return_lse=self.return_lse,
             process_group=self.process_group,
+            temperature=self.temperature,
+            return_entropy=self.return_entropy,
         )
 
     def extra_repr(self) -> str:
@@ -164,5 +179,5 @@ class LinearCrossEntropyLoss(nn.Module):
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
             f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, options={self.options}, "
-            f"softcap={self.softcap}, z_loss={self.z_loss}"
+            f"softcap={self.softcap}, z_loss={self.z_loss}, temperature={self.temperature}"
         )

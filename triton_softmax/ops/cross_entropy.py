@@ -179,6 +179,7 @@ def _lanes_block(
     d,
     a,
     s,
+    b,
     block,
     target_rows,
     weight_ptr,
@@ -186,6 +187,8 @@ def _lanes_block(
     total_classes,
     LABEL_SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    INV_TEMPERATURE: tl.constexpr,
+    ENTROPY: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -196,11 +199,17 @@ def _lanes_block(
     (a is rescaled when m grows, so it never subtracts two large numbers). Every operation
     is lane-wise: no reduction, so no barrier in the loop. Class-index targets without class
     weights take s in closed form (each lane of a counted row has seen ``block`` classes of
-    r = eps / C before this one) and carry no s."""
+    r = eps / C before this one) and carry no s. The logits are soft-capped, then tempered
+    (times 1 / T) as they are loaded; ENTROPY also keeps b = sum exp(x - m) (x - m)."""
     if SOFTCAP > 0:
         x = SOFTCAP * tanh(x / SOFTCAP)
+    if INV_TEMPERATURE != 1.0:
+        x = x * INV_TEMPERATURE
     x = tl.where(mask, x, float("-inf"))
-    m_new, d = online_logsumexp_lanes(m, d, x)
+    if ENTROPY:
+        m_new, d_new, b = _online_entropy_lanes(m, d, b, x)
+    else:
+        m_new, d_new = online_logsumexp_lanes(m, d, x)
     if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
         shift_new = finite_or_zero(m_new)
         if TARGET_IS_INDEX and not HAS_WEIGHT:
@@ -215,7 +224,33 @@ def _lanes_block(
             a += s * (finite_or_zero(m) - shift_new)
             a += tl.where(mask, r * (x - shift_new), 0.0)
             s += r
-    return m_new, d, a, s
+    return m_new, d_new, a, s, b
+
+
+@triton.jit
+def _online_entropy_lanes(m, d, b, x):
+    """:func:`online_logsumexp_lanes` (the same m, d, one exponential) that also keeps per lane
+    b = sum exp(x - m) (x - m) <= 0, rescaled when m grows: b' = e (b + (m - x) d) with
+    e = exp(m - x). A -inf logit (p = 0) adds nothing, as p log p -> 0."""
+    m_new = tl.maximum(m, x)
+    e = tl.exp2(-tl.abs(x - m) * LOG2E)
+    grow = x > m
+    d_new = tl.where(grow, d * e + 1.0, d + e)
+    d_new = tl.where(m_new == float("-inf"), d, d_new)
+    b_grown = e * (b + (finite_or_zero(m) - x) * d)
+    b_kept = b + tl.where(e > 0, e * (x - m), 0.0)
+    b_new = tl.where(grow, b_grown, b_kept)
+    return m_new, d_new, b_new
+
+
+@triton.jit
+def _entropy_lanes_combine(m, d, b, shift, row_sum, log_d):
+    """The row's entropy H = lse - E[x] = log d - B / d from the per-lane (m, d, b) of
+    :func:`_online_entropy_lanes`, B = sum exp(x - M) (x - M) over the row (M = ``shift``):
+    each lane's b moved to M as its sum is, b + (m - M) d, times exp(m - M)."""
+    alpha = tl.exp2((m - shift[:, None]) * LOG2E)
+    b_row = tl.sum(alpha * (b + (finite_or_zero(m) - shift[:, None]) * d), axis=1)
+    return log_d - b_row / row_sum
 
 
 @triton.jit
@@ -230,12 +265,16 @@ def _grad_block(
     counted,
     safe_target,
     hot,
+    h_scale,
+    centre,
     target_rows,
     weight_ptr,
     n_classes,
     total_classes,
     LABEL_SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    INV_TEMPERATURE: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ZERO_UNCOUNTED: tl.constexpr,
@@ -245,10 +284,14 @@ def _grad_block(
 ):
     """dx_k = p_k * p_scale - g r_k (times d(c tanh(z / c))/dz with a softcap) on one block of
     raw logits ``x``; p = exp((x - m) - log d) from the row's stats. The true class's
-    p_t - hot is formed in ACC_DTYPE before the caller's cast (bf16 keeps p = 0.999)."""
+    p_t - hot is formed in ACC_DTYPE before the caller's cast (bf16 keeps p = 0.999).
+    Tempered logits u = x / T: the gradient with respect to u is divided by T. ENTROPY_GRAD
+    adds h_scale * dH/du_k = -h_scale p_k (u_k - E[u]), ``centre`` = E[u] - m per row."""
     if SOFTCAP > 0:
         t = tanh(x / SOFTCAP)
         x = SOFTCAP * t
+    if INV_TEMPERATURE != 1.0:
+        x = x * INV_TEMPERATURE
     p = tl.exp2(((x - m[:, None]) - log_d[:, None]) * LOG2E)
     r = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
     if TARGET_IS_INDEX:
@@ -259,6 +302,11 @@ def _grad_block(
             LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
     grad = p * p_scale[:, None] - g[:, None] * r
+    if ENTROPY_GRAD:
+        spread = p * ((x - m[:, None]) - centre[:, None])
+        grad -= h_scale[:, None] * tl.where(p == 0, 0.0, spread)  # p = 0 at x = -inf
+    if INV_TEMPERATURE != 1.0:
+        grad *= INV_TEMPERATURE
     if SOFTCAP > 0:
         grad *= 1.0 - t * t  # d(c tanh(z / c))/dz
     if ZERO_UNCOUNTED:
@@ -273,6 +321,7 @@ def _cross_entropy_forward_kernel(
     row_max_ptr,
     log_sum_ptr,
     target_mass_ptr,
+    entropy_ptr,
     grad_logits_ptr,
     grad_scale_ptr,
     logits_ptr,
@@ -289,6 +338,8 @@ def _cross_entropy_forward_kernel(
     LABEL_SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    INV_TEMPERATURE: tl.constexpr,
+    ENTROPY: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SHARDED: tl.constexpr,
@@ -313,21 +364,24 @@ def _cross_entropy_forward_kernel(
     d = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum exp(x - m)
     a = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum r_j (x_j - m')
     s = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum r_j
+    b = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)  # per-lane sum exp(x - m) (x - m) (ENTROPY)
     if SINGLE_BLOCK:
         held_mask = row_mask[:, None] & (cols[None, :] < n_classes)
         held = tl.load(logits_rows + cols[None, :], mask=held_mask, other=0.0).to(ACC_DTYPE)
-        m, d, a, s = _lanes_block(
-            held, cols, held_mask, m, d, a, s, 0, target_rows, weight_ptr, n_classes,
-            total_classes, LABEL_SMOOTHING, SOFTCAP, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+        m, d, a, s, b = _lanes_block(
+            held, cols, held_mask, m, d, a, s, b, 0, target_rows, weight_ptr, n_classes,
+            total_classes, LABEL_SMOOTHING, SOFTCAP, INV_TEMPERATURE, ENTROPY, TARGET_IS_INDEX,
+            HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
     else:
         for start in range(0, n_classes, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_classes)
             x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-            m, d, a, s = _lanes_block(
-                x, c, mask, m, d, a, s, start // BLOCK_N, target_rows, weight_ptr, n_classes,
-                total_classes, LABEL_SMOOTHING, SOFTCAP, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
+            m, d, a, s, b = _lanes_block(
+                x, c, mask, m, d, a, s, b, start // BLOCK_N, target_rows, weight_ptr, n_classes,
+                total_classes, LABEL_SMOOTHING, SOFTCAP, INV_TEMPERATURE, ENTROPY,
+                TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
     row_max, shift, row_sum = logsumexp_lanes_combine(m, d)
     if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
@@ -359,6 +413,8 @@ def _cross_entropy_forward_kernel(
         ).to(ACC_DTYPE)
         if SOFTCAP > 0:
             x_target = SOFTCAP * tanh(x_target / SOFTCAP)
+        if INV_TEMPERATURE != 1.0:
+            x_target = x_target * INV_TEMPERATURE
         hot = (1.0 - LABEL_SMOOTHING) * w_target
         loss += hot * ((row_max - x_target) + log_d)
         s_row += hot
@@ -378,6 +434,9 @@ def _cross_entropy_forward_kernel(
     tl.store(row_max_ptr + rows, row_max, mask=row_mask)
     tl.store(log_sum_ptr + rows, log_d, mask=row_mask)
     tl.store(target_mass_ptr + rows, s_row, mask=row_mask)
+    if ENTROPY:
+        entropy = _entropy_lanes_combine(m, d, b, shift, row_sum, log_d)
+        tl.store(entropy_ptr + rows, tl.where(counted, entropy, 0.0), mask=row_mask)
 
     if WRITE_GRAD:
         g = tl.full([BLOCK_M], 0.0, ACC_DTYPE) + tl.load(grad_scale_ptr).to(ACC_DTYPE)
@@ -392,8 +451,9 @@ def _cross_entropy_forward_kernel(
         if SINGLE_BLOCK:
             grad = _grad_block(
                 held, cols, held_mask, row_max, log_d, p_scale, g, counted, safe_target, hot,
-                target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
-                TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE, BLOCK_M, BLOCK_N,
+                g, g, target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING,
+                SOFTCAP, INV_TEMPERATURE, False, TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE,
+                BLOCK_M, BLOCK_N,
             )  # fmt: skip
             grad = grad.to(grad_logits_ptr.dtype.element_ty)
             tl.store(grad_rows + cols[None, :], grad, mask=held_mask)
@@ -403,9 +463,10 @@ def _cross_entropy_forward_kernel(
                 mask = row_mask[:, None] & (c[None, :] < n_classes)
                 x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
                 grad = _grad_block(
-                    x, c, mask, row_max, log_d, p_scale, g, counted, safe_target, hot,
+                    x, c, mask, row_max, log_d, p_scale, g, counted, safe_target, hot, g, g,
                     target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
-                    TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE, BLOCK_M, BLOCK_N,
+                    INV_TEMPERATURE, False, TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE,
+                    BLOCK_M, BLOCK_N,
                 )  # fmt: skip
                 grad = grad.to(grad_logits_ptr.dtype.element_ty)
                 tl.store(grad_rows + c[None, :], grad, mask=mask)
@@ -416,6 +477,8 @@ def _cross_entropy_backward_kernel(
     grad_logits_ptr,
     grad_loss_ptr,
     grad_lse_ptr,
+    grad_entropy_ptr,
+    entropy_ptr,
     logits_ptr,
     target_ptr,
     weight_ptr,
@@ -425,6 +488,7 @@ def _cross_entropy_backward_kernel(
     grad_logits_row_stride,
     grad_loss_stride,
     grad_lse_stride,
+    grad_entropy_stride,
     logits_row_stride,
     target_row_stride,
     n_rows,
@@ -435,16 +499,20 @@ def _cross_entropy_backward_kernel(
     LABEL_SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    INV_TEMPERATURE: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SHARDED: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # dx_k = p_k * (g (S + 2 z lse) + g_lse) - g r_k: one read of the logits, one write.
-    # g is the upstream gradient of the row's loss, g_lse that of the returned lse (if used).
+    # g is the upstream gradient of the row's loss, g_lse that of the returned lse (if used),
+    # g_H that of the entropy: - g_H p_k (x_k - E[x]) more, E[x] - m = log d - H. With a
+    # temperature, x is the tempered logit and the whole is divided by T.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
@@ -478,15 +546,23 @@ def _cross_entropy_backward_kernel(
     if HAS_GRAD_LSE:
         g_lse = tl.load(grad_lse_ptr + rows * grad_lse_stride, mask=row_mask, other=0.0)
         p_scale += g_lse.to(ACC_DTYPE)
+    h_scale = g
+    centre = g
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + rows * grad_entropy_stride, mask=row_mask, other=0.0)
+        h_scale = tl.where(counted, g_h.to(ACC_DTYPE), 0.0)  # ignored rows: H = 0, constant
+        entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        centre = log_d - entropy
 
     for start in range(0, n_classes, BLOCK_N):
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < n_classes)
         x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         grad = _grad_block(
-            x, c, mask, m, log_d, p_scale, g, counted, safe_target, hot, target_rows,
-            weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP, TARGET_IS_INDEX,
-            HAS_WEIGHT, not HAS_GRAD_LSE, ACC_DTYPE, BLOCK_M, BLOCK_N,
+            x, c, mask, m, log_d, p_scale, g, counted, safe_target, hot, h_scale, centre,
+            target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
+            INV_TEMPERATURE, HAS_GRAD_ENTROPY, TARGET_IS_INDEX, HAS_WEIGHT, not HAS_GRAD_LSE,
+            ACC_DTYPE, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         tl.store(grad_rows + c[None, :], grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
@@ -645,17 +721,22 @@ def _softcapped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, tor
 
 def _plain_forward(
     logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
-    loss, lse, stats,
+    loss, lse, stats, temperature=1.0, entropy=None,
 ):  # fmt: skip
-    """Plain-torch forward of the same math as the kernel, writing loss, lse and stats."""
+    """Plain-torch forward of the same math as the kernel, writing loss, lse and stats (and
+    the entropy into ``entropy`` when given)."""
     acc = loss.dtype
     n_classes = logits.shape[1]
-    x = _softcapped(logits.to(acc), softcap)[0]
+    x = _tempered(_softcapped(logits.to(acc), softcap)[0], temperature)
     m = x.amax(dim=1)
     m_shift = torch.where(m == -math.inf, 0.0, m)
     shifted = x - m_shift[:, None]
     log_d = shifted.logsumexp(dim=1)
     lse.copy_(m_shift + log_d)
+    if entropy is not None:
+        entropy.copy_(log_d - _expected_shift(shifted, log_d))
+        if target.dtype == torch.int64:
+            entropy.masked_fill_(target == ignore_index, 0.0)
     w = None if weight is None else weight.to(acc)
     smooth = label_smoothing / (total_classes or n_classes)
     if target.dtype == torch.int64:
@@ -689,6 +770,18 @@ def _plain_forward(
     stats[0], stats[1], stats[2] = m, log_d, mass
 
 
+def _tempered(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Plain-torch path: the tempered logits x / T."""
+    return x if temperature == 1.0 else x / temperature
+
+
+def _expected_shift(shifted: torch.Tensor, log_d: torch.Tensor) -> torch.Tensor:
+    """Plain-torch path: E_p[x - m] per row, p = exp(shifted - log d); a -inf logit (p = 0)
+    adds 0 (p log p -> 0)."""
+    p = torch.exp(shifted - log_d[:, None])
+    return torch.where(p == 0, 0.0, p * shifted).sum(1)
+
+
 def row_outputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised (loss [M], lse [M], stats [3, M]) for the M rows of ``rows``, in the
     accumulator dtype: what the cross-entropy ops (and the fused linear ones) return."""
@@ -714,6 +807,8 @@ def cross_entropy_forward(
     grad_out: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     block_n: int | None = None,
+    temperature: float = 1.0,
+    entropy_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of 2-D logits, and optionally its gradient in the same pass.
 
@@ -739,13 +834,22 @@ def cross_entropy_forward(
             upstream gradient of every row's loss (1 for a sum, 1 / denominator for a mean,
             see :func:`reduced_scale`), read on the device; None means 1.
         block_n: override the class block (a power of two; tests use it).
+        temperature: T > 0; everything (loss, lse, stats, entropy) is taken on the tempered
+            logits u = softcap(logits) / T. Each distinct value compiles once, as above.
+        entropy_out: None, or a contiguous [M] tensor of the loss's dtype: the entropy
+            H = lse - sum_j p_j u_j of softmax(u) is written into it in the same pass (one
+            more per-lane running sum); 0 for ignored rows. Not with ``grad_out``.
     Returns:
         loss [M], lse [M] and stats [3, M] = (row max m, lse - m, target mass S) for the
-        backward; fp32 (fp64 for fp64 logits).
+        backward (of the tempered logits); fp32 (fp64 for fp64 logits).
     """
     is_index = _check_operands(logits, target, weight)
     n_rows, n_classes = logits.shape
     loss, lse, stats = row_outputs(logits)
+    if entropy_out is not None:
+        if grad_out is not None:
+            raise ValueError("cross_entropy_forward writes entropy_out or grad_out, not both")
+        _check_row_vector(entropy_out, "entropy_out", n_rows, loss.dtype, logits.device)
     if grad_out is not None:
         if grad_out.shape != logits.shape or grad_out.device != logits.device:
             raise ValueError(
@@ -778,11 +882,14 @@ def cross_entropy_forward(
             loss,
             lse,
             stats,
+            temperature,
+            entropy_out,
         )
         if grad_out is not None:
             _plain_backward(
                 grad_scale.reshape(()).expand(n_rows), None, logits, target, weight, stats,
                 ignore_index, label_smoothing, z_loss, softcap, total_classes, grad_out,
+                temperature,
             )  # fmt: skip
         return loss, lse, stats
     row_max, log_sum, target_mass = stats
@@ -795,12 +902,37 @@ def cross_entropy_forward(
         row_max_ptr=row_max,
         log_sum_ptr=log_sum,
         target_mass_ptr=target_mass,
+        entropy_ptr=loss if entropy_out is None else entropy_out,  # unused without ENTROPY
+        ENTROPY=entropy_out is not None,
+        INV_TEMPERATURE=_inverse(temperature),
         grad_logits_ptr=loss if grad_out is None else grad_out,  # unused without WRITE_GRAD
         grad_scale_ptr=loss if grad_scale is None else grad_scale,
         grad_logits_row_stride=0 if grad_out is None else grad_out.stride(0),
         WRITE_GRAD=grad_out is not None,
     )  # fmt: skip
     return loss, lse, stats
+
+
+def _inverse(temperature: float) -> float:
+    """1 / T for the kernels (a compile-time constant; exactly 1.0 when T = 1)."""
+    temperature = float(temperature)
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return 1.0 / temperature
+
+
+def _check_row_vector(vector, name, n_rows, dtype, device) -> None:
+    """ValueError unless ``vector`` is a contiguous [n_rows] tensor of ``dtype`` on ``device``."""
+    if (
+        vector.shape != (n_rows,)
+        or vector.dtype != dtype
+        or vector.device != device
+        or not vector.is_contiguous()
+    ):
+        raise ValueError(
+            f"{name} must be a contiguous ({n_rows},) {dtype} tensor on {device}, got "
+            f"{tuple(vector.shape)} {vector.dtype} on {vector.device}"
+        )
 
 
 def _check_rows_writable(logits: torch.Tensor) -> None:
@@ -844,6 +976,9 @@ def _plain_backward(
     softcap,
     total_classes,
     out,
+    temperature=1.0,
+    grad_entropy=None,
+    entropy=None,
 ):
     """Plain-torch backward of the same math as the kernel, written into ``out``."""
     acc = stats.dtype
@@ -858,7 +993,9 @@ def _plain_backward(
     if grad_lse is not None:
         p_scale = p_scale + grad_lse.to(acc)
     x, t = _softcapped(logits.to(acc), softcap)
-    grad = torch.exp((x - m[:, None]) - log_d[:, None]) * p_scale[:, None]
+    x = _tempered(x, temperature)
+    p = torch.exp((x - m[:, None]) - log_d[:, None])
+    grad = p * p_scale[:, None]
     if is_index:
         _, safe, hot = _target_terms(target, w, counted, n_classes, label_smoothing, acc)
         grad.scatter_add_(1, safe[:, None], (-g * hot)[:, None])
@@ -867,6 +1004,12 @@ def _plain_backward(
     else:
         r = target.to(acc) * (1.0 - label_smoothing) + smooth
         grad -= g[:, None] * (r if w is None else r * w)
+    if grad_entropy is not None:  # dH/dx_k = -p_k (x_k - E[x]), E[x] - m = log d - H
+        h_scale = torch.where(counted, grad_entropy.to(acc), 0.0)
+        spread = p * ((x - m[:, None]) - (log_d - entropy)[:, None])
+        grad -= h_scale[:, None] * torch.where(p == 0, 0.0, spread)
+    if temperature != 1.0:
+        grad /= temperature
     if softcap > 0:
         grad *= 1.0 - t * t
     if grad_lse is None:
@@ -889,8 +1032,12 @@ def cross_entropy_backward(
     *,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient with respect to the logits of the per-row losses (and of the returned lse).
+    """Gradient with respect to the logits of the per-row losses (and of the returned lse
+    and entropy).
 
     Args:
         grad_loss: [M] upstream gradient of the per-row losses (any stride, 0 included).
@@ -900,13 +1047,23 @@ def cross_entropy_backward(
         out: [M, C] tensor to write into (``logits`` itself for the in-place mode);
             a new tensor when None.
         block_n: override the class block (a power of two; tests use it).
+        temperature: as the forward's.
+        grad_entropy: [M] upstream gradient of the entropy, or None when it is unused.
+        entropy: with ``grad_entropy``, the forward's contiguous [M] entropy.
     Returns:
         ``out``, holding the gradient in the logits' dtype.
     """
     _check_operands(logits, target, weight)
     n_rows = logits.shape[0]
     acc = accumulator_dtype(logits.dtype)
-    for name, vector in (("grad_loss", grad_loss), ("grad_lse", grad_lse)):
+    inv_temperature = _inverse(temperature)
+    if grad_entropy is not None:
+        if entropy is None:
+            raise ValueError("cross_entropy_backward: grad_entropy needs the forward's entropy")
+        _check_row_vector(entropy, "entropy", n_rows, acc, logits.device)
+    for name, vector in (
+        ("grad_loss", grad_loss), ("grad_lse", grad_lse), ("grad_entropy", grad_entropy)
+    ):  # fmt: skip
         if vector is not None and (vector.shape != (n_rows,) or vector.device != logits.device):
             raise ValueError(
                 f"{name} must have shape ({n_rows},) on {logits.device}, got "
@@ -928,10 +1085,12 @@ def cross_entropy_backward(
     if kernel_path(logits) == "torch":
         _plain_backward(
             grad_loss, grad_lse, logits, target, weight, stats,
-            ignore_index, label_smoothing, z_loss, softcap, total_classes, out,
+            ignore_index, label_smoothing, z_loss, softcap, total_classes, out, temperature,
+            grad_entropy, entropy,
         )  # fmt: skip
         return out
     lse_pointer = grad_loss if grad_lse is None else grad_lse  # unread without grad_lse
+    h_pointer = grad_loss if grad_entropy is None else grad_entropy  # unread without it
     row_max, log_sum, target_mass = stats
     _launch(
         _cross_entropy_backward_kernel, BACKWARD_TILES,
@@ -947,6 +1106,11 @@ def cross_entropy_backward(
         grad_loss_stride=grad_loss.stride(0),
         grad_lse_stride=lse_pointer.stride(0),
         HAS_GRAD_LSE=grad_lse is not None,
+        grad_entropy_ptr=h_pointer,
+        entropy_ptr=h_pointer if entropy is None else entropy,
+        grad_entropy_stride=h_pointer.stride(0),
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
+        INV_TEMPERATURE=inv_temperature,
     )  # fmt: skip
     return out
 
@@ -967,6 +1131,7 @@ def cross_entropy_op(
     softcap: float,
     inplace_backward: bool,
     total_classes: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of 2-D logits; see the module docstring.
 
@@ -974,14 +1139,46 @@ def cross_entropy_op(
     must then have non-overlapping rows with unit column stride.
     """
     return cross_entropy_forward(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes
-    )
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
+        temperature=temperature,
+    )  # fmt: skip
 
 
 @cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *flags):
     _check_operands(logits, target, weight)
     return row_outputs(logits)
+
+
+@torch.library.custom_op("triton_softmax::cross_entropy_with_entropy", mutates_args=())
+def cross_entropy_with_entropy_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    inplace_backward: bool,
+    total_classes: int = 0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse, entropy, stats) of 2-D logits, as ``cross_entropy`` plus the
+    entropy of softmax(softcap(logits) / temperature), formed in the same pass; all three
+    differentiable, the backward one kernel."""
+    entropy = logits.new_empty(logits.shape[0], dtype=accumulator_dtype(logits.dtype))
+    loss, lse, stats = cross_entropy_forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
+        temperature=temperature, entropy_out=entropy,
+    )  # fmt: skip
+    return loss, lse, entropy, stats
+
+
+@cross_entropy_with_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *flags):
+    _check_operands(logits, target, weight)
+    loss, lse, stats = row_outputs(logits)
+    return loss, lse, torch.empty_like(lse), stats
 
 
 @torch.library.custom_op("triton_softmax::cross_entropy_backward", mutates_args=())
@@ -997,11 +1194,15 @@ def cross_entropy_backward_op(
     z_loss: float,
     softcap: float,
     total_classes: int = 0,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The logits' gradient as a new tensor."""
     return cross_entropy_backward(
         grad_loss, grad_lse, logits, target, weight, stats,
         ignore_index, label_smoothing, z_loss, softcap, total_classes,
+        temperature=temperature, grad_entropy=grad_entropy, entropy=entropy,
     )  # fmt: skip
 
 
@@ -1023,6 +1224,9 @@ def cross_entropy_backward_inplace_op(
     z_loss: float,
     softcap: float,
     total_classes: int = 0,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> None:
     """The logits' gradient written over ``logits``. Declared as mutating ``logits``, so
     autograd bumps its version counter: any other use of those logits saved for backward raises
@@ -1040,22 +1244,28 @@ def cross_entropy_backward_inplace_op(
         softcap,
         total_classes,
         out=logits,
+        temperature=temperature,
+        grad_entropy=grad_entropy,
+        entropy=entropy,
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace, total = inputs
-    _, _, stats = output
-    ctx.save_for_backward(logits, target, weight, stats)
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, total)
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, inplace, *rest = inputs
+    total, temperature = rest
+    stats = output[-1]
+    entropy = output[2] if len(output) == 4 else None
+    ctx.save_for_backward(logits, target, weight, stats, entropy)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, total, temperature)
     ctx.inplace_backward = inplace
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_stats):
-    logits, target, weight, stats = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, softcap, _ = ctx.options
+def _backward(ctx, grad_loss, grad_lse, *grads):
+    grad_entropy = grads[0] if len(grads) == 2 else None  # (entropy, stats) or (stats,)
+    logits, target, weight, stats, entropy = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, softcap, _, temperature = ctx.options
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[0])
 
@@ -1063,20 +1273,24 @@ def _backward(ctx, grad_loss, grad_lse, _grad_stats):
     if ctx.needs_input_grad[1]:
         # Probability targets only: d/dq_j of -sum_j w_j q'_j log p_j.
         row_max, log_sum = stats[0, :, None], stats[1, :, None]
-        log_p = (_softcapped(logits.to(stats.dtype), softcap)[0] - row_max) - log_sum
+        capped = _softcapped(logits.to(stats.dtype), softcap)[0]
+        log_p = (_tempered(capped, temperature) - row_max) - log_sum
         w = 1.0 if weight is None else weight.to(stats.dtype)
         grad_target = (-(1.0 - label_smoothing) * w * log_p * grad_loss[:, None]).to(target.dtype)
 
     args = (grad_loss, grad_lse, logits, target, weight, stats, *ctx.options)
+    if grad_entropy is not None:
+        args = (*args, grad_entropy, entropy)
     if ctx.inplace_backward:
         cross_entropy_backward_inplace_op(*args)
         grad_logits = logits
     else:
         grad_logits = cross_entropy_backward_op(*args)
-    return grad_logits, grad_target, None, None, None, None, None, None, None
+    return grad_logits, grad_target, None, None, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy_with_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -1121,7 +1335,7 @@ def _mean_denominator(target, weight, ignore_index, n_classes, dtype):
 
 
 def _reduced(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
-             grad_out):  # fmt: skip
+             grad_out, temperature=1.0):  # fmt: skip
     """The reduced loss (0-d, accumulator dtype), its gradient written into ``grad_out``."""
     acc = accumulator_dtype(logits.dtype)
     is_index = _check_operands(logits, target, weight)
@@ -1132,7 +1346,7 @@ def _reduced(logits, target, weight, ignore_index, label_smoothing, z_loss, soft
         scale = torch.where(denominator != 0, scale, math.nan)
     loss, _, _ = cross_entropy_forward(
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-        grad_out=grad_out, grad_scale=scale,
+        grad_out=grad_out, grad_scale=scale, temperature=temperature,
     )  # fmt: skip
     if reduction == "sum":
         return loss.sum()
@@ -1154,6 +1368,7 @@ def cross_entropy_reduced_op(
     z_loss: float,
     softcap: float,
     reduction: str,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad, applied): the cross-entropy of 2-D logits reduced by ``reduction``
     ("mean" or "sum", as torch), 0-d in the accumulator dtype; its gradient with respect to
@@ -1162,13 +1377,14 @@ def cross_entropy_reduced_op(
     upstream gradient over ``applied`` (skipped on the device when that is 1) and returns it."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     loss = _reduced(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad
-    )
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad,
+        temperature,
+    )  # fmt: skip
     return loss, grad, torch.ones_like(loss)
 
 
 @cross_entropy_reduced_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *options):
     _check_operands(logits, target, weight)
     loss = logits.new_empty((), dtype=accumulator_dtype(logits.dtype))
     return loss, torch.empty_like(logits), torch.empty_like(loss)
@@ -1184,17 +1400,19 @@ def cross_entropy_reduced_inplace_op(
     z_loss: float,
     softcap: float,
     reduction: str,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ``cross_entropy_reduced``, the gradient written over ``logits``; returns
     (loss, applied)."""
     loss = _reduced(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, logits
-    )
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, logits,
+        temperature,
+    )  # fmt: skip
     return loss, torch.ones_like(loss)
 
 
 @cross_entropy_reduced_inplace_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *options):
     _check_operands(logits, target, weight)
     loss = logits.new_empty((), dtype=accumulator_dtype(logits.dtype))
     return loss, torch.empty_like(loss)
@@ -1265,7 +1483,7 @@ def _reduced_setup_context(ctx, inputs, output) -> None:
 
 
 def _reduced_backward(ctx, grad_loss, _grad_grad, _grad_applied):
-    return _rescaled(ctx, grad_loss), None, None, None, None, None, None, None
+    return _rescaled(ctx, grad_loss), None, None, None, None, None, None, None, None
 
 
 cross_entropy_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
@@ -1278,10 +1496,11 @@ class ReducedInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                reduction):  # fmt: skip
+                reduction, temperature=1.0):  # fmt: skip
         loss, applied = cross_entropy_reduced_inplace_op(
-            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction
-        )
+            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+            temperature,
+        )  # fmt: skip
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(applied)
         ctx.save_for_backward(logits, applied)
@@ -1289,4 +1508,4 @@ class ReducedInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logits, _grad_applied):
-        return _rescaled(ctx, grad_loss), None, None, None, None, None, None, None
+        return _rescaled(ctx, grad_loss), None, None, None, None, None, None, None, None

@@ -123,9 +123,11 @@ def _check_operands(input, linear_weight, linear_bias, target, weight) -> bool:
 class _Chunks:
     """The chunk loop's shared state: the problem, the chunk buffer, and the three GEMMs."""
 
-    def __init__(self, input, linear_weight, linear_bias, target, weight, options, rows):
+    def __init__(
+        self, input, linear_weight, linear_bias, target, weight, options, rows, temperature=1.0
+    ):  # fmt: skip
         self.input, self.linear_weight, self.linear_bias = input, linear_weight, linear_bias
-        self.target, self.weight = target, weight
+        self.target, self.weight, self.temperature = target, weight, temperature
         # (ignore_index, label_smoothing, z_loss, softcap, total_classes)
         self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = options[:4]
         self.total_classes = options[4]
@@ -142,7 +144,10 @@ class _Chunks:
             return torch.mm(x, self.linear_weight.t(), out=out)
         return torch.addmm(self.linear_bias, x, self.linear_weight.t(), out=out)
 
-    def forward(self, logits: torch.Tensor, rows: slice):
+    def forward(self, logits: torch.Tensor, rows: slice, grad_scale=None, entropy=None):
+        """(loss, lse, stats) of the chunk; with ``grad_scale`` (each row's upstream gradient,
+        0-d), also dL/dZ_c written over ``logits`` in the same pass; with ``entropy`` (the
+        chunk's rows of an [N] vector), the entropy written into it in the same pass."""
         return _ce.cross_entropy_forward(
             logits=logits,
             target=self.target[rows],
@@ -152,9 +157,15 @@ class _Chunks:
             z_loss=self.z_loss,
             softcap=self.softcap,
             total_classes=self.total_classes,
+            grad_out=None if grad_scale is None else logits,
+            grad_scale=grad_scale,
+            temperature=self.temperature,
+            entropy_out=entropy,
         )
 
-    def gradient(self, logits, rows: slice, grad_loss, grad_lse, stats) -> torch.Tensor:
+    def gradient(
+        self, logits, rows: slice, grad_loss, grad_lse, stats, grad_entropy=None, entropy=None
+    ) -> torch.Tensor:
         """dL/dZ_c written over ``logits`` (cross_entropy's in-place backward)."""
         return _ce.cross_entropy_backward(
             grad_loss=grad_loss,
@@ -169,6 +180,9 @@ class _Chunks:
             softcap=self.softcap,
             total_classes=self.total_classes,
             out=logits,
+            temperature=self.temperature,
+            grad_entropy=grad_entropy,
+            entropy=entropy,
         )
 
     def gradients(self, needs) -> list[torch.Tensor | None]:
@@ -226,9 +240,12 @@ def linear_cross_entropy_forward(
     softcap: float,
     total_classes: int = 0,
     chunk_rows: int = 0,
+    temperature: float = 1.0,
+    entropy_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of ``input @ linear_weight.T + linear_bias`` (soft-capped when
-    ``softcap > 0``), chunk by chunk: one GEMM per chunk, no gradient.
+    ``softcap > 0``, then divided by ``temperature``), chunk by chunk: one GEMM per chunk, no
+    gradient.
 
     Args:
         input: [N, H] floating; linear_weight: [V, H] and linear_bias: [V] or None, same dtype.
@@ -238,15 +255,23 @@ def linear_cross_entropy_forward(
         total_classes: 0, or the full problem's class count when ``linear_weight`` is one
             rank's shard of the head (as cross_entropy's op).
         chunk_rows: rows per chunk; 0 picks them from ``CHUNK_BYTES``.
+        temperature: T > 0, as cross_entropy's forward.
+        entropy_out: None, or a contiguous [N] tensor of the loss's dtype to write the entropy
+            of softmax(tempered logits) into, formed in the same pass as the loss.
     Returns:
         loss [N], lse [N] and stats [3, N] (as cross_entropy's), fp32 (fp64 for fp64 input).
     """
     _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, total_classes)
     loss, lse, stats = _ce.row_outputs(input)
     options = (ignore_index, label_smoothing, z_loss, softcap, total_classes)
-    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
+    chunks = _Chunks(
+        input, linear_weight, linear_bias, target, weight, options, chunk_rows, temperature
+    )
     for rows in chunks.slices:
-        loss[rows], lse[rows], stats[:, rows] = chunks.forward(chunks.logits(rows), rows)
+        entropy = None if entropy_out is None else entropy_out[rows]
+        loss[rows], lse[rows], stats[:, rows] = chunks.forward(
+            chunks.logits(rows), rows, entropy=entropy
+        )
     return loss, lse, stats
 
 
@@ -266,8 +291,12 @@ def linear_cross_entropy_backward(
     total_classes: int = 0,
     needs: tuple[bool, bool, bool] = (True, True, True),
     chunk_rows: int = 0,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the per-row losses (and of the returned lse) with respect to ``input``,
+    """Gradients of the per-row losses (and of the returned lse and entropy) with respect to
+    ``input``,
     ``linear_weight`` and ``linear_bias``, recomputing each chunk's logits (three GEMMs).
 
     Args:
@@ -275,6 +304,9 @@ def linear_cross_entropy_backward(
         stats: [3, N] from the forward; the rest as in the forward.
         needs: which of (input, linear_weight, linear_bias) gradients to compute; the others
             come back as empty (0,) tensors.
+        temperature: as the forward's.
+        grad_entropy: [N] upstream gradient of the entropy, or None; entropy: then the
+            forward's [N] entropy.
     Returns:
         (grad_input [N, H], grad_weight [V, H], grad_bias [V]) in the input's dtype.
     """
@@ -287,13 +319,19 @@ def linear_cross_entropy_backward(
             f"{tuple(stats.shape)} {stats.dtype}"
         )
     options = (ignore_index, label_smoothing, z_loss, softcap, total_classes)
-    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
+    chunks = _Chunks(
+        input, linear_weight, linear_bias, target, weight, options, chunk_rows, temperature
+    )
     grads = chunks.gradients(needs)
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("linear_cross_entropy_backward: grad_entropy needs the forward's entropy")
     if any(g is not None for g in grads):
         for k, rows in enumerate(chunks.slices):
             grad_z = chunks.gradient(
                 chunks.logits(rows), rows, grad_loss[rows],
                 None if grad_lse is None else grad_lse[rows], stats[:, rows].contiguous(),
+                None if grad_entropy is None else grad_entropy[rows],
+                None if grad_entropy is None else entropy[rows].contiguous(),
             )  # fmt: skip
             chunks.accumulate(grad_z, rows, grads, first=k == 0)
     return _finish(grads, input)
@@ -312,6 +350,7 @@ def linear_cross_entropy_reduced(
     denominator: torch.Tensor,
     needs: tuple[bool, bool, bool] = (True, True, True),
     chunk_rows: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
     """The summed per-row losses over ``denominator`` (a mean or a sum) and its gradients, in
     one pass over the chunks: three GEMMs per chunk.
@@ -331,16 +370,17 @@ def linear_cross_entropy_reduced(
         raise ValueError(f"denominator must be a 0-d tensor, got {tuple(denominator.shape)}")
     loss, lse, stats = _ce.row_outputs(input)
     options = (ignore_index, label_smoothing, z_loss, softcap, 0)
-    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
+    chunks = _Chunks(
+        input, linear_weight, linear_bias, target, weight, options, chunk_rows, temperature
+    )
     grads = chunks.gradients(needs)
-    upstream = (1.0 / denominator.to(loss.dtype)).expand(chunks.step)  # one stride-0 row
+    # Every row's upstream gradient; the chunk's gradient is written in its forward pass.
+    scale = 1.0 / denominator.to(loss.dtype) if any(g is not None for g in grads) else None
     for k, rows in enumerate(chunks.slices):
         logits = chunks.logits(rows)
-        loss_c, lse_c, stats_c = chunks.forward(logits, rows)
-        loss[rows], lse[rows], stats[:, rows] = loss_c, lse_c, stats_c
-        if any(g is not None for g in grads):
-            grad_z = chunks.gradient(logits, rows, upstream[: len(loss_c)], None, stats_c)
-            chunks.accumulate(grad_z, rows, grads, first=k == 0)
+        loss[rows], lse[rows], stats[:, rows] = chunks.forward(logits, rows, scale)
+        if scale is not None:
+            chunks.accumulate(logits, rows, grads, first=k == 0)
     total = loss.sum() / denominator.to(loss.dtype)  # torch's: 0/0 is NaN, x/0 is inf
     return (total, lse, stats, *_finish(grads, input))
 
@@ -363,11 +403,12 @@ def linear_cross_entropy_op(
     softcap: float,
     total_classes: int = 0,
     chunk_rows: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of the fused linear + cross-entropy; see the module docstring."""
     return linear_cross_entropy_forward(
         input, linear_weight, linear_bias, target, weight,
-        ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows,
+        ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows, temperature,
     )  # fmt: skip
 
 
@@ -375,6 +416,38 @@ def linear_cross_entropy_op(
 def _(input, linear_weight, linear_bias, target, weight, *options):
     _check_operands(input, linear_weight, linear_bias, target, weight)
     return _ce.row_outputs(input)
+
+
+@torch.library.custom_op("triton_softmax::linear_cross_entropy_with_entropy", mutates_args=())
+def linear_cross_entropy_with_entropy_op(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    total_classes: int = 0,
+    chunk_rows: int = 0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse, entropy, stats): ``linear_cross_entropy`` plus the entropy of
+    softmax(tempered logits), formed in the same pass over each chunk, differentiable."""
+    entropy = input.new_empty(input.shape[0], dtype=accumulator_dtype(input.dtype))
+    loss, lse, stats = linear_cross_entropy_forward(
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+        z_loss, softcap, total_classes, chunk_rows, temperature, entropy,
+    )  # fmt: skip
+    return loss, lse, entropy, stats
+
+
+@linear_cross_entropy_with_entropy_op.register_fake
+def _(input, linear_weight, linear_bias, target, weight, *options):
+    _check_operands(input, linear_weight, linear_bias, target, weight)
+    loss, lse, stats = _ce.row_outputs(input)
+    return loss, lse, torch.empty_like(lse), stats
 
 
 @torch.library.custom_op("triton_softmax::linear_cross_entropy_backward", mutates_args=())
@@ -394,11 +467,15 @@ def linear_cross_entropy_backward_op(
     total_classes: int,
     needs: list[bool],
     chunk_rows: int = 0,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias); (0,)-shaped where ``needs`` says no."""
     return linear_cross_entropy_backward(
         grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
         ignore_index, label_smoothing, z_loss, softcap, total_classes, tuple(needs), chunk_rows,
+        temperature, grad_entropy, entropy,
     )  # fmt: skip
 
 
@@ -432,18 +509,20 @@ def linear_cross_entropy_reduced_op(
     needs: list[bool],
     chunk_rows: int = 0,
     keep_gradients: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], lse, stats, grad_input, grad_weight, grad_bias) of a mean or sum; see the module
     docstring. ``keep_gradients``: the backward scales copies (a second backward works)."""
     return linear_cross_entropy_reduced(
         input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-        z_loss, softcap, denominator, tuple(needs), chunk_rows,
+        z_loss, softcap, denominator, tuple(needs), chunk_rows, temperature,
     )  # fmt: skip
 
 
 @linear_cross_entropy_reduced_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss,
-      softcap, denominator, needs, chunk_rows=0, keep_gradients=False):  # fmt: skip
+      softcap, denominator, needs, chunk_rows=0, keep_gradients=False,
+      temperature=1.0):  # fmt: skip
     _check_operands(input, linear_weight, linear_bias, target, weight)
     loss, lse, stats = _ce.row_outputs(input)
     return (
@@ -468,7 +547,7 @@ def _refuse_target_gradient(ctx) -> None:
         )
 
 
-def _unfused_gradients(ctx, tensors, grad_rows, grad_lse):
+def _unfused_gradients(ctx, tensors, grad_rows, grad_lse, grad_entropy=None):
     """Gradients by torch's own functions on the full logits, as a differentiable graph: the
     double-backward path (``create_graph=True``), which holds the [N, V] logits."""
     from triton_softmax.functional import _torch_cross_entropy
@@ -482,13 +561,17 @@ def _unfused_gradients(ctx, tensors, grad_rows, grad_lse):
         )
     wanted = [t for t, need in zip(tensors[:3], ctx.needs_input_grad[:3], strict=True) if need]
     logits = F.linear(input, linear_weight, linear_bias)
-    loss, lse = _torch_cross_entropy(
-        logits, target, weight, ignore_index, "none", label_smoothing, z_loss, softcap, True
-    )
+    loss, lse, entropy = _torch_cross_entropy(
+        logits, target, weight, ignore_index, "none", label_smoothing, z_loss, softcap, True,
+        ctx.options[6], True,
+    )  # fmt: skip
     outputs, upstream = [loss], [grad_rows.to(loss.dtype)]
     if grad_lse is not None:
         outputs.append(lse)
         upstream.append(grad_lse.to(lse.dtype))
+    if grad_entropy is not None:
+        outputs.append(entropy)
+        upstream.append(grad_entropy.to(entropy.dtype))
     got = iter(torch.autograd.grad(outputs, wanted, upstream, create_graph=True, allow_unused=True))
     grads = [next(got) if need else None for need in ctx.needs_input_grad[:3]]
     return [
@@ -499,47 +582,54 @@ def _unfused_gradients(ctx, tensors, grad_rows, grad_lse):
 
 def _setup_context(ctx, inputs, output) -> None:
     input, linear_weight, linear_bias, target, weight, *options = inputs
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, output[2])
-    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, total, chunk_rows
-    ctx.mark_non_differentiable(output[2])
+    stats = output[-1]
+    entropy = output[2] if len(output) == 4 else None  # linear_cross_entropy_with_entropy
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, entropy)
+    # ignore_index, label_smoothing, z_loss, softcap, total, chunk_rows, temperature
+    ctx.options = options
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_stats):
-    input, linear_weight, linear_bias, target, weight, stats = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, *grads):
+    grad_entropy = grads[0] if len(grads) == 2 else None  # (entropy, stats) or (stats,)
+    input, linear_weight, linear_bias, target, weight, stats, entropy = ctx.saved_tensors
     _refuse_target_gradient(ctx)
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[0])
     if _creating_graph():
         grads = _unfused_gradients(
-            ctx, (input, linear_weight, linear_bias, target, weight), grad_loss, grad_lse
-        )
-        return (*grads, None, None, None, None, None, None, None, None)
+            ctx, (input, linear_weight, linear_bias, target, weight), grad_loss, grad_lse,
+            grad_entropy,
+        )  # fmt: skip
+        return (*grads, *[None] * 9)
     needs = list(ctx.needs_input_grad[:3])
     grad_input, grad_weight, grad_bias = linear_cross_entropy_backward_op(
         grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
-        *ctx.options[:5], needs, ctx.options[5],
+        *ctx.options[:5], needs, ctx.options[5], ctx.options[6], grad_entropy,
+        None if grad_entropy is None else entropy,
     )  # fmt: skip
     return (
         grad_input if needs[0] else None,
         grad_weight if needs[1] else None,
         grad_bias if needs[2] else None,
-        None, None, None, None, None, None, None, None,
+        *[None] * 9,
     )  # fmt: skip
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+linear_cross_entropy_with_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reduced_setup_context(ctx, inputs, output) -> None:
     input, linear_weight, linear_bias, target, weight = inputs[:5]
     ignore_index, label_smoothing, z_loss, softcap, denominator = inputs[5:10]
-    _, chunk_size, keep = inputs[10:]
+    _, chunk_size, keep, temperature = inputs[10:]
     _, _, stats, *grads = output
     ctx.save_for_backward(
         input, linear_weight, linear_bias, target, weight, stats, denominator, *grads
     )
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, 0, chunk_size)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, 0, chunk_size, temperature)
     ctx.keep_gradients = keep
     ctx.consumed = False
     ctx.mark_non_differentiable(stats, *grads)
@@ -566,7 +656,7 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
         grads = _unfused_gradients(
             ctx, (input, linear_weight, linear_bias, target, weight), grad_rows, grad_lse
         )
-        return (*grads, *[None] * 10)
+        return (*grads, *[None] * 11)
     operands = (input, linear_weight, linear_bias)
     for need, formed_grad, like in zip(needs, formed, operands, strict=True):
         if need and like is not None and formed_grad.shape != like.shape:
@@ -591,10 +681,10 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
     if grad_lse is not None:  # a per-row upstream gradient: recompute the chunks for it
         extra = linear_cross_entropy_backward_op(
             torch.zeros_like(stats[0]), grad_lse, input, linear_weight, linear_bias, target,
-            weight, stats, *ctx.options[:5], list(needs), ctx.options[5],
+            weight, stats, *ctx.options[:5], list(needs), ctx.options[5], ctx.options[6],
         )  # fmt: skip
         grads = [None if g is None else g + e for g, e in zip(grads, extra, strict=True)]
-    return (*grads, *[None] * 10)
+    return (*grads, *[None] * 11)
 
 
 linear_cross_entropy_reduced_op.register_autograd(
