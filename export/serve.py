@@ -42,6 +42,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import uuid
@@ -65,7 +66,7 @@ try:
     from fastapi.responses import JSONResponse
     from grpc import StatusCode, aio
     from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
     from kserve.logging import logger
     from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane
@@ -78,9 +79,10 @@ try:
     from kserve.protocol.grpc.servicer import InferenceServicer
     from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
-    from kserve.protocol.rest.server import RESTServer
+    from kserve.protocol.rest.server import RESTServer, metrics_handler
     from kserve.protocol.rest.v2_datamodels import InferenceRequest, RequestInput
-    from pydantic import ValidationError
+    from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
+    from pydantic import StrictInt, ValidationError
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
@@ -108,6 +110,12 @@ INPUT = "features"
 DATATYPE = "FP32"
 PLATFORM = "onnxruntime_onnx"
 MAX_ERRORS_SHOWN = 10
+#: A byte count: ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses).
+_DIGITS = re.compile(r"[0-9]+")
+#: Values converted to float32 per numpy call (about 1 ms each).
+CONVERT_SLICE = 65536
+#: Rows listed in an error about rows.
+MAX_ROWS_SHOWN = 10
 
 
 class ServeError(OSError):
@@ -116,6 +124,14 @@ class ServeError(OSError):
 
 class ModelControlOff(Exception):
     """Load or unload asked of a server started without ``--model-control`` (403)."""
+
+
+class ModelNotLoaded(ModelNotFound):
+    """A model this server serves, unloaded through model control (404, as an unknown one)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.reason = f"model {name} is not loaded (POST /v2/repository/models/{name}/load)"
 
 
 class ClassifierModel(kserve.Model):
@@ -167,18 +183,45 @@ class ClassifierModel(kserve.Model):
             raise ModelNotFound(f"{self.name} version {version} (serving version {self.version})")
 
     async def predict(self, payload: InferRequest, headers: Mapping[str, str] | None = None) -> Any:
-        """Run the model on the request's ``features``; bad input raises ``InvalidInput`` (400)."""
+        """Run the model on the request's ``features``; bad input raises ``InvalidInput`` (400).
+
+        The request is checked first (names, shape, row limit, value count: no conversion), so
+        a request refused costs no copy; converting the values, onnxruntime and building the
+        outputs then run in a worker thread from ``INLINE_ROWS`` rows on.
+        """
         self.check_version(payload.model_version)
-        x = self._features(payload)
+        rows = self._check(payload)
         wanted = self._requested(payload)
+        if rows >= INLINE_ROWS and self.executor is not None:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self.executor, self._outputs, payload, wanted)
+        else:
+            outputs = self._outputs(payload, wanted)
+        return InferResponse(
+            response_id=payload.id if payload.id is not None else str(uuid.uuid4()),
+            model_name=self.name,
+            model_version=self.version,
+            infer_outputs=outputs,
+            use_binary_outputs=payload.use_binary_outputs,
+            requested_outputs=payload.request_outputs,
+        )
+
+    def _outputs(self, payload: InferRequest, wanted: Mapping[str, int | None]) -> list:
+        """The response's outputs for a checked request (the work of ``predict``)."""
+        x = self._features(payload)
         try:
-            if x.shape[0] >= INLINE_ROWS and self.executor is not None:
-                loop = asyncio.get_running_loop()
-                label, proba = await loop.run_in_executor(self.executor, self.classifier.run, x)
-            else:
-                label, proba = self.classifier.run(x)
+            label, proba = self.classifier.run(x)
         except InputError as e:
             raise InvalidInput(str(e)) from None
+        # Finite inputs far from the training data can overflow the logits (inf - inf = NaN).
+        bad = np.flatnonzero(~np.isfinite(proba).all(axis=1))
+        if bad.size:
+            shown = ", ".join(str(i) for i in bad[:MAX_ROWS_SHOWN])
+            more = f" and {bad.size - MAX_ROWS_SHOWN} more" if bad.size > MAX_ROWS_SHOWN else ""
+            raise InvalidInput(
+                f"input {INPUT!r} overflows the model: rows [{shown}]{more} give non-finite "
+                "probabilities (values far outside the training data)"
+            )
         outputs = []
         for name, top_k in wanted.items():
             if name == "label":
@@ -192,17 +235,13 @@ class ClassifierModel(kserve.Model):
             # KServe's to_grpc tests an ndarray's truth value: hand it bytes or a list instead.
             for output in outputs:
                 output.set_data_from_numpy(output.data, binary_data=payload.use_binary_outputs)
-        return InferResponse(
-            response_id=payload.id if payload.id is not None else str(uuid.uuid4()),
-            model_name=self.name,
-            model_version=self.version,
-            infer_outputs=outputs,
-            use_binary_outputs=payload.use_binary_outputs,
-            requested_outputs=payload.request_outputs,
-        )
+        return outputs
 
     def _requested(self, payload: InferRequest) -> dict[str, int | None]:
         """``{output name: classification K or None}`` in the order the response lists them."""
+        binary = (payload.parameters or {}).get("binary_data_output")
+        if binary is not None and type(binary) is not bool:
+            raise InvalidInput(f"binary_data_output must be true or false, got {binary!r}")
         if not payload.request_outputs:
             return {"label": None, "probabilities": None}
         wanted: dict[str, int | None] = {}
@@ -211,7 +250,15 @@ class ClassifierModel(kserve.Model):
                 raise InvalidInput(
                     f"unknown output {output.name!r}; this model has 'label' and 'probabilities'"
                 )
-            top_k = (output.parameters or {}).get("classification")
+            if output.name in wanted:
+                raise InvalidInput(f"output {output.name!r} is requested more than once")
+            parameters = output.parameters or {}
+            binary = parameters.get("binary_data")
+            if binary is not None and type(binary) is not bool:
+                raise InvalidInput(
+                    f"output {output.name!r}: binary_data must be true or false, got {binary!r}"
+                )
+            top_k = parameters.get("classification")
             if top_k is not None:
                 if output.name != "probabilities":
                     raise InvalidInput("classification is offered on 'probabilities' only")
@@ -222,8 +269,12 @@ class ClassifierModel(kserve.Model):
             wanted[output.name] = top_k
         return wanted
 
-    def _features(self, payload: InferRequest) -> np.ndarray:
-        """The request's one input as a float32 (N, n_features) array, or ``InvalidInput``."""
+    def _check(self, payload: InferRequest) -> int:
+        """The request's rows, after checking its input without converting it; or ``InvalidInput``.
+
+        The value count is compared with the shape here, before any copy: a small shape with
+        millions of values is refused at the cost of a ``len``.
+        """
         n = self.classifier.n_features
         names = [i.name for i in payload.inputs]
         if names != [INPUT]:
@@ -244,19 +295,37 @@ class ClassifierModel(kserve.Model):
                 f"{self.max_batch_size}; split the request"
             )
         if isinstance(tensor.data, np.ndarray):  # the binary extension, decoded by _decode
-            x = tensor.data
+            count = tensor.data.size
         elif tensor._raw_data is not None:  # gRPC's raw_input_contents
             raw = tensor._raw_data
             if len(raw) % 4:
                 raise InvalidInput(f"input {INPUT!r}: {len(raw)} bytes is not a number of FP32")
-            x = np.frombuffer(raw, dtype="<f4")
+            count = len(raw) // 4
+        elif isinstance(tensor.data, list):
+            count = len(tensor.data)
+            if count and isinstance(tensor.data[0], list):
+                raise InvalidInput(
+                    f"input {INPUT!r}: data must be numbers, flattened in row-major order; "
+                    "data[0] is a nested list"
+                )
+        else:
+            raise InvalidInput(f"input {INPUT!r}: data must be a list of numbers")
+        if count != shape[0] * shape[1]:
+            raise InvalidInput(
+                f"input {INPUT!r}: shape {shape} needs {shape[0] * shape[1]} values, got {count}"
+            )
+        return shape[0]
+
+    def _features(self, payload: InferRequest) -> np.ndarray:
+        """The input checked by ``_check`` as float32 (N, n_features), or ``InvalidInput``."""
+        tensor = payload.inputs[0]
+        if isinstance(tensor.data, np.ndarray):
+            x = tensor.data
+        elif tensor._raw_data is not None:
+            x = np.frombuffer(tensor._raw_data, dtype="<f4")
         else:
             x = fp32_values(tensor.data, f"input {INPUT!r}")
-        if x.size != shape[0] * shape[1]:
-            raise InvalidInput(
-                f"input {INPUT!r}: shape {shape} needs {shape[0] * shape[1]} values, got {x.size}"
-            )
-        return x.reshape(shape)
+        return x.reshape(tensor.shape)
 
 
 def fp32_values(data: Any, what: str) -> np.ndarray:
@@ -274,10 +343,15 @@ def fp32_values(data: Any, what: str) -> np.ndarray:
         raise InvalidInput(
             f"{what}: data must be numbers, flattened in row-major order; data[{i}] is {kind}"
         )
+    # In slices: one numpy call over millions of values would hold the GIL (and so the event
+    # loop) for its whole length; between slices other threads run.
+    x = np.empty(len(data), dtype=np.float32)
     try:
-        return np.array(data, dtype=np.float32)
+        for i in range(0, len(data), CONVERT_SLICE):
+            x[i : i + CONVERT_SLICE] = data[i : i + CONVERT_SLICE]
     except OverflowError:
         raise InvalidInput(f"{what}: data holds an integer too large for FP32") from None
+    return x
 
 
 def classifications(proba: np.ndarray, top_k: int, labels: Sequence[str]) -> np.ndarray:
@@ -295,14 +369,24 @@ def classifications(proba: np.ndarray, top_k: int, labels: Sequence[str]) -> np.
     """
     k = min(top_k, proba.shape[1])
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    out = np.empty(order.shape, dtype=np.object_)
-    for r, row in enumerate(order):
-        for c, i in enumerate(row):
-            out[r, c] = f"{float(proba[r, i]):f}:{i}:{labels[i]}".encode()
-    return out
+    scores = np.take_along_axis(proba, order, axis=1).astype(np.float64)
+    names = np.asarray(list(labels), dtype=np.str_)
+    text = np.char.add(np.char.mod("%f:", scores), order.astype(np.str_))
+    text = np.char.add(np.char.add(text, ":"), names[order])
+    return np.char.encode(text, "utf-8").astype(np.object_)
 
 
-class _BinaryInput(RequestInput):
+class _StrictInput(RequestInput):
+    """A request input whose shape holds integers only (pydantic takes "1", 1.0 and true)."""
+
+    shape: list[StrictInt]
+
+
+class _StrictRequest(InferenceRequest):
+    inputs: list[_StrictInput]
+
+
+class _BinaryInput(_StrictInput):
     """A request input whose data may follow the JSON (the binary tensor extension)."""
 
     data: list | None = None
@@ -322,12 +406,12 @@ def _decode(body: bytes, headers: Mapping[str, str], model: ClassifierModel) -> 
     header = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
     if header is None:
         try:
-            request = InferenceRequest.model_validate_json(body)
+            request = _StrictRequest.model_validate_json(body)
         except ValidationError as e:
             raise InvalidInput(_not_a_request(e.errors())) from None
         _check_datatypes(request.inputs)
         return InferRequest.from_inference_request(request, model.name)
-    if not header.isdigit() or int(header) > len(body):
+    if not _DIGITS.fullmatch(header) or int(header) > len(body):
         raise InvalidInput(
             f"{INFERENCE_CONTENT_LENGTH_HEADER} {header!r}: must be a byte count within the "
             f"body's {len(body)} bytes"
@@ -353,10 +437,6 @@ def _decode(body: bytes, headers: Mapping[str, str], model: ClassifierModel) -> 
                     f"input {tensor.name!r}: binary_data_size {size!r} must be a byte count "
                     f"within the body ({len(body) - offset} bytes left)"
                 )
-            if tensor.datatype != DATATYPE:
-                raise InvalidInput(
-                    f"input {tensor.name!r}: binary data must be {DATATYPE}, got {tensor.datatype}"
-                )
             if size % 4:
                 raise InvalidInput(f"input {tensor.name!r}: {size} bytes is not a number of FP32")
             infer.data = np.frombuffer(body, dtype="<f4", count=size // 4, offset=offset)
@@ -376,14 +456,20 @@ def _decode(body: bytes, headers: Mapping[str, str], model: ClassifierModel) -> 
     return decoded
 
 
-def _check_datatypes(inputs: Sequence[RequestInput]) -> None:
-    """``InvalidInput`` for a datatype that is not upper-case (KServe would upper-case it)."""
+def _check_datatypes(inputs: Sequence[Any]) -> None:
+    """``InvalidInput`` naming a datatype other than FP32, before KServe reads the data.
+
+    KServe would upper-case a datatype, read JSON FP16 as "binary only" and gRPC BF16 as
+    "invalid content type"; every model served here takes FP32.
+    """
     for tensor in inputs:
-        if tensor.datatype != tensor.datatype.upper():
+        if tensor.datatype != tensor.datatype.upper() or not tensor.datatype:
             raise InvalidInput(
                 f"input {tensor.name!r}: datatype {tensor.datatype!r} is not one of the "
                 f"protocol's (upper-case, e.g. {DATATYPE})"
             )
+        if tensor.datatype != DATATYPE:
+            raise InvalidInput(f"input {tensor.name!r} must be {DATATYPE}, got {tensor.datatype}")
 
 
 def _encode(response: InferResponse) -> tuple[bytes, dict[str, str]]:
@@ -445,6 +531,9 @@ class _DataPlane(DataPlane):
     def __init__(self, registry: _Repository, model_control: bool) -> None:
         super().__init__(model_registry=registry)
         self.model_control = model_control
+        # Large requests (REST and gRPC) in flight at once, each holding its decoded values:
+        # as many as worker threads; others wait here with only their body read.
+        self.heavy = asyncio.Semaphore(WORKER_THREADS)
 
     def metadata(self) -> dict:
         extensions = ["binary_tensor_data", "classification"]
@@ -467,6 +556,9 @@ class _DataPlane(DataPlane):
 
     def served(self, name: str, version: str | None = None) -> ClassifierModel:
         """The model ``name`` at ``version`` (any when None); 404 for one not served."""
+        registry = self.model_registry
+        if name in registry.specs and registry.get_model(name) is None:
+            raise ModelNotLoaded(name)
         model = self.get_model_from_registry(name)
         model.check_version(version)
         return model
@@ -484,6 +576,8 @@ class _Endpoints:
             router.add_api_route(prefix + "/infer", self.infer, methods=["POST"])
             router.add_api_route(prefix + "/ready", self.model_ready, methods=["GET"])
             router.add_api_route(prefix, self.model_metadata, methods=["GET"])
+        router.add_api_route("/health/live", self.live, methods=["GET", "HEAD"])
+        router.add_api_route("/health/ready", self.ready, methods=["GET", "HEAD"])
         router.add_api_route("/repository/models/{model_name}/load", self.load, methods=["POST"])
         router.add_api_route(
             "/repository/models/{model_name}/unload", self.unload, methods=["POST"]
@@ -501,19 +595,27 @@ class _Endpoints:
         except ClientDisconnect:  # the read timeout answered already
             return Response(status_code=408)
         headers = dict(request.headers)
-        heavy = len(body) > INLINE_BODY_BYTES
-        loop = asyncio.get_running_loop()
-        if heavy:
-            decoded = await loop.run_in_executor(self.executor, _decode, body, headers, model)
-        else:
+        if len(body) <= INLINE_BODY_BYTES:
             decoded = _decode(body, headers, model)
-        del body
-        response, _ = await self.dataplane.infer(model_name, decoded, headers)
-        if heavy:
-            content, out_headers = await loop.run_in_executor(self.executor, _encode, response)
-        else:
+            response, _ = await self.dataplane.infer(model_name, decoded, headers)
             content, out_headers = _encode(response)
+            return Response(content, headers=out_headers)
+        loop = asyncio.get_running_loop()
+        async with self.dataplane.heavy:
+            decoded = await loop.run_in_executor(self.executor, _decode, body, headers, model)
+            del body
+            response, _ = await self.dataplane.infer(model_name, decoded, headers)
+            del decoded
+            content, out_headers = await loop.run_in_executor(self.executor, _encode, response)
         return Response(content, headers=out_headers)
+
+    async def live(self) -> dict:
+        return {"live": True}
+
+    async def ready(self) -> dict:
+        if not await self.dataplane.ready():
+            raise ServerNotReady("not every model is loaded")
+        return {"ready": True}
 
     async def model_ready(self, model_name: str, model_version: str | None = None) -> dict:
         model = self.dataplane.served(model_name, model_version)
@@ -562,6 +664,7 @@ CLIENT_ERRORS: dict[type[Exception], tuple[int | None, StatusCode | None]] = {
     ModelNotFound: (404, StatusCode.NOT_FOUND),
     ModelControlOff: (403, StatusCode.PERMISSION_DENIED),
     ModelNotReady: (503, StatusCode.UNAVAILABLE),
+    ServerNotReady: (503, StatusCode.UNAVAILABLE),
     HTTPException: (None, None),
 }
 
@@ -685,8 +788,13 @@ class _RESTServer(RESTServer):
         self.config.http = protocol
 
     def _register_endpoints(self, app: FastAPI) -> None:
+        """Ours, then KServe's v2 routes, ``/`` and ``/metrics``: not KServe's v1 protocol."""
         app.include_router(self.endpoints.router())  # ahead of KServe's: the first match wins
-        super()._register_endpoints(app)
+        root = APIRouter()
+        root.add_api_route("/", self.dataplane.live)
+        root.add_api_route("/metrics", metrics_handler, methods=["GET"])
+        app.include_router(root)
+        register_v2_endpoints(app, self.dataplane, self.model_repository_extension)
 
     def _add_exception_handlers(self, app: FastAPI) -> None:
         super()._add_exception_handlers(app)
@@ -702,8 +810,12 @@ class _Servicer(InferenceServicer):
     """KServe's gRPC servicer, with versions checked and listed."""
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
-        self._data_plane.served(request.name, request.version)
-        return await super().ModelReady(request, context)
+        """``ready: false`` for a model or version not served, as HTTP clients read a 404."""
+        try:
+            model = self._data_plane.served(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(await model.healthy()))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Any:
         self._data_plane.served(request.name, request.version)
@@ -711,8 +823,36 @@ class _Servicer(InferenceServicer):
         return pb.ModelMetadataResponse(**metadata)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
-        self._data_plane.served(request.model_name, request.model_version)
-        return await super().ModelInfer(request, context)
+        """KServe's, with inputs checked before their values are copied out of the message.
+
+        A large request (``INLINE_ROWS`` rows or more) copies and encodes in a worker thread.
+        """
+        model = self._data_plane.served(request.model_name, request.model_version)
+        self.validate_grpc_request(request)
+        _check_datatypes(request.inputs)
+        rows = 0
+        for tensor in request.inputs:
+            wrong = [f.name for f, _ in tensor.contents.ListFields() if f.name != "fp32_contents"]
+            if wrong:
+                raise InvalidInput(
+                    f"input {tensor.name!r}: {DATATYPE} values go in fp32_contents or "
+                    f"raw_input_contents, not {', '.join(wrong)}"
+                )
+            rows = max(rows, tensor.shape[0] if tensor.shape else 0)
+        if rows < INLINE_ROWS:
+            response, _ = await self._data_plane.infer(
+                request=InferRequest.from_grpc(request), model_name=request.model_name
+            )
+            return response.to_grpc()
+        loop = asyncio.get_running_loop()
+        async with self._data_plane.heavy:
+            infer_request = await loop.run_in_executor(
+                model.executor, InferRequest.from_grpc, request
+            )
+            response, _ = await self._data_plane.infer(
+                request=infer_request, model_name=request.model_name
+            )
+            return await loop.run_in_executor(model.executor, response.to_grpc)
 
 
 class _GrpcErrors(ExceptionToStatusInterceptor):

@@ -816,7 +816,7 @@ def test_malformed_binary_and_chunked_requests_get_4xx_and_one_log_line(server, 
 
     cases = {
         "shape [-1, 4]": (tensor(shape=[-1, 4]), data, "with N >= 1"),
-        "BYTES as binary": (tensor(datatype="BYTES"), data, "binary data must be FP32"),
+        "BYTES as binary": (tensor(datatype="BYTES"), data, "must be FP32, got BYTES"),
         "trailing bytes": (tensor(), data + b"\0" * 8, "8 bytes after the binary tensors"),
         "size past the body": (tensor(), data[:16], "must be a byte count within the body"),
         "size not a number": (tensor(parameters={"binary_data_size": "32"}), data, "byte count"),
