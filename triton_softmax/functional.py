@@ -218,7 +218,7 @@ def cross_entropy(
             differ, and be 0); ``target`` holds global class indices (or this rank's slice of
             the probabilities), ``weight`` the full (V,) class weights. Every rank gets the
             full problem's loss; the input's gradient is this rank's slice of the full one.
-            Per call, one all_gather of 20 int64 (the shard sizes and what the ranks must
+            Per call, one all_gather of 22 int64 (the shard sizes and what the ranks must
             agree on: ranks that disagree get the same ValueError) and one of 3 floats per
             row in the forward, none in the backward (see ``triton_softmax.distributed``).
             Not with ``inplace_backward`` or torch.func.
