@@ -154,9 +154,10 @@ def our_softmax_passes(op: str, n: int, s: int) -> tuple[int, int]:
 
 def flops(mode: str, m: int, v: int, h: int) -> tuple[int, str]:
     """linear_cross_entropy's useful flops, M rows, H features, V classes: forward 2*M*V*H (the
-    logits matmul); forward+backward 6*M*V*H (and grad_input = G W, grad_weight = G^T x). Our
-    backward recomputes the logits (8*M*V*H done), Liger's forward computes the gradients; the
-    count is the same for every provider, so TFLOP/s compare as inverse times."""
+    logits matmul); forward+backward 6*M*V*H (and grad_input = G W, grad_weight = G^T x). Ours,
+    like Liger's, forms the mean loss's gradients in the forward (6*M*V*H done; 8*M*V*H for
+    per-row losses, whose backward recomputes the logits); the count is the same for every
+    provider, so TFLOP/s compare as inverse times."""
     if mode == "forward":
         return 2 * m * v * h, "2*M*V*H (logits)"
     return 6 * m * v * h, "6*M*V*H (logits, grad_input, grad_weight; recomputation not counted)"
