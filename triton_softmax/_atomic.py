@@ -1,8 +1,8 @@
 """Safe file writes: a temporary file in the destination folder, renamed over the destination.
 
-Used by the checkpoint writer (``regression.train``), the ONNX exporter (``export.onnx_export``)
-and the command line (``cli``). Errors name the destination the caller asked for, never the
-temporary file.
+Used by the checkpoint writer (``regression.checkpoint``), the ONNX exporter
+(``export.onnx_export``) and the command line (``cli``). Errors name the destination the caller
+asked for, never the temporary file.
 
 What a destination is decides how it is written (``destination``):
 

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix = f"{PROG} {args.command}"
             slow = SLOW_IMPORTS[args.command]
             if args.command == "info" and args.path.suffix == ".safetensors":
-                slow = ("triton_softmax.regression.train",)
+                slow = ("triton_softmax.regression.checkpoint",)
             for module in slow:
                 importlib.import_module(module)
         with warnings.catch_warnings():
@@ -424,7 +424,8 @@ def _train(args: argparse.Namespace) -> int:
     import triton_softmax as ts
     from triton_softmax.export.onnx_export import export_and_verify
     from triton_softmax.regression import load_csv, load_iris, save_checkpoint, train
-    from triton_softmax.regression.train import KERNEL_PATHS, library_versions, resolve_device
+    from triton_softmax.regression.checkpoint import library_versions
+    from triton_softmax.regression.train import KERNEL_PATHS, resolve_device
 
     start = time.perf_counter()
     config = _train_config(args)

@@ -2,24 +2,15 @@
 
 ``SoftmaxRegression`` is the model, ``load_iris`` / ``load_csv`` the data, ``train`` the training
 run (ours and a plain-torch reference), ``save_checkpoint`` / ``load_checkpoint`` the safetensors
-format.
+format (``checkpoint``).
 """
 
 from .data import DataError, Dataset, load_csv, load_iris, read_features, stratified_split
 
 try:
+    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from .model import SoftmaxRegression
-    from .train import (
-        Checkpoint,
-        FitResult,
-        TrainConfig,
-        TrainingError,
-        TrainRun,
-        fit,
-        load_checkpoint,
-        save_checkpoint,
-        train,
-    )
+    from .train import FitResult, TrainConfig, TrainingError, TrainRun, fit, train
 except ModuleNotFoundError as e:
     # A serving-only install has no torch: the data functions (numpy only) still work there;
     # `triton-softmax predict` reads its CSVs with them.
