@@ -289,6 +289,7 @@ def test_forward_mode_ad_and_torch_func():
         torch.testing.assert_close(transform(ours), transform(theirs))
 
 
+@pytest.mark.slow  # 50 GFLOP and 0.27 G logits on the plain-torch path: minutes when loaded
 @pytest.mark.skipif(DEVICE != "cpu", reason="the plain-torch path serves CPU tensors")
 def test_cpu_path_never_holds_the_logits():
     # N x V fp32 logits would be 1 GiB; the chunked path must stay far below that.
