@@ -7,7 +7,9 @@ One algorithm on every device. The rows go in chunks of R rows; for each chunk c
     loss, lse, stats of Z_c                  cross_entropy's forward (its Triton kernel on CUDA
                                              and under the interpreter, its plain-torch math on
                                              the plain-torch CPU path)
-    Z_c <- dL/dZ_c  (in place)               cross_entropy's backward with ``out=Z_c``
+    Z_c <- dL/dZ_c  (in place)               a mean / sum: the same forward pass, with
+                                             ``grad_out=Z_c``; per-row upstream gradients:
+                                             cross_entropy's backward with ``out=Z_c``
     grad_input[c]  = Z_c W                   torch.mm
     grad_weight   += Z_c^T X_c               addmm_
     grad_bias     += sum over the rows of Z_c
@@ -24,9 +26,10 @@ Flops, N rows, H features, V classes (the three GEMMs are all the arithmetic tha
     per-row losses with gradients   8 N V H   (forward 2 N V H; the backward recomputes Z_c)
     forward only                    2 N V H
 Bytes beside the inputs and the returned gradients: the chunk buffer, R V s (s = bytes per
-element of the input's dtype), reused by every chunk, plus O(N) per-row floats. The logits of a
-chunk cross memory three times in the cross-entropy (forward read, backward read and write),
-R V s each; X_c, W and the gradients once per GEMM.
+element of the input's dtype), reused by every chunk, plus O(N) per-row floats. The
+cross-entropy reads the chunk's logits and writes their gradient over them (a mean / sum: one
+pass; per-row: a forward read, then in the backward a read and a write), R V s each; the GEMMs
+read X_c and W and write Z_c and the gradients.
 
 Chunk size R: ``batch_chunk_size`` when the caller gives one (torch's
 ``LinearCrossEntropyOptions``), else as many rows as fit ``CHUNK_BYTES[device]`` of logits in the
