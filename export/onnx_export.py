@@ -33,12 +33,9 @@ from triton_softmax._atomic import atomic_path
 from triton_softmax.regression.model import SoftmaxRegression
 
 from .runtime import CPU_PROVIDER, OnnxClassifier
+from .signature import CLASS_NAMES, DEFAULT_OPSET, FEATURE_NAMES, INPUT, MIN_OPSET, OUTPUTS
 
-MIN_OPSET = 18
-DEFAULT_OPSET = 18
 PARITY_ATOL = 1e-5
-INPUT_NAME = "features"
-OUTPUT_NAMES = ("label", "probabilities")
 
 
 class ExportError(RuntimeError):
@@ -170,16 +167,16 @@ def to_onnx(
             (example,),
             dynamo=True,
             opset_version=opset_version,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
             custom_translation_table=translation_table(opset_version),
             verbose=False,
         )
     proto = program.model_proto
     props = {
-        "feature_names": json.dumps(list(feature_names)),
-        "class_names": json.dumps(list(class_names)),
+        FEATURE_NAMES: json.dumps(list(feature_names)),
+        CLASS_NAMES: json.dumps(list(class_names)),
         **(metadata or {}),
     }
     onnx.helper.set_model_props(proto, props)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from triton_softmax.export.signature import CLASS_NAMES, FEATURE_NAMES, INPUT, LABEL, PROBABILITIES
+
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 MAX_ROWS_SHOWN = 10
@@ -105,8 +107,8 @@ class OnnxClassifier:
         self.providers: list[str] = self._session.get_providers()
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         self.n_features, n_classes = self._check_signature()
-        self.feature_names: list[str] = self._name_list("feature_names", self.n_features)
-        self.classes_: np.ndarray = np.array(self._name_list("class_names", n_classes), dtype=str)
+        self.feature_names: list[str] = self._name_list(FEATURE_NAMES, self.n_features)
+        self.classes_: np.ndarray = np.array(self._name_list(CLASS_NAMES, n_classes), dtype=str)
 
     @property
     def n_classes(self) -> int:
@@ -158,7 +160,7 @@ class OnnxClassifier:
         x = self._validate(features)
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.int64), np.empty((0, self.n_classes), dtype=np.float32)
-        label, proba = self._session.run(["label", "probabilities"], {"features": x})
+        label, proba = self._session.run([LABEL, PROBABILITIES], {INPUT: x})
         return label, proba
 
     def _validate(self, features: Any) -> np.ndarray:
@@ -196,23 +198,25 @@ class OnnxClassifier:
         inputs = self._session.get_inputs()
         outputs = {o.name: o for o in self._session.get_outputs()}
         where = f"{self.path}: not a triton-softmax classifier"
-        if len(inputs) != 1 or inputs[0].name != "features":
-            raise ModelError(f"{where}: expected one input 'features', found {_describe(inputs)}")
+        if len(inputs) != 1 or inputs[0].name != INPUT:
+            raise ModelError(f"{where}: expected one input {INPUT!r}, found {_describe(inputs)}")
         if inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 2:
             raise ModelError(
-                f"{where}: input 'features' must be float32 [N, F], is {_describe(inputs)}"
+                f"{where}: input {INPUT!r} must be float32 [N, F], is {_describe(inputs)}"
             )
-        if set(outputs) != {"label", "probabilities"}:
+        if set(outputs) != {LABEL, PROBABILITIES}:
             raise ModelError(
-                f"{where}: expected outputs 'label' and 'probabilities', found "
+                f"{where}: expected outputs {LABEL!r} and {PROBABILITIES!r}, found "
                 f"{_describe(list(outputs.values()))}"
             )
-        label, proba = outputs["label"], outputs["probabilities"]
+        label, proba = outputs[LABEL], outputs[PROBABILITIES]
         if label.type != "tensor(int64)" or len(label.shape) != 1:
-            raise ModelError(f"{where}: output 'label' must be int64 [N], is {_describe([label])}")
+            raise ModelError(
+                f"{where}: output {LABEL!r} must be int64 [N], is {_describe([label])}"
+            )
         if proba.type != "tensor(float)" or len(proba.shape) != 2:
             raise ModelError(
-                f"{where}: output 'probabilities' must be float32 [N, k], is {_describe([proba])}"
+                f"{where}: output {PROBABILITIES!r} must be float32 [N, k], is {_describe([proba])}"
             )
         n_features, n_classes = inputs[0].shape[1], proba.shape[1]
         if not isinstance(n_features, int) or not isinstance(n_classes, int):

@@ -55,7 +55,17 @@ from typing import Any
 import numpy as np
 import orjson
 
-from triton_softmax.export.runtime import InputError, OnnxClassifier
+from triton_softmax.export.runtime import CPU_PROVIDER, InputError, OnnxClassifier
+from triton_softmax.export.signature import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PORT,
+    DEFAULT_READ_TIMEOUT,
+    INPUT,
+    LABEL,
+    PLATFORM,
+    PROBABILITIES,
+)
 from triton_softmax.export.triton_repo import ModelSpec
 
 _argv, sys.argv = sys.argv, sys.argv[:1]
@@ -90,12 +100,6 @@ try:
 finally:
     sys.argv = _argv
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-#: Largest request body accepted, in bytes: about 500 000 rows of 4 features as JSON text.
-DEFAULT_MAX_BODY_BYTES = 16 * 2**20
-#: Seconds a request's line, headers and body may take to arrive.
-DEFAULT_READ_TIMEOUT = 30.0
 #: Seconds SIGTERM waits for requests in flight (those still arriving get at most this less 1).
 GRACE_PERIOD = 10
 #: Request line and headers larger than this get 431 (uvicorn's httptools parser has no limit).
@@ -106,9 +110,7 @@ INLINE_BODY_BYTES = 64 * 1024
 INLINE_ROWS = 2048
 #: Worker threads for large requests (decode, onnxruntime, encode) and for gRPC handlers.
 WORKER_THREADS = 2
-INPUT = "features"
 DATATYPE = "FP32"
-PLATFORM = "onnxruntime_onnx"
 MAX_ERRORS_SHOWN = 10
 #: A byte count: ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses).
 _DIGITS = re.compile(r"[0-9]+")
@@ -164,7 +166,7 @@ class ClassifierModel(kserve.Model):
 
     def load(self) -> bool:
         """Open the model on the CPU; ``ModelError`` when it is not a triton-softmax classifier."""
-        self.classifier = OnnxClassifier(self.path, providers=["CPUExecutionProvider"], threads=1)
+        self.classifier = OnnxClassifier(self.path, providers=[CPU_PROVIDER], threads=1)
         self.ready = True
         return self.ready
 
@@ -173,8 +175,8 @@ class ClassifierModel(kserve.Model):
 
     def get_output_types(self) -> list[dict[str, Any]]:
         return [
-            {"name": "label", "datatype": "INT64", "shape": [-1, 1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, self.classifier.n_classes]},
+            {"name": LABEL, "datatype": "INT64", "shape": [-1, 1]},
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, self.classifier.n_classes]},
         ]
 
     def check_version(self, version: str | None) -> None:
@@ -224,13 +226,13 @@ class ClassifierModel(kserve.Model):
             )
         outputs = []
         for name, top_k in wanted.items():
-            if name == "label":
-                outputs.append(InferOutput("label", [x.shape[0], 1], "INT64", label.reshape(-1, 1)))
+            if name == LABEL:
+                outputs.append(InferOutput(LABEL, [x.shape[0], 1], "INT64", label.reshape(-1, 1)))
             elif top_k is None:
-                outputs.append(InferOutput("probabilities", list(proba.shape), "FP32", proba))
+                outputs.append(InferOutput(PROBABILITIES, list(proba.shape), "FP32", proba))
             else:
                 text = classifications(proba, top_k, self.classifier.classes_)
-                outputs.append(InferOutput("probabilities", list(text.shape), "BYTES", text))
+                outputs.append(InferOutput(PROBABILITIES, list(text.shape), "BYTES", text))
         if payload.from_grpc:
             # KServe's to_grpc tests an ndarray's truth value: hand it bytes or a list instead.
             for output in outputs:
@@ -243,12 +245,13 @@ class ClassifierModel(kserve.Model):
         if binary is not None and type(binary) is not bool:
             raise InvalidInput(f"binary_data_output must be true or false, got {binary!r}")
         if not payload.request_outputs:
-            return {"label": None, "probabilities": None}
+            return {LABEL: None, PROBABILITIES: None}
         wanted: dict[str, int | None] = {}
         for output in payload.request_outputs:
-            if output.name not in ("label", "probabilities"):
+            if output.name not in (LABEL, PROBABILITIES):
                 raise InvalidInput(
-                    f"unknown output {output.name!r}; this model has 'label' and 'probabilities'"
+                    f"unknown output {output.name!r}; this model has {LABEL!r} and "
+                    f"{PROBABILITIES!r}"
                 )
             if output.name in wanted:
                 raise InvalidInput(f"output {output.name!r} is requested more than once")
@@ -260,8 +263,8 @@ class ClassifierModel(kserve.Model):
                 )
             top_k = parameters.get("classification")
             if top_k is not None:
-                if output.name != "probabilities":
-                    raise InvalidInput("classification is offered on 'probabilities' only")
+                if output.name != PROBABILITIES:
+                    raise InvalidInput(f"classification is offered on {PROBABILITIES!r} only")
                 if type(top_k) is not int or top_k < 1:
                     raise InvalidInput(
                         f"classification must be a positive integer (classes wanted), got {top_k!r}"

@@ -36,11 +36,19 @@ from pathlib import Path
 
 from triton_softmax._atomic import atomic_path
 from triton_softmax.export.runtime import ModelError, OnnxClassifier
+from triton_softmax.export.signature import (
+    CLASS_NAMES,
+    CONFIG_FILE,
+    DEFAULT_MAX_BATCH_SIZE,
+    FEATURE_NAMES,
+    INPUT,
+    LABEL,
+    ONNX_FILE,
+    PLATFORM,
+    PROBABILITIES,
+)
 
-CONFIG_NAME = "config.pbtxt"
-MODEL_FILE = "model.onnx"
 LABELS_NAME = "labels.txt"
-DEFAULT_MAX_BATCH_SIZE = 1024
 #: How long Triton's dynamic batcher holds a request for others to join it.
 MAX_QUEUE_DELAY_US = 100
 #: Model names: a folder name that any file system and URL path takes as it is.
@@ -77,7 +85,7 @@ def check_name(name: str) -> str:
 
 def model_path(repository: str | os.PathLike[str], name: str, version: int = 1) -> Path:
     """Where the model file of ``name`` goes: ``repository/name/version/model.onnx``."""
-    return Path(repository) / check_name(name) / str(version) / MODEL_FILE
+    return Path(repository) / check_name(name) / str(version) / ONNX_FILE
 
 
 def config_pbtxt(
@@ -97,8 +105,8 @@ def config_pbtxt(
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     names = {
-        "class_names": list(map(str, classifier.classes_)),
-        "feature_names": classifier.feature_names,
+        CLASS_NAMES: list(map(str, classifier.classes_)),
+        FEATURE_NAMES: classifier.feature_names,
     }
     parameters = "".join(
         f"parameters {{\n  key: {_quote(k)}\n"
@@ -107,24 +115,24 @@ def config_pbtxt(
     )
     return f"""# Triton Inference Server's configuration, by `triton-softmax export --triton-repo`.
 name: {_quote(check_name(name))}
-platform: "onnxruntime_onnx"
+platform: {_quote(PLATFORM)}
 max_batch_size: {max_batch_size}
 input [
   {{
-    name: "features"
+    name: {_quote(INPUT)}
     data_type: TYPE_FP32
     dims: [ {classifier.n_features} ]
   }}
 ]
 output [
   {{
-    name: "label"
+    name: {_quote(LABEL)}
     data_type: TYPE_INT64
     dims: [ 1 ]
     reshape: {{ shape: [ ] }}
   }},
   {{
-    name: "probabilities"
+    name: {_quote(PROBABILITIES)}
     data_type: TYPE_FP32
     dims: [ {classifier.n_classes} ]
     label_filename: {_quote(LABELS_NAME)}
@@ -164,9 +172,9 @@ def write_config(
     labels = labels_txt(classifier.classes_)
     with atomic_path(folder / LABELS_NAME) as tmp:
         Path(tmp).write_text(labels, encoding="utf-8")
-    with atomic_path(folder / CONFIG_NAME) as tmp:
+    with atomic_path(folder / CONFIG_FILE) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
-    return folder / CONFIG_NAME
+    return folder / CONFIG_FILE
 
 
 def labels_txt(class_names: Sequence[str]) -> str:
@@ -232,7 +240,7 @@ def find_models(
         versions = [
             int(v.name)
             for v in folder.iterdir()
-            if _VERSION.fullmatch(v.name) and (v / MODEL_FILE).is_file()
+            if _VERSION.fullmatch(v.name) and (v / ONNX_FILE).is_file()
         ]
         if not versions:
             continue
@@ -241,8 +249,8 @@ def find_models(
         except ValueError as e:
             raise ModelError(f"{folder}: {e}") from None
         version = max(versions)
-        limit = _config_max_batch_size(folder / CONFIG_NAME)
-        models[folder.name] = ModelSpec(folder / str(version) / MODEL_FILE, version, limit)
+        limit = _config_max_batch_size(folder / CONFIG_FILE)
+        models[folder.name] = ModelSpec(folder / str(version) / ONNX_FILE, version, limit)
     if not models:
         raise ModelError(f"{path}: no model in this repository (expected NAME/1/model.onnx)")
     return models

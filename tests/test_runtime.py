@@ -238,6 +238,7 @@ print(json.dumps({"classes": list(clf.classes_), "features": clf.feature_names,
         "triton_softmax",
         "triton_softmax.export",
         "triton_softmax.export.runtime",
+        "triton_softmax.export.signature",
     ]
     assert out["classes"] == list(iris.class_names)
     assert out["features"] == list(iris.feature_names)
