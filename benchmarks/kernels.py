@@ -23,6 +23,16 @@ chunked ``F.linear_cross_entropy`` (torch >= 2.13), Liger's fused linear CE and 
 run: the GEMMs alone (provider ``gemms``: ``torch.matmul`` of X Wᵀ forward, and dZ W, dZᵀ X
 forward+backward, same shapes and dtypes), with ours reported as a ratio to it.
 
+The head for RL (``linear_cross_entropy_rl``: the same shapes) is the per-token loss and entropy
+at a sampling temperature, ``linear_cross_entropy(x, w, t, reduction="none",
+temperature=RL_TEMPERATURE, return_entropy=True)``; forward+backward = gradients for input and
+weight of a fixed random per-row combination a * loss + b * entropy (the loss and entropy terms of
+a PPO/GRPO objective). Against the unfused torch computation (``logp = log_softmax(F.linear(x, w)
+/ T)`` in fp32, the gathered -logp as loss, entropy ``-(exp(logp) * logp).sum(-1)``),
+``torch.compile`` of that and Liger's ``LigerFusedLinearScaledCrossEntropyFunction`` (on
+CUDA only), in TFLOP/s with peak memory like the fused linear rows. It runs after everything
+else, in ``--rl-budget`` seconds added to ``--time-budget``.
+
 Output (``--out``, default ``benchmarks/results``): ``kernels_<gpu>_torch<v>_triton<v>.csv``
 (written row by row: a cut-short run keeps what it measured), ``.md`` and a PNG per (op, mode).
 """
@@ -44,8 +54,14 @@ import torch.nn.functional as F
 
 from benchmarks import common
 
-OPS = ("softmax", "log_softmax", "cross_entropy", "linear_cross_entropy")
+OPS = ("softmax", "log_softmax", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_rl")
 LCE = "linear_cross_entropy"
+#: The head for RL: per-token loss and entropy at a temperature, at linear_cross_entropy's shapes.
+RL = "linear_cross_entropy_rl"
+#: The sampling temperature of the RL rows (logits divided by it before the softmax).
+RL_TEMPERATURE = 0.7
+#: Seconds added to --time-budget for linear_cross_entropy_rl, which runs after all else.
+RL_BUDGET = 60.0
 MODES = ("forward", "forward+backward")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The grid: (rows, columns) for softmax / log_softmax, (BT, V) for cross-entropy.
@@ -75,6 +91,8 @@ STAGES = [
     ("log_softmax", "forward+backward"),
     (LCE, "forward+backward"),  # last, with LCE_BUDGET seconds kept for it; see plan()
     (LCE, "forward"),
+    (RL, "forward+backward"),  # after everything, in its own RL_BUDGET seconds
+    (RL, "forward"),
 ]
 #: Largest max|out - ours| / max|ours| accepted before a provider is timed.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -189,11 +207,25 @@ def gemms(x: torch.Tensor, w: torch.Tensor, mode: str) -> Callable:
 
 # Providers: build(op) -> the function, or why it cannot run. Conventions: softmax / log_softmax
 # f(x [M, N]) over the last dim; cross_entropy f(logits [M, V], target [M]) -> mean loss;
-# linear_cross_entropy f(x [M, H], w [V, H], target [M]) -> mean loss.
+# linear_cross_entropy f(x [M, H], w [V, H], target [M]) -> mean loss;
+# linear_cross_entropy_rl f(x, w, target) -> (per-row loss [M], per-row entropy [M]) at
+# temperature RL_TEMPERATURE.
 # The peers are imported from their packages, never re-implemented.
 
 
+def _torch_rl(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The unfused head for RL, as trainers write it: the tempered log-probs over the whole
+    vocabulary (the [M, V] logits, and log-probs in fp32, held), the target's, and the entropy.
+    The softmax runs in fp32: bf16 log-probs are too coarse (spacing 1/16 near -10) for the
+    entropy, off by 1.6 % of its value at V = 32000 against float64 (ours: 0.3 %, its rounding
+    to bf16)."""
+    logp = torch.log_softmax(F.linear(x, w).float() / RL_TEMPERATURE, dim=-1)
+    return -logp.gather(-1, t[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 def _torch(op: str) -> Callable:
+    if op == RL:
+        return _torch_rl
     if op == LCE:
         return lambda x, w, t: F.cross_entropy(F.linear(x, w), t)
     return F.cross_entropy if op == "cross_entropy" else lambda x: getattr(F, op)(x, dim=-1)
@@ -202,6 +234,10 @@ def _torch(op: str) -> Callable:
 def _ours(op: str, inplace: bool = False) -> Callable:
     import triton_softmax as ts
 
+    if op == RL:
+        return lambda x, w, t: ts.linear_cross_entropy(
+            x, w, t, reduction="none", temperature=RL_TEMPERATURE, return_entropy=True
+        )
     if op == LCE:
         return lambda x, w, t: ts.linear_cross_entropy(x, w, t)
     if op == "cross_entropy":
@@ -258,7 +294,46 @@ def _peer(module: str, package: str, op: str) -> object | str:
         return f"skipped: import failed ({type(e).__name__}: {e})"
 
 
+def _liger_rl() -> Callable | str:
+    """Liger's ``LigerFusedLinearScaledCrossEntropyFunction.apply(x, w, t, temperature, ...,
+    return_entropy=True)`` -> (nll, entropy), on CUDA only. It dispatches on the device: its
+    Hopper CuTe DSL kernel on sm90 (bf16; needs ``nvidia-cutlass-dsl``), elsewhere a torch
+    fallback in 512-row chunks (verl's formulas). Where the sm90 kernel does not import, the
+    fallback is called directly (what Liger runs on other GPUs); the row's notes say which."""
+    name = "liger_kernel.ops.fused_linear_scaled_cross_entropy"
+    mod = _peer(name, "liger-kernel", RL)
+    if isinstance(mod, str):
+        return mod
+    if not hasattr(mod, "LigerFusedLinearScaledCrossEntropyFunction"):
+        return "skipped: this liger-kernel has no LigerFusedLinearScaledCrossEntropyFunction"
+    if not torch.cuda.is_available():
+        return "skipped: benchmarked on CUDA only (on a CPU Liger runs a torch fallback)"
+    public = mod.LigerFusedLinearScaledCrossEntropyFunction.apply
+    resolve = getattr(mod, "_resolve_implementation", None)
+    fallback = getattr(mod, "_FusedLinearPPOFallbackFunction", None)
+    apply, note = public, "Liger's own dispatch (which code path: not identified)"
+    if resolve and fallback:
+        try:
+            sm90 = resolve(torch.device("cuda")) is not fallback
+            path = "its sm90 CuTe DSL kernel" if sm90 else "its torch fallback"
+            note = f"Liger's dispatch here: {path}"
+        except Exception as e:  # the sm90 kernel's imports (nvidia-cutlass-dsl) are missing
+            why = f"{type(e).__name__}: {e}"
+            note = f"Liger's torch fallback, called directly: its sm90 dispatch failed ({why})"
+
+            def apply(x, w, t, temperature, ignore_index, _tiles, entropy):
+                return fallback.apply(x, w, t, temperature, ignore_index, entropy)
+
+    def liger(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return apply(x, w, t, RL_TEMPERATURE, -100, 1, True)
+
+    liger.bench_note = note  # type: ignore[attr-defined]
+    return liger
+
+
 def _liger(op: str) -> Callable | str:
+    if op == RL:
+        return _liger_rl()
     mod = _peer("liger_kernel.transformers.functional", "liger-kernel", op)
     if isinstance(mod, str):
         return mod
@@ -314,6 +389,8 @@ def runs_on(provider: str, op: str, mode: str) -> bool:
         return (op, mode) == STAGES[1]
     if provider == "triton-softmax-tp1":
         return op in ("cross_entropy", LCE)
+    if op == RL:  # the peers with temperature and entropy
+        return provider in ("triton-softmax", "torch", "torch.compile", "liger")
     if provider in ("torch-chunked", "cce", "cce-filtered"):
         return op == LCE
     return op != LCE if provider == "quack" else True
@@ -405,6 +482,30 @@ def lce_closures(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.T
     return (check, timed, lambda: None) if fb else (forward, forward, lambda: None)
 
 
+def rl_closures(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, mode: str):
+    """(check, timed, reset) for linear_cross_entropy_rl: forward under ``no_grad`` on inputs
+    that do not require grad; forward+backward ``torch.autograd.grad((loss, entropy), (x, w),
+    (a, b))``, the gradients of sum(a * loss + b * entropy) for fixed random per-row a, b (made
+    here from a seeded generator, the same for every provider), and ``check`` returns (loss,
+    entropy, grad_x, grad_w)."""
+    fb = mode != "forward"
+    xl, wl = x.detach().requires_grad_(fb), w.detach().requires_grad_(fb)
+    seeded = torch.Generator(device=x.device).manual_seed(0)
+    a, b = torch.randn(2, x.shape[0], generator=seeded, device=x.device, dtype=torch.float32)
+
+    def forward() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(fn(xl, wl, target))
+
+    def backward() -> tuple[torch.Tensor, ...]:
+        loss, entropy = fn(xl, wl, target)
+        ups = (a.to(loss.dtype), b.to(entropy.dtype))
+        return loss.detach(), entropy.detach(), *torch.autograd.grad((loss, entropy), (xl, wl), ups)
+
+    timed = lambda: backward()[2:]  # noqa: E731
+    return (backward, timed, lambda: None) if fb else (forward, forward, lambda: None)
+
+
 def _peak_extra(timed: Callable) -> int:
     """Bytes allocated at the peak of one call beyond what was allocated before it (the returned
     gradient counts: the op needs it)."""
@@ -422,6 +523,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, writer: csv.DictWriter) -> None:
         self.args, self.writer, self.rows, self.start = args, writer, [], time.monotonic()
+        self.current: str | None = None  # the op of the case being run
         self.cuda = torch.cuda.is_available()
         self.where = "cuda" if self.cuda else "cpu"
         self.timer, timer_name = make_timer(args.smoke)
@@ -446,7 +548,7 @@ class Run:
         self.rows.append(row)
         self.writer.writerow(row)
         result = row["status"]
-        if result == "ok" and row["op"] == LCE:
+        if result == "ok" and row["op"] in (LCE, RL):
             result = f"{row['ms_p50']:9.4f} ms {row['tflops']:8.1f} TFLOP/s"
             if row["peak_mem_mib"] == row["peak_mem_mib"]:  # not NaN: measured on CUDA
                 result += f" peak +{row['peak_mem_mib']:.0f} MiB"
@@ -461,11 +563,15 @@ class Run:
     def over_budget(self, op: str | None = None) -> str | None:
         """Why a new case of ``op`` (None: a new provider of the current case) may not start:
         --time-budget spent, or for other ops than linear_cross_entropy, all of it but the
-        seconds kept for linear_cross_entropy (--lce-budget) when that op is in the run."""
+        seconds kept for linear_cross_entropy (--lce-budget) when that op is in the run;
+        linear_cross_entropy_rl, which runs last, has --rl-budget seconds more."""
         budget = self.args.time_budget
         if budget is None:
             return None
         spent = time.monotonic() - self.start
+        if op == RL or (op is None and self.current == RL):
+            budget += self.args.rl_budget
+            return f"skipped: time budget of {budget:.0f} s spent" if spent > budget else None
         if spent > budget:
             return f"skipped: time budget of {budget:.0f} s spent"
         keep = min(self.args.lce_budget, budget) if LCE in self.args.op else 0.0
@@ -480,7 +586,7 @@ class Run:
         """(x, other): logits or x and dy; linear_cross_entropy: ((x [M, H], w [V, H]), target),
         w scaled by H**-0.5 so that the logits are about N(0, 1)."""
         dt, where = DTYPES[dtype], self.where
-        if op == LCE:
+        if op in (LCE, RL):
             h = self.args.hidden
             x = torch.randn(m, h, dtype=dt, device=where)
             w = torch.randn(n, h, dtype=dt, device=where).mul_(h**-0.5)
@@ -495,7 +601,8 @@ class Run:
         s = DTYPES[dtype].itemsize
         base = dict.fromkeys(COLUMNS, math.nan) | dict(op=op, mode=mode, dtype=dtype, M=m, N=n)
         base |= dict(status="ok", kernel_path="", notes="")
-        if op == LCE:
+        self.current = op
+        if op in (LCE, RL):
             base |= dict(H=self.args.hidden, bytes_min=0, min_formula="", bytes_moved=0)
             base["moved_formula"] = ""
             base["flops"], base["flops_formula"] = flops(mode, m, n, self.args.hidden)
@@ -512,13 +619,14 @@ class Run:
             if not runs_on(name, op, mode):
                 continue
             row = dict(base, provider=name)
-            if op != LCE:
+            if op not in (LCE, RL):
                 row["bytes_moved"], row["moved_formula"] = bytes_moved(name, op, mode, m, n, s)
             if inplace and op == "cross_entropy":
                 row["notes"] = "writes the gradient into (a private copy of) the logits"
             if name in LOSS_ONLY and mode != "forward":
                 row["notes"] = LOSS_ONLY[name]
             fn = skip or self.over_budget() or build(op)
+            row["notes"] = getattr(fn, "bench_note", row["notes"])  # which code path a peer ran
             if not isinstance(fn, str) and reference is None and name != "triton-softmax":
                 fn = "skipped: no reference (triton-softmax failed on this case)"
             if isinstance(fn, str):
@@ -557,8 +665,9 @@ class Run:
         """Check ``fn`` against ``reference`` (None: ``fn`` is ours and becomes it), then time
         it; returns the reference."""
         op, fb = row["op"], row["mode"] == "forward+backward"
-        if op == LCE:
-            check, timed, reset = lce_closures(fn, *x, other, row["mode"])
+        if op in (LCE, RL):
+            closures_of = rl_closures if op == RL else lce_closures
+            check, timed, reset = closures_of(fn, *x, other, row["mode"])
             lead, logits = x[0], row["M"] * row["N"] * x[0].element_size()
         else:
             ce = op == "cross_entropy"
@@ -587,9 +696,9 @@ class Run:
             if row[f"bytes_{kind}"]:
                 row[f"gbps_{kind}"] = row[f"bytes_{kind}"] / (row["ms_p50"] * 1e-3) / 1e9
                 row[f"pct_copy_{kind}"] = 100 * row[f"gbps_{kind}"] / self.common["copy_gbps"]
-        if op == LCE:
+        if op in (LCE, RL):
             row["tflops"] = row["flops"] / (row["ms_p50"] * 1e-3) / 1e12
-        if self.cuda and (op == LCE or (op == "cross_entropy" and fb)):
+        if self.cuda and (op in (LCE, RL) or (op == "cross_entropy" and fb)):
             peak = _peak_extra(timed)
             row["peak_mem_x_logits"], row["peak_mem_mib"] = peak / logits, peak / 2**20
         return reference
@@ -600,18 +709,20 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int, int]]:
     linear_cross_entropy last and by rows first (both modes of its first row, 8192, before the
     next), in bf16 unless --dtype says otherwise (fp32 under --smoke)."""
     grid, cases = SMOKE_GRID if args.smoke else GRID, []
-    for op, mode in (s for s in STAGES if s[0] in args.op and s[1] in args.mode and s[0] != LCE):
+    for op, mode in (
+        s for s in STAGES if s[0] in args.op and s[1] in args.mode and s[0] not in (LCE, RL)
+    ):
         rows, cols = grid[op.replace("log_", "")]
         default = ["fp32"] if args.smoke else ["fp32", "bf16"]
         for dtype in args.dtype or default:
             cases += [(op, mode, dtype, m, n) for m in args.rows or rows for n in args.cols or cols]
-    if LCE in args.op:
+    for fused in (o for o in (LCE, RL) if o in args.op):  # the RL head last, at LCE's shapes
         rows, cols = grid[LCE]
-        modes = [mode for op, mode in STAGES if op == LCE and mode in args.mode]
+        modes = [mode for op, mode in STAGES if op == fused and mode in args.mode]
         for m in args.rows or rows:
             for mode in modes:
                 for dtype in args.dtype or (["fp32"] if args.smoke else ["bf16"]):
-                    cases += [(LCE, mode, dtype, m, n) for n in args.cols or cols]
+                    cases += [(fused, mode, dtype, m, n) for n in args.cols or cols]
     return cases
 
 
@@ -639,6 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=LCE_BUDGET,
         help=f"seconds of --time-budget kept for linear_cross_entropy, run last ({LCE_BUDGET:g})",
+    )
+    ap.add_argument(
+        "--rl-budget",
+        type=float,
+        default=RL_BUDGET,
+        help=f"seconds added to --time-budget for {RL}, run after all else ({RL_BUDGET:g})",
     )
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     args = ap.parse_args(argv)
@@ -701,19 +818,32 @@ def _both_ok(a: dict | None, b: dict | None) -> bool:
     return bool(a and b and a["status"] == b["status"] == "ok")
 
 
-def lce_table(rows: list[dict], mode: str, dtype: str, m: int, level: str = "###") -> list:
+def lce_table(
+    rows: list[dict], mode: str, dtype: str, m: int, level: str = "###", op: str = LCE
+) -> list:
     """Per V and provider: TFLOP/s (ms) and peak extra MiB; ours vs each peer's time; our peak
-    over CCE's. Forward+backward marks with ✗ what misses DESIGN.md's targets."""
-    sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (LCE, mode, dtype, m)]
+    over CCE's. Forward+backward marks with ✗ what misses DESIGN.md's targets (linear CE; the RL
+    head, ``op=RL``, has none)."""
+    sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
     shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
-    by, fb = {(r["N"], r["provider"]): r for r in sel}, mode == "forward+backward"
+    by, fb = {(r["N"], r["provider"]): r for r in sel}, mode == "forward+backward" and op == LCE
     peers = [p for p in shown if p != "triton-softmax"]
     ceiling = any(r["provider"] == CEILING and r["status"] == "ok" for r in sel)
     mem = any(r["peak_mem_mib"] == r["peak_mem_mib"] for r in sel if r["status"] == "ok")
     lines = [
-        f"{level} {LCE}, {mode}, {dtype}, M = {m}, H = {sel[0]['H']}",
+        f"{level} {op}, {mode}, {dtype}, M = {m}, H = {sel[0]['H']}",
         "",
-        f"TFLOP/s over {sel[0]['flops_formula']} (ms: median)"
+        (
+            f"Per-token loss and entropy at temperature {RL_TEMPERATURE:g} (reduction='none')"
+            + (
+                "; backward of Σ a·loss + b·entropy, a and b random per row. "
+                if "+" in mode
+                else ". "
+            )
+            if op == RL
+            else ""
+        )
+        + f"TFLOP/s over {sel[0]['flops_formula']} (ms: median)"
         + (
             ", peak: MiB allocated beyond the inputs by one call (gradients included)"
             if mem
@@ -793,8 +923,8 @@ def table(rows: list[dict], op: str, mode: str, dtype: str, m: int, level: str =
     """Per N and provider: GB/s over the minimum bytes (% of copy bandwidth), and % of copy over
     the bytes moved where those differ; ours vs torch / Liger time ratios; peak memory.
     linear_cross_entropy: ``lce_table``."""
-    if op == LCE:
-        return lce_table(rows, mode, dtype, m, level)
+    if op in (LCE, RL):
+        return lce_table(rows, mode, dtype, m, level, op)
     sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
     shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
     by, n_name = {(r["N"], r["provider"]): r for r in sel}, "V" if op == "cross_entropy" else "N"
@@ -865,7 +995,7 @@ def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         sel = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
         panels = list(dict.fromkeys(g[2:] for g in _groups(sel)))
         fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.6 * len(panels)), 4.4))
-        metric = "tflops" if op == LCE else "gbps_min"
+        metric = "tflops" if op in (LCE, RL) else "gbps_min"
         for ax, (dtype, m) in zip(getattr(axes, "flat", [axes]), panels, strict=True):
             for p in [*PROVIDERS, CEILING]:  # the ceiling: linear_cross_entropy's GEMMs
                 pts = sorted(
@@ -875,7 +1005,7 @@ def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
                 )
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=p)
-            if op != LCE:
+            if op not in (LCE, RL):
                 ax.axhline(
                     rows[0]["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth"
                 )
@@ -883,9 +1013,9 @@ def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ns, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in ns])
             ax.set(
-                title=f"{dtype}, M = {m}" + (f", H = {sel[0]['H']}" if op == LCE else ""),
+                title=f"{dtype}, M = {m}" + (f", H = {sel[0]['H']}" if op in (LCE, RL) else ""),
                 ylabel=f"TFLOP/s ({sel[0]['flops_formula'].split()[0]} / time)"
-                if op == LCE
+                if op in (LCE, RL)
                 else "GB/s (minimum bytes / time)",
                 xlabel="V (classes)" if "cross_entropy" in op else "N (columns)",
             )
@@ -911,7 +1041,7 @@ def write_report(csv_path: Path) -> list[Path]:
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
     """The top README's kernel section: the grid; per GPU, softmax forward at the smallest M,
-    cross-entropy forward+backward and linear cross-entropy forward+backward."""
+    cross-entropy forward+backward, linear cross-entropy and the RL head forward+backward."""
     (rows, cols), (bt, vocabs) = GRID["softmax"], GRID["cross_entropy"]
     lce_rows, lce_vocabs = GRID[LCE]
     set_ = lambda v: "{" + ", ".join(map(str, v)) + "}"  # noqa: E731
@@ -933,7 +1063,12 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "twice, as Liger's does; our softmax reads twice only rows longer than 524 288 "
         "elements), each also as % of the copy bandwidth of the same run; the fused linear "
         "cross-entropy also as a ratio to its GEMMs alone (`torch.matmul`, same shapes), timed "
-        "in the same run. A CSV per GPU, markdown and plots go to "
+        "in the same run. The head for RL, per-token loss and entropy at a temperature "
+        '(`linear_cross_entropy(..., reduction="none", temperature=T, return_entropy=True)`), '
+        "forward+backward at the fused linear shapes, against the unfused torch computation "
+        "(`log_softmax(F.linear(x, w) / T)`, gather, entropy), its `torch.compile` and Liger's "
+        "`LigerFusedLinearScaledCrossEntropyFunction`, in TFLOP/s with peak memory. "
+        "A CSV per GPU, markdown and plots go to "
         "`benchmarks/results/`; `python -m benchmarks.report --update-readme` regenerates this "
         "section. Details: [benchmarks/README.md](benchmarks/README.md).",
         "",
@@ -950,11 +1085,9 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         rows = common.read_csv(path)
         lines += _header(rows, "### Measured on")
         small = min((r["M"] for r in rows if r["op"] == "softmax"), default=None)
+        shown = (STAGES[1], (LCE, "forward+backward"), (RL, "forward+backward"))
         for op, mode, dtype, m in _groups(rows):
-            if (op, mode) in (STAGES[1], (LCE, "forward+backward")) or (op, mode, m) == (
-                *STAGES[0],
-                small,
-            ):
+            if (op, mode) in shown or (op, mode, m) == (*STAGES[0], small):
                 lines += ["", *table(rows, op, mode, dtype, m, level="####")]
         pngs = sorted(path.parent.glob(f"{path.stem}_*.png"))
         links = [common.link(path.with_suffix(".md"), "full table")]

@@ -63,8 +63,8 @@ def test_kernel_rows_are_checked_timed_and_counted(smoke):
         assert r["status"] == "ok", (case, r["status"])
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"], case
         assert r["max_rel_err"] <= kernels.TOLERANCE[torch.float32], case
-        if r["op"] == kernels.LCE:
-            continue  # counted in flops: test_linear_cross_entropy_rows
+        if r["op"] in (kernels.LCE, kernels.RL):
+            continue  # counted in flops: test_linear_cross_entropy_rows, test_rl_head_rows
         args = (r["op"], r["mode"], r["M"], r["N"], 4)
         assert (r["bytes_min"], r["min_formula"]) == kernels.bytes_min(*args)
         assert (r["bytes_moved"], r["moved_formula"]) == kernels.bytes_moved(r["provider"], *args)
@@ -131,7 +131,10 @@ def test_flop_formulas_and_run_order():
     )
     cases = kernels.plan(args)
     lce = [c for c in cases if c[0] == kernels.LCE]
-    assert cases[-len(lce) :] == lce  # linear CE last, with its share of the budget kept
+    rl = [c for c in cases if c[0] == kernels.RL]
+    assert rl == [(kernels.RL, *c[1:]) for c in lce]  # the RL head at the same shapes, last
+    assert cases[-len(rl) :] == rl
+    assert cases[-len(lce) - len(rl) : -len(rl)] == lce  # then linear CE, its budget share kept
     (rows, vocabs), first = kernels.GRID[kernels.LCE], lce[: 2 * len(kernels.GRID[kernels.LCE][1])]
     assert rows[0] == 8192 and {c[2] for c in lce} == {"bf16"}
     assert first == [
@@ -152,6 +155,60 @@ def test_time_budget_keeps_a_share_for_linear_cross_entropy(tmp_path):
     assert softmax and all("kept for linear_cross_entropy" in r["status"] for r in softmax)
     ours = [r for r in rows if r["op"] == kernels.LCE and r["provider"] == "triton-softmax"]
     assert [r["status"] for r in ours] == ["ok"]
+
+
+def test_rl_head_rows(smoke):
+    rows = [r for r in smoke[3] if r["op"] == kernels.RL]
+    assert {r["provider"] for r in rows} == {"triton-softmax", "torch", "torch.compile", "liger"}
+    assert sorted((r["mode"], r["N"]) for r in rows if r["provider"] == "torch") == sorted(
+        (m, v) for m in kernels.MODES for v in kernels.SMOKE_GRID[kernels.LCE][1]
+    )
+    for r in rows:
+        assert r["H"] == kernels.SMOKE_HIDDEN and r["M"] == 8 and r["dtype"] == "fp32"
+        if r["provider"] == "liger" and not torch.cuda.is_available():
+            assert r["status"].startswith("skipped: "), r["status"]
+        if r["status"] != "ok":
+            continue
+        flops, formula = kernels.flops(r["mode"], r["M"], r["N"], r["H"])
+        assert (r["flops"], r["flops_formula"]) == (flops, formula)
+        assert r["tflops"] == pytest.approx(flops / (r["ms_p50"] * 1e-3) / 1e12)
+        assert r["max_rel_err"] <= kernels.TOLERANCE[torch.float32]
+    md = smoke[2].with_suffix(".md").read_text()
+    assert "### linear_cross_entropy_rl, forward+backward, fp32, M = 8, H = 32" in md
+    assert f"Per-token loss and entropy at temperature {kernels.RL_TEMPERATURE:g}" in md
+    assert "| V | triton-softmax | torch | torch.compile | ours vs torch |" in md
+
+
+@pytest.mark.parametrize(
+    "mode, corrupt",
+    [
+        ("forward", lambda loss, entropy: (loss, entropy * 1.01)),
+        # the same values; the entropy's gradient lost: only the gradient check can see it
+        ("forward+backward", lambda loss, entropy: (loss, entropy.detach() + 0 * entropy)),
+    ],
+    ids=["entropy value", "entropy gradient"],
+)
+def test_rl_head_check_compares_entropy_and_its_gradient(tmp_path, monkeypatch, mode, corrupt):
+    right = kernels._torch_rl
+    monkeypatch.setattr(kernels, "_torch_rl", lambda x, w, t: corrupt(*right(x, w, t)))
+    args = ["--smoke", "--op", kernels.RL, "--mode", mode, "-N", "100", "--out", str(tmp_path)]
+    assert kernels.main(args) == kernels.MISMATCH_EXIT
+    by = {r["provider"]: r for r in common.read_csv(next(tmp_path.glob("*.csv")))}
+    assert by["triton-softmax"]["status"] == "ok"
+    assert by["torch"]["status"].startswith("mismatch: max rel err")
+    assert math.isnan(by["torch"]["ms_p50"])  # not timed
+
+
+def test_rl_head_runs_in_seconds_of_its_own(tmp_path):
+    args = ["--smoke", "--op", "softmax", kernels.LCE, kernels.RL, "--mode", "forward"]
+    args += ["-N", "100", "--time-budget", "0", "--rl-budget", "1000", "--out", str(tmp_path)]
+    assert kernels.main(args) == 0
+    rows = common.read_csv(next(tmp_path.glob("*.csv")))
+    others = [r for r in rows if r["op"] != kernels.RL]
+    assert others and all(r["status"].startswith("skipped: time budget") for r in others)
+    rl = {r["provider"]: r["status"] for r in rows if r["op"] == kernels.RL}
+    assert not rl.pop("liger").startswith("skipped: time budget")  # ok, or skipped for its reason
+    assert rl == dict.fromkeys(ALWAYS_THERE, "ok")
 
 
 def test_byte_formulas():
