@@ -184,7 +184,7 @@ def test_unclosed_quote_is_refused_with_its_row(tmp_path):
         load_csv(_write(tmp_path, 'a,label\n1,x\n2,"y'))
     with pytest.raises(DataError, match=r"row 2: a quoted cell"):
         read_features(_write(tmp_path, 'a,b\n"1,2\n3,4\n'), ["a", "b"])
-    # A quoted cell may span lines; the row named is then the line where the record ends.
+    # A quoted cell may span lines.
     data = load_csv(_write(tmp_path, 'a,label\r\n1,"x\r\ny"\r\n2,z\r\n'))
     assert data.class_names == ("x\r\ny", "z")
 
@@ -255,3 +255,72 @@ def test_over_long_labels_are_refused_with_the_row(tmp_path):
     longest = "1" + "0" * (MAX_LABEL_CHARS - 1)
     data = load_csv(_write(tmp_path, f"a,label\n1,1\n2,1e{MAX_LABEL_CHARS - 1}\n"))
     assert data.class_names == ("1", longest)
+
+
+def test_a_nul_line_does_not_end_the_file(tmp_path):
+    # The reader used to append "\0end of file\0" as a last line and stop at the first such
+    # line: one inside the data silently dropped every row after it (predict: 1 prediction
+    # for 2 rows). NUL characters are refused, naming the row and column.
+    text = "a,b,label\n1,2,x\n\x00end of file\x00\n3,4,y\n"
+    with pytest.raises(DataError, match=r"row 3, column 'a': .* holds a NUL character"):
+        load_csv(_write(tmp_path, text))
+    with pytest.raises(DataError, match=r"row 2, column 'b': '4\\x00' holds a NUL"):
+        read_features(_write(tmp_path, "a,b\n3,4\x00\n5,6\n"), ["a", "b"])
+
+
+@pytest.mark.parametrize("cell", ['"5"1', '"5" ', '"5""x"y', '""1'])
+def test_characters_after_a_closing_quote_are_refused(tmp_path, cell):
+    # The csv module's lenient mode read "5"1 as 51: not an ASCII-decimal number as written.
+    path = _write(tmp_path, f"a,b,label\n1,2,x\n3,{cell},y\n")
+    with pytest.raises(DataError, match=r"row 3, column 'b': .* after its closing quote"):
+        load_csv(path)
+    with pytest.raises(DataError, match=r"row 1, column 2: .* after its closing quote"):
+        read_features(_write(tmp_path, 'a,"b"x\n1,2\n', "h.csv"), ["a"])
+    # A quote inside a quoted cell, doubled, is fine; so is a quote inside an unquoted cell.
+    data = load_csv(_write(tmp_path, 'a,label\n1,"x""y"\n2,z"w\n', "ok.csv"))
+    assert data.class_names == ('x"y', 'z"w')
+
+
+def test_float32_max_as_printed_is_accepted(tmp_path):
+    # numpy prints float32's largest value as 3.4028235e38, a little above it: it rounds to it.
+    big = float(np.finfo(np.float32).max)
+    text = "a,label\n3.4028235e38,x\n-3.40282356e38,y\n340282356779733661637539395458142568447,x\n"
+    data = load_csv(_write(tmp_path, text))
+    np.testing.assert_array_equal(data.features[:, 0], np.float32([big, -big, big]))
+    # From halfway to 2**128 on, a number rounds to infinity in float32.
+    halfway = str(2**128 - 2**103)
+    for cell in (halfway, "3.4028236e38", "1e39"):
+        path = _write(tmp_path, f"a,label\n1,x\n{cell},y\n", "inf.csv")
+        with pytest.raises(DataError, match=r"row 3, column 'a': .* not a finite float32"):
+            load_csv(path)
+
+
+def test_rows_are_named_by_the_line_where_they_open(tmp_path):
+    # A bad value after a quoted line break was named at the row's last line, an unclosed
+    # quote at its first: both are now the first.
+    text = 'a,b,label\n1,bad,"x\ny"\n3,4,z\n'
+    with pytest.raises(DataError, match=r"row 2, column 'b': 'bad' is not a number"):
+        load_csv(_write(tmp_path, text))
+    text = 'a,b,label\n1,2,"x\ny"\n\n3,bad,z\n'
+    with pytest.raises(DataError, match=r"row 5, column 'b': 'bad' is not a number"):
+        load_csv(_write(tmp_path, text))
+
+
+def test_every_byte_order_mark_before_the_header_is_dropped(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeff\ufeffa,label\n1,x\n2,y\n".encode())
+    assert load_csv(path).feature_names == ("a",)
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_another_separator_is_named(tmp_path, separator):
+    text = f"a{separator}b{separator}label\n1{separator}2{separator}x\n3{separator}4{separator}y\n"
+    path = _write(tmp_path, text)
+    hint = r"holding .*: is the file comma-separated\?"
+    with pytest.raises(DataError, match=hint):
+        load_csv(path)
+    with pytest.raises(DataError, match=rf"missing feature column\(s\) 'a', 'b'.*{hint}"):
+        read_features(path, ["a", "b"])
+    decimal_commas = f"a{separator}label\n1,5{separator}x\n"
+    with pytest.raises(DataError, match=rf"row 2: 2 fields, but the header has 1 .*{hint}"):
+        load_csv(_write(tmp_path, decimal_commas, "dc.csv"))

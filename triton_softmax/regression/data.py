@@ -2,9 +2,11 @@
 
 A CSV has a header row, numeric feature columns and one label column. Rows end only at ``\n``,
 ``\r`` or ``\r\n`` outside quotes (the csv module's rule: U+2028, NEL or a form feed are part of a
-cell); a quote left open at the end of the file is refused, naming the row where it opens. Row
-numbers in error messages count the header as row 1, as a spreadsheet does, so "row 5" is the fifth
-line of a file without quoted line breaks. This module needs numpy only.
+cell); a quote left open at the end of the file is refused, naming the row where it opens, and so
+is a quoted cell with more characters after its closing quote (``"5"1``) and a NUL character
+anywhere. Row numbers in error messages count the header as row 1, as a spreadsheet does, and name
+the line where a row opens, so "row 5" is the fifth line of a file without quoted line breaks. A
+byte order mark before the header is dropped. This module needs numpy only.
 
 Numbers (feature cells, numeric labels) are ASCII decimals: an optional sign, digits with an
 optional decimal point, an optional exponent (``3``, ``-0.5``, ``.5``, ``1e-3``). Anything else is
@@ -37,11 +39,12 @@ _NUMBER = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?", re.ASCII)
 #: What ``float`` reads as a NaN or an infinity.
 _NOT_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Halfway between float32's largest value and 2**128: numbers below it in magnitude round to a
+#: finite float32 (``3.4028235e38``, numpy's print of the largest, is one), the rest to infinity.
+_FLOAT32_LIMIT = Decimal(2**128 - 2**103)
 #: The longest label accepted, in characters (a number's as written out in full): class names end
 #: up in the model's metadata and in the column names of `predict`'s output.
 MAX_LABEL_CHARS = 1000
-#: Appended to a CSV's text as a last line of its own: a quoted cell left open swallows it.
-_END = "\x00end of file\x00"
 
 
 class DataError(ValueError):
@@ -196,7 +199,7 @@ def _require_columns(header: list[str], columns: Sequence[str], name: str, what:
     if missing:
         raise DataError(
             f"{name}: missing {what} {', '.join(map(repr, missing))}; "
-            f"the file has {', '.join(map(repr, header))}"
+            f"the file has {', '.join(map(repr, header))}{_separator_hint(header)}"
         )
 
 
@@ -254,59 +257,146 @@ def _parse(
     text: str, name: str, allow_no_rows: bool = False
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(row_number, cells)`` pairs; blank lines are skipped."""
-    records: Iterator[tuple[int, list[str]]] = _records(text, name)
-    header_record = next(records, None)
-    if header_record is None:
-        raise DataError(f"{name}: the file is empty")
-    _, header = header_record
-    for i, column in enumerate(header, start=1):
-        if not column:
-            raise DataError(f"{name}: column {i} of the header has no name")
-    seen = set()
-    for column in header:
-        if column in seen:
-            raise DataError(f"{name}: column {column!r} appears twice in the header")
-        seen.add(column)
+    header: list[str] = []
     rows = []
-    for row_number, cells in records:
-        if len(cells) != len(header):
-            raise DataError(
-                f"{name}, row {row_number}: {len(cells)} fields, but the header has {len(header)}"
-            )
-        rows.append((row_number, cells))
+    try:
+        for row_number, cells in _records(text.lstrip("\ufeff"), name):
+            if not header:
+                header = _header(cells, name)
+                continue
+            if len(cells) != len(header):
+                raise DataError(
+                    f"{name}, row {row_number}: {len(cells)} fields, but the header has "
+                    f"{len(header)}{_separator_hint(header)}"
+                )
+            rows.append((row_number, cells))
+    except _CellError as e:
+        column = repr(header[e.column - 1]) if e.column <= len(header) else str(e.column)
+        raise DataError(f"{name}, row {e.row}, column {column}: {e.problem}") from None
+    if not header:
+        raise DataError(f"{name}: the file is empty")
     if not rows and not allow_no_rows:
         raise DataError(f"{name}: no data rows after the header")
     return header, rows
+
+
+def _header(cells: list[str], name: str) -> list[str]:
+    """The header's column names, checked: each named, none twice."""
+    for i, column in enumerate(cells, start=1):
+        if not column:
+            raise DataError(f"{name}: column {i} of the header has no name")
+    seen = set()
+    for column in cells:
+        if column in seen:
+            raise DataError(f"{name}: column {column!r} appears twice in the header")
+        seen.add(column)
+    return cells
+
+
+def _separator_hint(header: list[str]) -> str:
+    """A hint for a header read as one column that holds another separator, else ``""``."""
+    if len(header) != 1:
+        return ""
+    found = [repr(s) for s in (";", "\t", "|") if s in header[0]]
+    if not found:
+        return ""
+    return (
+        f" (the header is one column holding {' and '.join(found)}: is the file comma-separated?)"
+    )
+
+
+class _CellError(Exception):
+    """A cell that cannot be read, at ``row`` (where its record opens) and ``column`` (1-based)."""
+
+    def __init__(self, row: int, column: int, problem: str) -> None:
+        super().__init__(problem)
+        self.row, self.column, self.problem = row, column, problem
 
 
 def _records(text: str, name: str) -> Iterator[tuple[int, list[str]]]:
     """``(row_number, stripped cells)`` of each non-blank record of ``text``.
 
     The csv module splits rows itself (``newline=""``), so only ``\n``, ``\r`` and ``\r\n``
-    end a row. In its lenient mode a quote still open at the end of the file silently takes every
-    line after it into one cell; the sentinel line ``_END`` appended to the text reveals that: it
-    comes back as a record of its own only when every quote was closed.
+    end a row. Its strict mode refuses a quote still open at the end of the text and characters
+    after a closing quote (``"5"1``, which the lenient mode reads as ``51``). ``row_number`` is
+    the line where the record opens, also for a quoted cell spanning lines.
+
+    Raises:
+        DataError: a quote never closed, or another malformed record.
+        _CellError: a closing quote followed by more characters, or a NUL character in a cell.
     """
-    sep = "" if not text or text.endswith(("\n", "\r")) else "\n"
-    reader = csv.reader(io.StringIO(text + sep + _END + "\n", newline=""))
+    consumed: list[str] = []
+
+    def lines() -> Iterator[str]:
+        for line in io.StringIO(text, newline=""):
+            consumed.append(line)
+            yield line
+
+    reader = csv.reader(lines(), strict=True)
+    has_nul = "\x00" in text  # one scan of the text, so that most files skip the per-cell test
     start = 1
     while True:
+        consumed.clear()
         try:
             cells = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
+            after = _after_quote("".join(consumed))
+            if after is not None:
+                column, cell = after
+                raise _CellError(
+                    start,
+                    column,
+                    f"{_shown(cell)} has characters after its closing quote; quote the whole "
+                    "cell or none of it",
+                ) from None
+            if "end of data" in str(e):  # strict mode, at the end of the text inside quotes
+                raise DataError(
+                    f"{name}, row {start}: a quoted cell that opens on this row is never closed "
+                    "(a missing '\"' takes in the rest of the file)"
+                ) from None
             raise DataError(f"{name}, row {start}: {e}") from None
-        if cells == [_END]:
-            return
-        if cells and cells[-1].endswith(_END + "\n"):
-            raise DataError(
-                f"{name}, row {start}: a quoted cell that opens on this row is never closed "
-                "(a missing '\"' takes in the rest of the file)"
-            )
+        for column, cell in enumerate(cells if has_nul else (), start=1):
+            if "\x00" in cell:
+                raise _CellError(start, column, f"{_shown(cell)} holds a NUL character")
         if cells:
-            yield reader.line_num, [c.strip() for c in cells]
+            yield start, [c.strip() for c in cells]
         start = reader.line_num + 1
+
+
+def _after_quote(record: str) -> tuple[int, str] | None:
+    """The first cell of ``record`` (the lines of one record) whose closing quote is followed by
+    more characters, as ``(column, cell as written)``; ``None`` when there is none."""
+    column, cell_start, i = 1, 0, 0
+    at_start, closed = True, False
+    while i < len(record):
+        ch = record[i]
+        if ch in "\r\n":  # outside quotes: the record ends
+            return None
+        if ch == ",":
+            column, cell_start, at_start, closed = column + 1, i + 1, True, False
+        elif closed:
+            end = len(record)
+            for stop in ",\r\n":
+                found = record.find(stop, i)
+                if found >= 0:
+                    end = min(end, found)
+            return column, record[cell_start:end]
+        elif ch == '"' and at_start:
+            close = i + 1
+            while True:  # a doubled quote inside quotes is a quote character
+                close = record.find('"', close)
+                if close < 0:
+                    return None
+                if record[close + 1 : close + 2] != '"':
+                    break
+                close += 2
+            i, closed, at_start = close, True, False
+        else:
+            at_start = False
+        i += 1
+    return None
 
 
 def _numeric_block(
@@ -328,9 +418,13 @@ def _number(cell: str, name: str, row_number: int, column: str) -> float:
     if not _is_number(cell):
         raise DataError(f"{where}: {_shown(cell)} is not a number")
     value = float(cell)
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        raise DataError(f"{where}: {cell!r} is not a finite float32 number")
-    return value
+    if abs(value) <= _FLOAT32_MAX:
+        return value
+    # Compared exactly: float() rounds once already, and a second rounding to float32 could
+    # take a number just below the limit to infinity.
+    if not math.isfinite(value) or Decimal(cell).copy_abs() >= _FLOAT32_LIMIT:
+        raise DataError(f"{where}: {_shown(cell)} is not a finite float32 number")
+    return math.copysign(_FLOAT32_MAX, value)
 
 
 def _to_dataset(
@@ -352,6 +446,7 @@ def _to_dataset(
         raise DataError(
             f"{name}: no feature columns besides the label column {label_column!r}"
             + (" and the ignored ones" if ignore_columns else "")
+            + _separator_hint(header)
         )
     raw_labels, class_names = _labels(rows, label_pos, name, label_column)
     if len(class_names) < 2:
