@@ -1066,8 +1066,8 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "in the same run. The head for RL, per-token loss and entropy at a temperature "
         '(`linear_cross_entropy(..., reduction="none", temperature=T, return_entropy=True)`), '
         "forward+backward at the fused linear shapes, against the unfused torch computation "
-        "(`log_softmax(F.linear(x, w) / T)`, gather, entropy), its `torch.compile` and Liger's "
-        "`LigerFusedLinearScaledCrossEntropyFunction`, in TFLOP/s with peak memory. "
+        "(`log_softmax(F.linear(x, w).float() / T)`, gather, entropy), its `torch.compile` and "
+        "Liger's `LigerFusedLinearScaledCrossEntropyFunction`, in TFLOP/s with peak memory. "
         "A CSV per GPU, markdown and plots go to "
         "`benchmarks/results/`; `python -m benchmarks.report --update-readme` regenerates this "
         "section. Details: [benchmarks/README.md](benchmarks/README.md).",

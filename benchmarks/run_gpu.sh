@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should do in one call, offline, in about 8 minutes, writing
+# Everything a lent GPU machine should do in one call, offline, in about 9 minutes, writing
 # under one output folder:
 #   1. the kernel tests on CUDA tensors (compiled kernels, not the interpreter), at most 150 s;
 #   2. the kernel benchmark grid (softmax, log_softmax, cross_entropy, linear_cross_entropy
 #      against torch, torch.compile and the peers whose wheels travelled in benchmarks/wheels),
-#      240 s of which the last 90 s are kept for the fused linear cross-entropy;
+#      240 s of which the last 90 s are kept for the fused linear cross-entropy, then 50 s more
+#      for the RL head (linear_cross_entropy_rl: per-token loss and entropy at a temperature);
 #   3. the launch-table sweep (benchmarks/tune.py), 80 s;
 #   4. summary.md: GPU, versions, test counts and failures, the files written.
 # A step that fails or runs out of time is recorded in the summary; the next one still runs.
@@ -57,7 +58,8 @@ else
     step tests timeout 150 python -m pytest -q -x -p no:cacheprovider --device cuda \
         tests/test_softmax.py tests/test_cross_entropy.py tests/test_tiles.py \
         tests/test_linear_cross_entropy.py tests/test_registration.py
-    step kernels python -m benchmarks.kernels --out "$out" --time-budget 240 --lce-budget 90
+    step kernels python -m benchmarks.kernels --out "$out" --time-budget 240 --lce-budget 90 \
+        --rl-budget 50
     step tune python -m benchmarks.tune --out "$out" --time-budget 80
 fi
 
