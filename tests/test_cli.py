@@ -135,7 +135,7 @@ def test_predict_failure_leaves_no_partial_output(flowers, tmp_path, monkeypatch
                 raise OSError(28, "No space left on device")
             self.writer.writerow(row)
 
-    monkeypatch.setattr(cli.csv, "writer", FailingWriter)
+    monkeypatch.setattr(cli.predict.csv, "writer", FailingWriter)
     code, _, stderr = _main("predict", model, good, "-o", target)
     assert code == 1 and "No space left on device" in stderr
     assert target.read_text() == "previous content\n"
@@ -180,6 +180,15 @@ def test_help(command, capsys):
         cli.main([command, "--help"])
     assert done.value.code == 0
     assert f"usage: triton-softmax {command}" in capsys.readouterr().out
+
+
+def test_version_is_the_installed_distribution(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"triton-softmax {metadata.version('triton-softmax')}\n"
+    assert not captured.err
 
 
 def _bad_inputs(folder: Path, model: Path, ckpt: Path) -> list[tuple[list[object], str]]:
@@ -310,8 +319,8 @@ def test_training_options_come_from_the_config_fields(capsys):
     parser = cli._parser()
     argv = ["train", "--epochs", "7", "--lr", "0.5", "--optimizer", "sgd", "--min-delta", "0.01"]
     expected = TrainConfig(epochs=7, lr=0.5, optimizer="sgd", min_delta=0.01)
-    assert cli._train_config(parser.parse_args(argv)) == expected
-    assert cli._train_config(parser.parse_args(["train"])) == TrainConfig()
+    assert cli.train.train_config(parser.parse_args(argv)) == expected
+    assert cli.train.train_config(parser.parse_args(["train"])) == TrainConfig()
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     usage = capsys.readouterr().out
