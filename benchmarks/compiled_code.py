@@ -510,12 +510,20 @@ SYNC_ATOMICS = {
 }
 
 
+def _bytes_per_thread(r: dict) -> int:
+    """Bytes of one [BLOCK_M, BLOCK_N] block each thread loads: below 16, a 128-bit load is
+    impossible (short rows: a few elements a thread)."""
+    size = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[r["dtype"]]
+    return r["block_m"] * r["block_n"] * size // (32 * r["num_warps"])
+
+
 def violations(r: dict) -> list[str]:
     """What is wrong with one compiled kernel (a result of :func:`compile_job`). Empty when
     all is well. Refused: register spills; float atomics anywhere; integer atomics outside
     :data:`SYNC_ATOMICS` or inside a streamed loop; fences in a streamed loop; block-wide
     barriers in the streamed loops of :data:`BARRIER_FREE_LOOPS`; global loads narrower
-    than 128 bits in the streamed loops of aligned launches; any ``ex2`` other than
+    than 128 bits in the streamed loops of aligned launches whose threads load at least 16
+    bytes a block; any ``ex2`` other than
     ``ex2.approx.ftz.f32`` in fp32-accumulating cross-entropy kernels (or none at all)."""
     found = []
     if r["spill_stores"] or r["spill_loads"]:
@@ -534,7 +542,7 @@ def violations(r: dict) -> list[str]:
         if loop["barriers"] and (r["family"], r["kernel"]) in BARRIER_FREE_LOOPS:
             found.append(f"loop {i}: {loop['barriers']} block-wide barriers")
         narrow = {int(k): v for k, v in loop["loads"].items() if int(k) < 128}
-        if r["aligned"] and narrow:
+        if r["aligned"] and narrow and _bytes_per_thread(r) >= 16:
             found.append(f"loop {i}: global loads narrower than 128 bits {narrow}")
     if r["family"] == "cross_entropy" and r["kernel"] in ("forward", "backward"):
         if r["dtype"] != "fp64":
@@ -707,7 +715,7 @@ def compiled_markdown(results: list[dict], seconds: float, command: str) -> str:
     ]
     for r in sorted(results, key=_order):
         ex2 = r["ex2"]
-        flavour = " ".join(f"{_EX2_NAMES.get(k, k)}x{v}" for k, v in sorted(ex2.items()))
+        flavour = ", ".join(f"{_EX2_NAMES.get(k, k)} {v}" for k, v in sorted(ex2.items()))
         flavour = flavour or ("f64" if r["dtype"] == "fp64" else "-")
         loop_loads = Counter()
         for loop in r["loops"]:

@@ -187,6 +187,9 @@ def test_violations_each_check_can_fail():
     fails(_ptx("\tbar.sync \t0;"), "block-wide barriers", family="softmax")
     fails(_ptx(ftz + "\n\tfence.acq_rel.gpu;"), "fences")
     fails(_ptx(ftz + "\n\tld.global.b32 { %r1 }, [ %rd1 + 0 ];"), "narrower than 128 bits")
+    # 16 fp32 columns a block over 4 warps: a thread loads 4 bytes, 128 bits are impossible.
+    narrow = _ptx(ftz + "\n\tld.global.b32 { %r1 }, [ %rd1 + 0 ];")
+    assert cc.violations(_result(narrow, block_n=16, num_warps=4)) == []
     assert (
         cc.violations(
             _result(_ptx(ftz + "\n\tld.global.b32 { %r1 }, [ %rd1 + 0 ];"), aligned=False)
