@@ -5,14 +5,25 @@ a link made here, so a regression replaces that link, never the system's file.
 """
 
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from triton_softmax._atomic import WriteError, atomic_path, check_writable, destination
+from triton_softmax._atomic import (
+    TERMINATED_STATUS,
+    WriteError,
+    atomic_path,
+    check_not_input,
+    check_writable,
+    destination,
+    sigterm_unwinds,
+)
 
 
 def _write(path, text: str = "new\n") -> None:
@@ -147,3 +158,73 @@ def test_a_trailing_separator_names_a_folder(tmp_path, monkeypatch, name):
         with pytest.raises(WriteError, match=rf"{name}: names a folder .*; give a file name"):
             call(name)
     assert not any(tmp_path.iterdir())
+
+
+_TERMINATED_MID_WRITE = """
+import os, signal, sys, time
+from pathlib import Path
+from triton_softmax._atomic import atomic_path
+try:
+    with atomic_path(sys.argv[1]) as tmp:
+        Path(tmp).write_text("partial")
+        print(tmp.name, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal ends the block here
+finally:
+    print("unwound", flush=True)
+"""
+
+
+def test_sigterm_mid_write_removes_the_temporary_file(tmp_path):
+    # SIGTERM killed the process at once, leaving .out.csv.XXXX.tmp (Ctrl-C cleaned up).
+    out = tmp_path / "out.csv"
+    out.write_text("previous\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_MID_WRITE, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    tmp_name, unwound = done.stdout.split()
+    assert tmp_name.startswith(".out.csv.") and unwound == "unwound"
+    assert done.returncode == TERMINATED_STATUS == 143 and done.stderr == ""
+    assert sorted(os.listdir(tmp_path)) == ["out.csv"]
+    assert out.read_text() == "previous\n"
+
+
+def test_sigterm_handler_is_restored_and_others_left_alone():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with sigterm_unwinds():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert callable(ours)
+        with sigterm_unwinds():  # nested: unchanged, and not restored early
+            assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGTERM) is ours
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with sigterm_unwinds():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_output_may_not_be_an_input(tmp_path, monkeypatch):
+    # `predict x.csv -o x.csv` replaced its input, `export m.safetensors -o m.safetensors` turned
+    # the checkpoint into ONNX.
+    monkeypatch.chdir(tmp_path)
+    Path("x.csv").write_text("a\n")
+    Path("other.csv").write_text("a\n")
+    os.symlink("x.csv", "link.csv")
+    os.link("x.csv", "hard.csv")
+    with pytest.raises(WriteError, match=r"^x\.csv: is an input file of this command; "):
+        check_writable("x.csv", inputs=["model.onnx", "x.csv"])
+    for output in ("link.csv", "hard.csv", str(tmp_path / "x.csv")):
+        with pytest.raises(WriteError, match=rf"^{output}: is an input .*\(x\.csv\)"):
+            check_not_input(output, [None, "x.csv"])
+    with pytest.raises(WriteError, match=r"^x\.csv: is an input .*\(link\.csv\)"):
+        check_not_input("x.csv", ["link.csv"])
+    check_writable("other.csv", inputs=["x.csv", None, "missing.csv"])
+    check_not_input("new.csv", ["x.csv"])
+    os.symlink(os.devnull, "null")  # devices are never compared: /dev/stdin may be /dev/stdout
+    check_not_input("null", ["null"])

@@ -17,6 +17,11 @@ What a destination is decides how it is written (``destination``):
   reached through a descriptor's link is appended to, as the descriptor's owner (a shell's ``>``
   or ``>>``) expects. Opening a FIFO waits for a reader, as a shell's ``>`` does.
 - a block device or a socket: refused.
+
+While a write is in progress, SIGTERM (when its handler is the default, in the main thread) ends
+the process through ``Terminated`` rather than at once, so the temporary file is removed as on
+Ctrl-C; ``sigterm_unwinds`` does the same around any block. ``check_writable(..., inputs=...)``
+refuses an output that is one of the command's input files.
 """
 
 from __future__ import annotations
@@ -24,14 +29,61 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 #: Symbolic links followed before giving up, as the kernel's own limit (``ELOOP``).
 MAX_SYMLINKS = 40
+
+
+#: The exit status of a process ended by SIGTERM through ``Terminated``, as a shell reports one
+#: killed by it.
+TERMINATED_STATUS = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """SIGTERM received inside ``sigterm_unwinds``: unwinds the stack (``finally`` blocks and
+    context managers run), then the interpreter exits with ``TERMINATED_STATUS`` and no
+    traceback. ``except Exception`` does not catch it."""
+
+    def __init__(self) -> None:
+        super().__init__(TERMINATED_STATUS)
+
+
+_unwinding = threading.local()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` instead of killing the process at once.
+
+    Only where SIGTERM has its default action and in the main thread (the only one that may set
+    handlers); elsewhere, and when nested, nothing changes. The previous handler is restored
+    when the outermost block ends, also when it ends by ``Terminated``.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or getattr(_unwinding, "active", False)
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    _unwinding.active = True
+    try:
+        yield
+    finally:
+        _unwinding.active = False
+        signal.signal(signal.SIGTERM, previous)
 
 
 class WriteError(OSError):
@@ -134,8 +186,49 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
+def check_not_input(
+    path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str] | None]
+) -> None:
+    """Refuse to write ``path`` when it is one of ``inputs`` (``predict x.csv -o x.csv``).
+
+    The same file is the same device and inode once symbolic links are followed, so a link to
+    an input or a second hard link to it counts. Only regular files are compared: a terminal
+    or pipe may well be both ``/dev/stdin`` and ``/dev/stdout``.
+
+    Args:
+        path: the output file.
+        inputs: the files the command reads; ``None`` entries and missing files are skipped.
+
+    Raises:
+        WriteError: ``path`` is one of ``inputs``; the message names both.
+    """
+    try:
+        out = os.stat(path)
+    except OSError:
+        return  # nothing there yet (or not reachable): it cannot be an input
+    if not stat.S_ISREG(out.st_mode):
+        return
+    for source in inputs:
+        if source is None:
+            continue
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            same = "" if os.fspath(source) == os.fspath(path) else f" ({source})"
+            raise WriteError(
+                f"{os.fspath(path)}: is an input file of this command{same}; writing it would "
+                "replace what is being read; give another output file"
+            )
+
+
 def check_writable(
-    path: str | os.PathLike[str], *, folder: bool = False, force: bool = False
+    path: str | os.PathLike[str],
+    *,
+    folder: bool = False,
+    force: bool = False,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
 ) -> Path:
     """Check, without writing anything there, that ``path`` can be created or replaced.
 
@@ -146,6 +239,8 @@ def check_writable(
         path: the destination file, or with ``folder=True`` the destination folder.
         folder: whether ``path`` is a folder to write files into.
         force: accept an existing read-only file (it is replaced and stays read-only).
+        inputs: the files the command reads; ``path`` must not be one of them
+            (``check_not_input``).
 
     Returns:
         ``path`` as a ``Path``.
@@ -153,9 +248,10 @@ def check_writable(
     Raises:
         WriteError: ``path`` is a folder where a file is wanted (or a file where a folder is), an
             ancestor is a file, the place is not writable, or the file is read-only and ``force``
-            is false; see also ``destination``.
+            is false, or it is one of ``inputs``; see also ``destination``.
     """
     out = Path(path)
+    check_not_input(path, inputs)
     if folder:
         if out.exists() and not out.is_dir():
             raise WriteError(f"{out}: exists and is not a folder")
@@ -207,6 +303,36 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = destination(path)
     out = dest.path
+    with sigterm_unwinds():
+        # SIGTERM held back from making the file until the block that removes it is entered.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            tmp = _temporary(dest)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            try:
+                yield tmp
+                if dest.kind == "stream":
+                    _copy_through(tmp, out)
+                else:
+                    _take_over(tmp, dest)
+                    os.replace(tmp, dest.target)
+            except OSError as e:
+                if isinstance(e, WriteError):
+                    raise
+                if str(tmp) in (e.filename, e.filename2) or str(tmp) in str(e):
+                    raise WriteError(f"{out}: {e.strerror or 'write failed'}", e.errno) from None
+                raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _temporary(dest: Destination) -> Path:
+    """A new empty file beside ``dest.target`` (in the temporary folder for a stream)."""
+    out = dest.path
     try:
         if dest.kind == "stream":
             folder = Path(tempfile.gettempdir())
@@ -222,23 +348,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as e:
         raise WriteError(f"{out}: cannot write there ({e.strerror or e})", e.errno) from None
     os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            yield tmp
-            if dest.kind == "stream":
-                _copy_through(tmp, out)
-            else:
-                _take_over(tmp, dest)
-                os.replace(tmp, dest.target)
-        except OSError as e:
-            if isinstance(e, WriteError):
-                raise
-            if tmp_name in (e.filename, e.filename2) or tmp_name in str(e):
-                raise WriteError(f"{out}: {e.strerror or 'write failed'}", e.errno) from None
-            raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    return Path(tmp_name)
 
 
 def _take_over(tmp: Path, dest: Destination) -> None:
