@@ -1,4 +1,4 @@
-"""What the three benchmarks share: machine and version names, CSV in and out, README sections."""
+"""What the benchmarks share: machine and version names, CSV in and out, RESULTS.md sections."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from importlib import metadata
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-README = Path(__file__).resolve().parent.parent / "README.md"
+#: The repository root (git runs there).
+REPO = Path(__file__).resolve().parent.parent
+#: The page of generated results: one section per benchmark, between markers.
+RESULTS_PAGE = REPO / "benchmarks" / "RESULTS.md"
 
 
 def package_version(name: str) -> str | None:
@@ -33,7 +36,7 @@ def git_commit() -> str:
     """The clone's commit, ``+dirty`` when ``triton_softmax/`` has uncommitted changes."""
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=README.parent, capture_output=True, text=True)
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     sha = git("rev-parse", "--short", "HEAD") or "unknown"
@@ -116,9 +119,9 @@ def pyplot():
 
 
 def link(path: Path, text: str) -> str:
-    """A markdown link to ``path`` relative to the top README."""
+    """A markdown link to ``path`` relative to RESULTS.md."""
     try:
-        rel = path.resolve().relative_to(README.parent).as_posix()
+        rel = path.resolve().relative_to(RESULTS_PAGE.parent).as_posix()
     except ValueError:
         rel = path.as_posix()
     return f"[{text}]({rel})"

@@ -12,7 +12,7 @@ fp32 leaves; no bias), fp32:
                     (torch >= 2.13; skipped where the installed torch lacks it)
     torch           F.cross_entropy(F.linear(x, w), t), which holds the [N, V] logits
 
-DESIGN.md §4's targets for our CPU path: time no more than torch's chunked op, peak extra memory
+docs/design.md's targets for our CPU path: time no more than torch's chunked op, peak extra memory
 at most 0.1x the full fp32 logits (N * V * 4 bytes; 1 GiB at the default shape).
 
 Loss and gradients are compared with torch eager's (``assert_close``, rtol 1e-4, atol 1e-5 of the
@@ -61,7 +61,7 @@ from benchmarks import common
 PROVIDERS = ("triton-softmax", "torch-chunked", "torch")
 #: (N rows, H features, V classes): the issue's CPU shape; the smoke shape takes a second.
 SHAPE, SMOKE_SHAPE = (8192, 256, 32768), (64, 16, 300)
-#: DESIGN.md §4: our peak extra memory at most this fraction of the full fp32 logits.
+#: docs/design.md: our peak extra memory at most this fraction of the full fp32 logits.
 PEAK_TARGET = 0.1
 WARMUP_ROWS = 64
 REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
@@ -284,12 +284,12 @@ def run(
 
 
 # ----------------------------------------------------------------------------------------------
-# Report: markdown and the README section, from the CSV
+# Report: markdown and the RESULTS.md section, from the CSV
 # ----------------------------------------------------------------------------------------------
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """DESIGN.md §4's two CPU-path targets for the fused op, met or not."""
+    """docs/design.md's two CPU-path targets for the fused op, met or not."""
     by = {r["provider"]: r for r in rows}
     ours, chunked = by.get("triton-softmax"), by.get("torch-chunked")
     lines = []
@@ -373,7 +373,7 @@ def _body(rows: list[dict], level: str) -> list[str]:
     lines = []
     for group in _by_threads(rows):
         lines += [f"{level} {group[0]['threads']} torch thread(s)", "", *_intro(group), ""]
-        lines += ["Targets (DESIGN.md §4):", "", *targets(group), "", *_table(group), ""]
+        lines += ["Targets (docs/design.md):", "", *targets(group), "", *_table(group), ""]
     return lines
 
 
@@ -396,7 +396,7 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "plain-torch CPU path against torch's chunked `F.linear_cross_entropy(..., "
         "options=torch.nn.LinearCrossEntropyOptions())` and the unfused `F.cross_entropy("
         "F.linear(x, w), t)`, forward+backward, and measures each one's peak memory in a process "
-        "of its own. Details: [benchmarks/README.md](benchmarks/README.md).",
+        "of its own. Details: [benchmarks/README.md](README.md).",
         "",
     ]
     csvs = sorted(results_dir.glob("cpu_linear_ce_*.csv"))

@@ -3,7 +3,7 @@
     python -m benchmarks.cpu_path                    # a couple of minutes on 2 cores
     python -m benchmarks.cpu_path --smoke --out DIR  # tiny shapes, seconds (the tests run it)
 
-On a CPU without ``TRITON_INTERPRET`` our ops run a plain-torch implementation; DESIGN.md §4 wants
+On a CPU without ``TRITON_INTERPRET`` our ops run a plain-torch implementation; docs/design.md wants
 it within 1.3x of torch's own functions and its per-call overhead within 2x of torch's. This times
 ``triton_softmax.softmax / log_softmax / cross_entropy`` against ``F.softmax / F.log_softmax /
 F.cross_entropy`` on fp32 inputs of 4x3 (per-call overhead), 256x1000, 4096x1000 and 1024x32000,
@@ -45,7 +45,7 @@ from benchmarks import common
 SHAPES = ((4, 3), (256, 1000), (4096, 1000), (1024, 32000))
 SMOKE_SHAPES = ((4, 3), (16, 10))
 MODES = ("forward", "forward+backward")
-#: DESIGN.md §4: ours / torch at most this at 4x3 (per-call overhead) and at >= 256 rows.
+#: docs/design.md: ours / torch at most this at 4x3 (per-call overhead) and at >= 256 rows.
 OVERHEAD_TARGET, SPEED_TARGET = 2.0, 1.3
 EXTRAS = ("z_loss", "return_lse")  # ours only; torch's side is composed from torch ops
 REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
@@ -183,7 +183,7 @@ def run(shapes, rounds: int, block: float, threads: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Report: markdown and the README section, from the CSV
+# Report: markdown and the RESULTS.md section, from the CSV
 # ----------------------------------------------------------------------------------------------
 
 
@@ -192,7 +192,7 @@ def _target(shape: str) -> float:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """DESIGN.md §4's two targets, met or not, with the cases that miss them."""
+    """docs/design.md's two targets, met or not, with the cases that miss them."""
     lines = []
     for name, sel in (
         (f"per-call overhead at 4x3: ours ≤ {OVERHEAD_TARGET}× torch", "4x3"),
@@ -277,7 +277,16 @@ def markdown(rows: list[dict]) -> str:
     header = ["op", "shape", "options", "mode", "ours µs", "torch µs", "ours / torch"]
     full = common.md_table(header, body)
     lines = ["# CPU path benchmark: triton_softmax (plain-torch path) vs torch", "", *_intro(rows)]
-    lines += ["", "Targets (DESIGN.md §4):", "", *targets(rows), "", *ratio_table(rows), "", *full]
+    lines += [
+        "",
+        "Targets (docs/design.md):",
+        "",
+        *targets(rows),
+        "",
+        *ratio_table(rows),
+        "",
+        *full,
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -68,7 +68,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID = {
     "softmax": ((4096, 16384), (256, 1024, 4096, 16384, 32768, 65536, 131072, 262144)),
     "cross_entropy": ((8192,), (32000, 50257, 128256, 151936, 262144)),
-    # (rows, V) at H = HIDDEN, bf16; rows in run order: 8192 first (DESIGN.md's target row).
+    # (rows, V) at H = HIDDEN, bf16; rows in run order: 8192 first (docs/design.md's target row).
     LCE: ((8192, 4096, 16384), (32000, 128256, 262144)),
 }
 # --smoke: what Triton's interpreter runs in seconds; N = 300 puts 2 rows in a block.
@@ -81,7 +81,7 @@ SMOKE_GRID = {
 HIDDEN, SMOKE_HIDDEN = 4096, 32
 #: Seconds of --time-budget kept for linear_cross_entropy, which runs last (--lce-budget).
 LCE_BUDGET = 150.0
-#: Run order, the stages DESIGN.md's targets name first, so that a run cut short keeps them.
+#: Run order, the stages docs/design.md's targets name first, so that a run cut short keeps them.
 STAGES = [
     ("softmax", "forward"),
     ("cross_entropy", "forward+backward"),
@@ -110,7 +110,7 @@ def _bytes(k: int, op: str, m: int, n: int, s: int, what: str) -> tuple[int, str
 
 
 def bytes_min(op: str, mode: str, m: int, n: int, s: int) -> tuple[int, str]:
-    """The least any implementation moves over M x N (V) elements of s bytes (DESIGN.md §4;
+    """The least any implementation moves over M x N (V) elements of s bytes (docs/design.md;
     int64 targets and per-row statistics are O(M), not counted):
 
     softmax, log_softmax: forward 2*M*N*s (read x, write y);
@@ -183,7 +183,7 @@ def flops(mode: str, m: int, v: int, h: int) -> tuple[int, str]:
 
 #: The row of linear_cross_entropy's ceiling: its GEMMs alone (not an implementation of the op).
 CEILING = "gemms"
-#: DESIGN.md's target for the fused linear + CE forward+backward: at most this × its GEMMs' time.
+#: docs/design.md's target for the fused linear + CE forward+backward: at most this × its GEMMs.
 CEILING_TARGET = 1.15
 
 
@@ -798,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     return MISMATCH_EXIT if torch_disagrees else 0
 
 
-# Report: markdown, plots and the README section, from the CSV.
+# Report: markdown, plots and the RESULTS.md section, from the CSV.
 
 
 def _num(v: float) -> str:
@@ -810,7 +810,7 @@ def _groups(rows: list[dict]) -> list[tuple]:
     return sorted(keys, key=lambda k: (OPS.index(k[0]), k[1], list(DTYPES).index(k[2]), k[3]))
 
 
-#: DESIGN.md §4, fused linear + CE forward+backward: the least "X's time / ours" per peer.
+#: docs/design.md, fused linear + CE forward+backward: the least "X's time / ours" per peer.
 LCE_SPEED_TARGETS = {"torch": 1.0, "torch-chunked": 1.2, "liger": 1.2}
 
 
@@ -822,8 +822,8 @@ def lce_table(
     rows: list[dict], mode: str, dtype: str, m: int, level: str = "###", op: str = LCE
 ) -> list:
     """Per V and provider: TFLOP/s (ms) and peak extra MiB; ours vs each peer's time; our peak
-    over CCE's. Forward+backward marks with ✗ what misses DESIGN.md's targets (linear CE; the RL
-    head, ``op=RL``, has none)."""
+    over CCE's. Forward+backward marks with ✗ what misses docs/design.md's targets (linear CE;
+    the RL head, ``op=RL``, has none)."""
     sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
     shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
     by, fb = {(r["N"], r["provider"]): r for r in sel}, mode == "forward+backward" and op == LCE
@@ -859,7 +859,7 @@ def lce_table(
             else ""
         )
         + (
-            " ✗: misses DESIGN.md's target (no slower than torch eager, ≥ 1.2× torch-chunked "
+            " ✗: misses docs/design.md's target (no slower than torch eager, ≥ 1.2× torch-chunked "
             "and Liger, peak ≤ CCE's)."
             if fb
             else ""
@@ -1040,7 +1040,7 @@ def write_report(csv_path: Path) -> list[Path]:
 
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    """The top README's kernel section: the grid; per GPU, softmax forward at the smallest M,
+    """RESULTS.md's kernel section: the grid; per GPU, softmax forward at the smallest M,
     cross-entropy forward+backward, linear cross-entropy and the RL head forward+backward."""
     (rows, cols), (bt, vocabs) = GRID["softmax"], GRID["cross_entropy"]
     lce_rows, lce_vocabs = GRID[LCE]
@@ -1070,7 +1070,7 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "Liger's `LigerFusedLinearScaledCrossEntropyFunction`, in TFLOP/s with peak memory. "
         "A CSV per GPU, markdown and plots go to "
         "`benchmarks/results/`; `python -m benchmarks.report --update-readme` regenerates this "
-        "section. Details: [benchmarks/README.md](benchmarks/README.md).",
+        "section. Details: [benchmarks/README.md](README.md).",
         "",
     ]
     csvs = sorted(results_dir.glob("kernels_*.csv"))

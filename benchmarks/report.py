@@ -1,10 +1,10 @@
-"""Markdown, plots and the top README's benchmark sections, regenerated from the committed CSVs.
+"""Markdown, plots and the sections of benchmarks/RESULTS.md, regenerated from the committed CSVs.
 
     python -m benchmarks.report                    # .md (and .png) next to every CSV in results/
-    python -m benchmarks.report --update-readme    # and the README sections between the markers
+    python -m benchmarks.report --update-readme    # and RESULTS.md's sections between the markers
 
 Each benchmark module formats its own CSVs; this step only finds them (smoke runs, named
-``*-smoke_*``, never reach the README).
+``*-smoke_*``, never reach RESULTS.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks import common, cpu_linear_ce, cpu_path, kernels, serving
 
-#: README marker name -> (CSV prefix, module); the sections appear in this order.
+#: RESULTS.md marker name -> (CSV prefix, module); the sections appear in this order.
 SECTIONS = {
     "bench:kernels": ("kernels_", kernels),
     "bench:serving": ("serving_", serving),
@@ -24,9 +24,9 @@ SECTIONS = {
 }
 
 
-def update_readme(readme: Path = common.README, results: Path = common.RESULTS_DIR) -> Path:
-    """Rewrite the README's sections; a missing section after the first two (``bench:cpu``,
-    ``bench:cpu-linear-ce``) is added after the one before it."""
+def update_readme(readme: Path = common.RESULTS_PAGE, results: Path = common.RESULTS_DIR) -> Path:
+    """Rewrite the sections of the results page; a missing section after the first two
+    (``bench:cpu``, ``bench:cpu-linear-ce``) is added after the one before it."""
     text = readme.read_text(encoding="utf-8")
     names = list(SECTIONS)
     for before, name in zip(names[1:], names[2:], strict=False):
@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--results", type=Path, default=common.RESULTS_DIR, help="folder of CSVs")
-    ap.add_argument("--update-readme", action="store_true", help=f"rewrite {common.README}")
+    ap.add_argument("--update-readme", action="store_true", help=f"rewrite {common.RESULTS_PAGE}")
     args = ap.parse_args(argv)
     for prefix, module in SECTIONS.values():
         for path in sorted(args.results.glob(f"{prefix}*.csv")):
             for written in module.write_report(path):
                 print(f"wrote {written}")
     if args.update_readme:
-        print(f"updated {update_readme(common.README, args.results)}")
+        print(f"updated {update_readme(common.RESULTS_PAGE, args.results)}")
     return 0
 
 

@@ -204,7 +204,7 @@ def run_worker(name: str, workdir: Path, smoke: bool) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Report: markdown, plot and the README section, from the CSV
+# Report: markdown, plot and the RESULTS.md section, from the CSV
 # ----------------------------------------------------------------------------------------------
 
 
@@ -219,7 +219,7 @@ def _speedup(by: dict, fast: str, slow: str, n: int) -> float:
 
 
 def tables(rows: list[dict]) -> list[str]:
-    """Latency / throughput per provider, onnxruntime's speed-ups, DESIGN.md's targets."""
+    """Latency / throughput per provider, onnxruntime's speed-ups, docs/design.md's targets."""
     by = {(r["provider"], r["rows"]): r for r in rows}
     names = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     sizes = sorted({r["rows"] for r in rows if r["rows"] > 1})
@@ -268,7 +268,12 @@ def tables(rows: list[dict]) -> list[str]:
                     f"no slower at batch 1: {met(s1 >= 1)} ({s1:.2f}×)"
                 )
         if targets:
-            lines += ["", "Targets (DESIGN.md §4, torch eager = the trained model):", "", *targets]
+            lines += [
+                "",
+                "Targets (docs/design.md, torch eager = the trained model):",
+                "",
+                *targets,
+            ]
     skipped = sorted({f"{r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"})
     return lines + (["", *[f"- {s}" for s in skipped]] if skipped else [])
 

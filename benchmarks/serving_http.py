@@ -1,7 +1,7 @@
 """Serving over HTTP on 127.0.0.1: `triton-softmax serve` next to in-process onnxruntime.
 
     python -m benchmarks.serving_http                    # about 1 minute on 2 cores
-    python -m benchmarks.serving_http --update-readme    # and the README section bench:http
+    python -m benchmarks.serving_http --update-readme    # and RESULTS.md's section bench:http
     python -m benchmarks.serving_http --smoke --out DIR  # a few seconds (the tests run it)
 
 The Iris model is trained and exported with the project's API. In-process: ``OnnxClassifier.run``
@@ -11,8 +11,8 @@ Server: ``triton-softmax serve model.onnx`` in a subprocess; 1, 8 and 32 client 
 with one keep-alive connection (``http.client``), send JSON inference requests back to back for
 ``DURATION`` seconds after ``WARMUP`` seconds; latency is send to parsed response, p50 / p99 over
 every client's requests, and requests/s counts the requests completed in the timed window. Every
-answer is checked against the in-process labels. The target (DESIGN.md §4): the server adds at most
-1 ms p50 to in-process onnxruntime at batch 1 with one client.
+answer is checked against the in-process labels. The target (docs/design.md): the server adds at
+most 1 ms p50 to in-process onnxruntime at batch 1 with one client.
 
 The clients run on the same machine: on a small one they take CPU time from the server, so the
 figures are what server and clients reach together. Output: ``http_serving_<cpu>.csv`` and
@@ -327,7 +327,7 @@ def report(csv_path: Path) -> str:
             table,
         ),
         "",
-        f"Target (DESIGN.md §4): the server adds ≤ {TARGET_ADDED_MS:g} ms p50 to in-process "
+        f"Target (docs/design.md): the server adds ≤ {TARGET_ADDED_MS:g} ms p50 to in-process "
         f"onnxruntime at batch 1 with one client: {verdict} (+{added:.3f} ms).",
     ]
     if bare:
@@ -364,16 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serving_http", description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny durations and client counts")
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
-    ap.add_argument("--update-readme", action="store_true", help=f"rewrite {common.README}")
+    ap.add_argument("--update-readme", action="store_true", help=f"rewrite {common.RESULTS_PAGE}")
     args = ap.parse_args(argv)
     csv_path = run(args.out, args.smoke)
     print(csv_path.with_suffix(".md").read_text())
     print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
     if args.update_readme:
-        text = common.README.read_text(encoding="utf-8")
+        text = common.RESULTS_PAGE.read_text(encoding="utf-8")
         section = readme_section(args.out)
-        common.README.write_text(common.replace_section(text, "bench:http", section), "utf-8")
-        print(f"updated {common.README}")
+        common.RESULTS_PAGE.write_text(common.replace_section(text, "bench:http", section), "utf-8")
+        print(f"updated {common.RESULTS_PAGE}")
     return 0
 
 

@@ -608,7 +608,7 @@ def test_http_benchmark_smoke(tmp_path):
     ]
     assert all(r["requests"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     text = csv_path.with_suffix(".md").read_text()
-    assert "Target (DESIGN.md §4)" in text and "smoke run" in text
+    assert "Target (docs/design.md)" in text and "smoke run" in text
     assert "No HTTP serving numbers" not in serving_http.readme_section(tmp_path)
 
 
