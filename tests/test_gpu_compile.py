@@ -73,14 +73,6 @@ KNOWN_OPEN = (
         "ex2 other than ex2.approx.ftz.f32",
         "SOFTCAP in _grad_block: the same _common.tanh",
     ),
-    (
-        "softmax",
-        "forward",
-        "spills",
-        "fp32 log-softmax held whole, 32768 columns with 32 warps, not aligned: 64 registers "
-        "(the most at 32 warps) and 4 B of spill stores and loads, at 38bb2a7 (softmax "
-        "and bf16 / aligned launches do not spill)",
-    ),
 )
 
 
