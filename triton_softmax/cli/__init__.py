@@ -36,6 +36,23 @@ EXTRAS = {
 CORE_PACKAGES = ("torch", "triton", "safetensors", "tqdm")
 
 
+def _install_command(extra: str) -> str:
+    """The pip command that installs an extra's packages, read from the installed package's
+    metadata (triton-softmax is not on PyPI, so ``pip install "triton-softmax[extra]"`` would not
+    resolve, and from a clone it would also reinstall torch)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("triton-softmax") or []
+    except metadata.PackageNotFoundError:
+        requirements = []
+    marker = f'extra == "{extra}"'
+    packages = [r.split(";")[0].strip() for r in requirements if r.endswith(marker)]
+    if not packages:
+        return f'pip install -e ".[{extra}]" (from a clone)'
+    return "pip install " + " ".join(f'"{p}"' for p in packages)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
@@ -83,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra is None:
             raise
         print(
-            f"{prefix}: error: {e.name} is not installed; the {extra} extra has it: "
-            f'pip install "triton-softmax[{extra}]"',
+            f"{prefix}: error: {e.name} is not installed; the [{extra}] extra has it: "
+            f"{_install_command(extra)}",
             file=sys.stderr,
         )
         return 1
