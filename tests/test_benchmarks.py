@@ -313,6 +313,7 @@ def test_full_kernel_benchmark_without_cuda_exits_nonzero_and_says_why():
     assert "--smoke" in done.stderr
 
 
+@pytest.mark.slow  # a whole benchmark run in smoke mode: 10-25 s on 2 cores
 def test_serving_smoke_checks_times_and_reports(tmp_path):
     assert serving.main(["--smoke", "--out", str(tmp_path)]) == 0
     (csv_path,) = tmp_path.glob("serving-smoke_*.csv")
@@ -340,6 +341,7 @@ def test_cpu_path_benchmark_refuses_the_interpreter(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole benchmark run in smoke mode: 10-25 s on 2 cores
 def test_cpu_path_smoke_checks_times_and_reports(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -372,6 +374,7 @@ def test_cpu_linear_ce_benchmark_refuses_the_interpreter(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole benchmark run in smoke mode: 10-25 s on 2 cores
 def test_cpu_linear_ce_smoke_checks_times_measures_and_reports(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""

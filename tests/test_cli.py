@@ -393,6 +393,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, moment):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow  # the installed command's whole default run in a subprocess: 20-50 s
 def test_console_script_default_run(tmp_path):
     """`triton-softmax train` with no arguments, as the README's first command runs it."""
     (entry,) = [

@@ -49,14 +49,27 @@ def _run(mode: str, world: int, interpreter: bool) -> None:
     assert result.stdout.strip().endswith("ok"), result.stdout[-2000:]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("interpreter", [True, False], ids=["interpreter", "torch"])
+#: Each spawned run takes 10-40 s on 2 cores: the default run keeps one per test, the others are
+#: @slow (CI runs them in a step of its own).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("world", "interpreter"),
+    [
+        pytest.param(2, True, id="interpreter-2"),
+        pytest.param(3, True, id="interpreter-3", marks=SLOW),
+        pytest.param(2, False, id="torch-2", marks=SLOW),
+        pytest.param(3, False, id="torch-3", marks=SLOW),
+    ],
+)
 def test_vocab_parallel_matches_unsharded(world, interpreter):
     _run("vocab", world, interpreter)
 
 
 @pytest.mark.parametrize(
-    ("world", "interpreter"), [(2, False), (3, True)], ids=["2-torch", "3-interp"]
+    ("world", "interpreter"),
+    [pytest.param(2, False, id="2-torch"), pytest.param(3, True, id="3-interp", marks=SLOW)],
 )
 def test_vocab_parallel_temperature_entropy(world, interpreter):
     """temperature= and return_entropy= (issue 20): the merged entropy and every gradient
@@ -64,13 +77,17 @@ def test_vocab_parallel_temperature_entropy(world, interpreter):
     _run("entropy", world, interpreter)
 
 
-@pytest.mark.parametrize("interpreter", [True, False], ids=["interpreter", "torch"])
+@pytest.mark.parametrize(
+    "interpreter",
+    [pytest.param(True, id="interpreter", marks=SLOW), pytest.param(False, id="torch")],
+)
 def test_vocab_parallel_hostile_inputs(interpreter):
     """Over 3 ranks: a non-negative ignore_index inside a shard, layouts changing between
     calls, empty shards, and ranks that disagree."""
     _run("hostile", 3, interpreter)
 
 
+@SLOW
 def test_data_parallel_gradients_match_one_process():
     _run("ddp", 2, interpreter=False)
 

@@ -25,6 +25,7 @@ def _tune(*args: str, interpret: bool) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # the sweep's pipeline end to end: ~10 s on 2 cores
 def test_smoke_sweep_writes_tables_timings_and_a_snippet(tmp_path):
     done = _tune("--smoke", "--out", str(tmp_path), interpret=True)
     assert done.returncode == 0, done.stderr[-3000:]
