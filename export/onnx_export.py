@@ -29,7 +29,7 @@ from torch import nn
 
 import triton_softmax as ts
 import triton_softmax.functional  # noqa: F401  (registers torch.ops.triton_softmax.*)
-from triton_softmax._atomic import atomic_path
+from triton_softmax._atomic import atomic_path, check_not_input
 from triton_softmax.regression.model import SoftmaxRegression
 
 from .runtime import CPU_PROVIDER, OnnxClassifier
@@ -185,7 +185,10 @@ def to_onnx(
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Check the model (``full_check=True``) and write it as one self-contained file, atomically.
+    """Write the model as one self-contained file, atomically, and check it (``full_check``).
+
+    The checks read the written file before it replaces ``path``; a model that fails them leaves
+    ``path`` as it was.
 
     Args:
         proto: the model.
@@ -198,15 +201,58 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         onnx.checker.ValidationError: the checker rejects the model.
         ExportError: a tensor refers to external data.
     """
-    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:
+        _save_checked(proto, tmp)
+    return Path(path)
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path) -> None:
+    """Write ``proto`` to ``path`` and run the ONNX checker on the file written."""
     external = [
         t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
     ]
     if external:
         raise ExportError(f"initializers stored outside the model: {external}")
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, tmp, save_as_external_data=False)
-    return Path(path)
+    onnx.save_model(proto, path, save_as_external_data=False)
+    onnx.checker.check_model(os.fspath(path), full_check=True)
+
+
+@torch.no_grad()
+def check_model(model: SoftmaxRegression, source: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a model whose numbers cannot give probabilities: NaN or infinite weights, a
+    standard deviation that is not positive, or folded weights that overflow float32.
+
+    Args:
+        model: the model to export.
+        source: where it was loaded from (a checkpoint), named in the message.
+
+    Raises:
+        ExportError: naming the tensor, how many of its values are bad, and ``source``.
+    """
+    where = f"{os.fspath(source)}: " if source is not None else ""
+    tensors = {
+        "linear.weight": model.linear.weight,
+        "linear.bias": model.linear.bias,
+        "feature_mean": model.feature_mean,
+        "feature_std": model.feature_std,
+    }
+    for name, tensor in tensors.items():
+        values = tensor.detach().cpu().double()
+        bad = int((~torch.isfinite(values)).sum())
+        if name == "feature_std":
+            bad += int((values <= 0).sum())
+        if bad:
+            what = "NaN or infinite" if name != "feature_std" else "NaN, infinite or not positive"
+            raise ExportError(
+                f"{where}the model's {name} has {bad} {what} value(s) of {values.numel()}; "
+                "it cannot be exported (retrain it)"
+            )
+    weight, bias = fold_standardisation(model)
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise ExportError(
+            f"{where}the model's weights divided by feature_std overflow float32; "
+            "it cannot be exported (retrain it)"
+        )
 
 
 @torch.no_grad()
@@ -246,8 +292,13 @@ def export_and_verify(
     class_names: Sequence[str],
     metadata: dict[str, str] | None = None,
     opset_version: int = DEFAULT_OPSET,
+    source: str | os.PathLike[str] | None = None,
 ) -> ParityReport:
     """Export, check, save and compare with torch; the whole ``train``/``export`` pipeline step.
+
+    The model is written to a temporary file beside ``path``, checked there (ONNX checker, then
+    onnxruntime against torch) and only then renamed over ``path`` (``atomic_path``: a link is
+    kept, a file keeps its mode). Any failure leaves ``path`` as it was and no temporary file.
 
     Args:
         model: a trained model.
@@ -257,13 +308,20 @@ def export_and_verify(
         class_names: one per class.
         metadata: more ``metadata_props`` entries.
         opset_version: default-domain opset, at least 18.
+        source: the checkpoint the model was loaded from, if any: named in the messages about
+            the model, and refused as ``path``.
 
     Returns:
         The parity report (already known to be ``ok``).
 
     Raises:
-        ExportError: parity fails (the file is removed) or the file is not self-contained.
+        ExportError: the model has NaN or infinite numbers (``check_model``), parity fails, or the
+            file is not self-contained.
+        WriteError: ``path`` is ``source``, or cannot be written.
     """
+    check_model(model, source)
+    if source is not None:
+        check_not_input(path, [source])
     proto = to_onnx(
         model,
         feature_names=feature_names,
@@ -271,15 +329,16 @@ def export_and_verify(
         metadata=metadata,
         opset_version=opset_version,
     )
-    out = save_onnx(proto, path)
-    report = check_parity(out, model, features)
-    if not report.ok:
-        out.unlink()
-        raise ExportError(
-            f"onnxruntime disagrees with torch on {report.n_rows} rows: max abs difference "
-            f"{report.max_abs_diff:.3g} (limit {PARITY_ATOL:g}), "
-            f"{report.n_label_mismatches} different labels; {out} removed"
-        )
+    with atomic_path(path) as tmp:
+        _save_checked(proto, tmp)
+        report = check_parity(tmp, model, features)
+        if not report.ok:
+            raise ExportError(
+                f"onnxruntime disagrees with torch on {report.n_rows} rows: max abs difference "
+                f"{report.max_abs_diff:.3g} (limit {PARITY_ATOL:g}), "
+                f"{report.n_label_mismatches} different labels; nothing written to "
+                f"{os.fspath(path)}"
+            )
     return report
 
 

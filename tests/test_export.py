@@ -1,6 +1,8 @@
 """ONNX export: standard ops only, signature, metadata, parity with torch and the ONNX reference."""
 
+import copy
 import json
+import os
 
 import numpy as np
 import onnx
@@ -11,6 +13,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 import triton_softmax as ts
+from triton_softmax._atomic import WriteError
 from triton_softmax.export import onnx_export
 from triton_softmax.export.onnx_export import (
     ExportError,
@@ -179,3 +182,84 @@ def test_failed_parity_raises_and_leaves_no_file(tmp_path, model, iris, monkeypa
             class_names=iris.class_names,
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def _export(model, path, iris, **kwargs):
+    return export_and_verify(
+        model,
+        path,
+        iris.features[:20],
+        feature_names=iris.feature_names,
+        class_names=iris.class_names,
+        **kwargs,
+    )
+
+
+def test_checks_read_a_temporary_file_and_a_failure_keeps_the_old_model(
+    tmp_path, model, iris, monkeypatch
+):
+    # The model was written over the destination before its parity check: a failure deleted
+    # the previous good.onnx.
+    good = tmp_path / "good.onnx"
+    good.write_bytes(b"previous model")
+    good.chmod(0o640)
+    checked = []
+
+    def failing(path, *args):
+        checked.append((os.path.basename(path), good.read_bytes()))
+        onnx.checker.check_model(os.fspath(path), full_check=True)  # the new model, complete
+        return ParityReport(
+            n_rows=3, max_abs_diff=0.5, labels_identical=False, n_label_mismatches=2
+        )
+
+    monkeypatch.setattr(onnx_export, "check_parity", failing)
+    with pytest.raises(ExportError, match=r"2 different labels; nothing written to .*good\.onnx"):
+        _export(model, good, iris)
+    [(name, seen)] = checked
+    assert name.startswith(".good.onnx.") and name.endswith(".tmp")
+    assert seen == b"previous model"
+    assert sorted(os.listdir(tmp_path)) == ["good.onnx"]
+    assert good.read_bytes() == b"previous model" and good.stat().st_mode & 0o777 == 0o640
+    monkeypatch.undo()
+    report = _export(model, good, iris)  # a good model replaces it, keeping the mode
+    assert report.ok and sorted(os.listdir(tmp_path)) == ["good.onnx"]
+    assert onnx.load(good).graph.input[0].name == "features"
+    assert good.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize(
+    ("tensor", "index", "value", "message"),
+    [
+        ("linear.weight", (0, 1), float("nan"), "linear.weight has 1 NaN or infinite"),
+        ("linear.bias", (2,), float("inf"), "linear.bias has 1 NaN or infinite"),
+        ("feature_std", (0,), float("inf"), "feature_std has 1 NaN, infinite or not positive"),
+        ("feature_std", (3,), 0.0, "feature_std has 1 NaN, infinite or not positive"),
+        ("feature_std", (1,), 1e-40, "weights divided by feature_std overflow float32"),
+    ],
+)
+def test_a_bad_checkpoint_is_named_and_the_old_model_kept(
+    tmp_path, model, iris, tensor, index, value, message
+):
+    # A NaN weight failed parity and deleted good.onnx; an infinite std passed parity (both
+    # sides computed zeros for that feature) and silently replaced it.
+    bad = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        {**dict(bad.named_parameters()), **dict(bad.named_buffers())}[tensor][index] = value
+    good = tmp_path / "good.onnx"
+    good.write_bytes(b"previous model")
+    with pytest.raises(ExportError, match=rf"^ck\.safetensors: the model's {message}"):
+        _export(bad, good, iris, source="ck.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["good.onnx"]
+    assert good.read_bytes() == b"previous model"
+
+
+def test_the_checkpoint_is_not_overwritten(tmp_path, model, iris, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "m.safetensors"
+    checkpoint.write_bytes(b"checkpoint")
+    os.symlink("m.safetensors", "link.onnx")
+    for out in ("m.safetensors", "link.onnx"):
+        with pytest.raises(WriteError, match=rf"^{out}: is an input file of this command"):
+            _export(model, out, iris, source="m.safetensors")
+    assert checkpoint.read_bytes() == b"checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["link.onnx", "m.safetensors"]
