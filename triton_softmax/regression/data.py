@@ -133,7 +133,8 @@ def load_csv(
         docstring for the rule).
 
     Raises:
-        DataError: the file is missing, empty or not UTF-8; a quote is never closed; the label
+        DataError: the file is missing, empty or not UTF-8; a quote is never closed, or a cell
+            has characters after its closing quote or a NUL character; the label
             column or an ignored column is absent, or the label column is ignored; a cell is
             missing or not a finite number (the message names file, row and column); a label is
             empty, NaN, infinite or too long; a row has the wrong number of fields; fewer than two
@@ -160,7 +161,8 @@ def read_features(path: str | Path, feature_names: Sequence[str]) -> np.ndarray:
         float32 array of shape (n_rows, len(feature_names)); zero rows for a header-only file.
 
     Raises:
-        DataError: the file is missing, empty or not UTF-8; a quote is never closed; a named
+        DataError: the file is missing, empty or not UTF-8; a quote is never closed, or a cell
+            has characters after its closing quote or a NUL character; a named
             column is absent; a cell is missing or not a finite number; a row has the wrong number
             of fields.
     """
