@@ -6,7 +6,12 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import signal
+import stat
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, fields
@@ -23,6 +28,13 @@ if TYPE_CHECKING:
 DEFAULT_OUT = Path("runs")
 CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
+#: The files of a run, in the order a commit moves them into the folder: model.onnx last, so a
+#: new model.onnx in the folder means the whole set is new.
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, ONNX_FILE)
+#: Inside the output folder: where a run writes its files (one per run, removed when it fails),
+#: and what that folder is renamed to once all are written and read back (the commit point).
+STAGE_PREFIX = ".triton-softmax-train.new."
+COMMIT_NAME = ".triton-softmax-train.commit"
 
 
 def slow_imports(args: argparse.Namespace) -> tuple[str, ...]:
@@ -74,7 +86,12 @@ def add_parser(subparsers: argparse._SubParsersAction, training_options: bool = 
         ),
     )
     train.add_argument(
-        "--force", action="store_true", help="overwrite the model files in an existing --out"
+        "--force",
+        action="store_true",
+        help=(
+            "replace the model files in an existing --out; the three are written and checked "
+            "beside it first, then moved in together, so an interrupted run leaves the old set"
+        ),
     )
     if training_options:
         add_training_options(train)
@@ -120,8 +137,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Train, export, verify and report; the exit status."""
     import triton_softmax as ts
+    from triton_softmax._atomic import sigterm_unwinds
     from triton_softmax.export.onnx_export import export_and_verify
-    from triton_softmax.regression import load_csv, load_iris, save_checkpoint, train
+    from triton_softmax.regression import (
+        load_checkpoint,
+        load_csv,
+        load_iris,
+        save_checkpoint,
+        train,
+    )
     from triton_softmax.regression.checkpoint import library_versions
     from triton_softmax.regression.train import KERNEL_PATHS, resolve_device
 
@@ -141,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = load_csv(args.data, args.label_column, args.ignore_columns)
         name = args.data.stem
-    with _run_folder(args.out, DEFAULT_OUT / name, args.force) as out:
+    with sigterm_unwinds(), _run_folder(args.out, DEFAULT_OUT / name, args.force) as out:
         device = resolve_device(args.device)
         kernel = ts.kernel_path(device)
         print(f"kernel path: {kernel} - {KERNEL_PATHS.get(kernel, kernel)}")
@@ -165,45 +189,48 @@ def run(args: argparse.Namespace) -> int:
                 f"plain-torch reference, same split: train {m['reference_train_accuracy']:.4f}, "
                 f"test {m['reference_test_accuracy']:.4f}"
             )
-        onnx_path = out / ONNX_FILE
-        report = export_and_verify(
-            trained.model,
-            onnx_path,
-            trained.test.features,
-            feature_names=data.feature_names,
-            class_names=data.class_names,
-            metadata={
-                "triton_softmax_version": library_versions()["triton-softmax"],
-                "test_accuracy": f"{m['test_accuracy']:.6f}",
-            },
-            opset_version=opset,
-        )
-        m.update(
-            onnx_max_abs_diff=report.max_abs_diff,
-            onnx_labels_identical=report.labels_identical,
-            onnx_parity_rows=report.n_rows,
-            onnx_opset=opset,
-            total_seconds=round(time.perf_counter() - start, 3),
-        )
-        print(
-            f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on the "
-            f"{report.n_rows} held-out rows: max abs diff {report.max_abs_diff:.2e}, "
-            "labels identical"
-        )
-        save_checkpoint(
-            out / CHECKPOINT_NAME,
-            trained.model,
-            feature_names=data.feature_names,
-            class_names=data.class_names,
-            config=config,
-            metrics=m,
-        )
-        write_atomic(
-            out / METRICS_NAME,
-            lambda f: f.write(json.dumps({**m, "config": asdict(config)}, indent=2) + "\n"),
-        )
+        with _staged(out) as stage:
+            report = export_and_verify(
+                trained.model,
+                stage / ONNX_FILE,
+                trained.test.features,
+                feature_names=data.feature_names,
+                class_names=data.class_names,
+                metadata={
+                    "triton_softmax_version": library_versions()["triton-softmax"],
+                    "test_accuracy": f"{m['test_accuracy']:.6f}",
+                },
+                opset_version=opset,
+            )
+            m.update(
+                onnx_max_abs_diff=report.max_abs_diff,
+                onnx_labels_identical=report.labels_identical,
+                onnx_parity_rows=report.n_rows,
+                onnx_opset=opset,
+                total_seconds=round(time.perf_counter() - start, 3),
+            )
+            print(
+                f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on "
+                f"the {report.n_rows} held-out rows: max abs diff {report.max_abs_diff:.2e}, "
+                "labels identical"
+            )
+            save_checkpoint(
+                stage / CHECKPOINT_NAME,
+                trained.model,
+                feature_names=data.feature_names,
+                class_names=data.class_names,
+                config=config,
+                metrics=m,
+            )
+            write_atomic(
+                stage / METRICS_NAME,
+                lambda f: f.write(json.dumps({**m, "config": asdict(config)}, indent=2) + "\n"),
+            )
+            load_checkpoint(stage / CHECKPOINT_NAME)  # read back before it replaces anything
+            json.loads((stage / METRICS_NAME).read_text(encoding="utf-8"))
+            _commit(stage, out)
         print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / METRICS_NAME}")
-        print(f"model: {onnx_path}")
+        print(f"model: {out / ONNX_FILE}")
         return 0
 
 
@@ -234,6 +261,7 @@ def _run_folder(out: Path | None, default: Path, force: bool) -> Iterator[Path]:
                 "choose another --out"
             )
         if lock is not None:
+            _recover(folder)
             models = [
                 m for m in (ONNX_FILE, CHECKPOINT_NAME, METRICS_NAME) if (folder / m).exists()
             ]
@@ -290,3 +318,105 @@ def _lock_folder(folder: Path) -> int | None:
         os.close(fd)
         raise CommandError(f"{folder}: removed or replaced while being locked; run again")
     return fd
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new empty folder inside ``out`` to write a run's files into; removed if the block fails.
+
+    The files reach ``out`` only through ``_commit``, so until then ``out`` keeps its previous
+    model, metrics and checkpoint untouched, whatever happens to the process.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # already gone once committed
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Replace the run files in ``out`` with the complete, checked set in ``stage``.
+
+    The files and ``stage`` are flushed to disk, then ``stage`` is renamed to ``COMMIT_NAME``:
+    one atomic rename that is the commit point. Before it, ``out`` holds the old set; after it,
+    the new set is decided and its files are moved over the old ones (``RUN_FILES`` order, each
+    keeping the mode of the file it replaces). Ctrl-C and SIGTERM are held back from the rename
+    to the end, so they act after the commit. Only a SIGKILL (or a crash) within the few renames
+    that follow the commit point can stop it halfway: the rest of the new set then waits in
+    ``COMMIT_NAME``, and the next ``train`` into ``out`` moves it in before anything else.
+    """
+    for name in RUN_FILES:
+        with contextlib.suppress(OSError):
+            (stage / name).chmod(stat.S_IMODE(os.stat(out / name).st_mode))
+        _fsync(stage / name)
+    _fsync(stage)
+    with _signals_deferred(signal.SIGINT, signal.SIGTERM):
+        os.rename(stage, out / COMMIT_NAME)
+        _fsync(out)
+        _move_committed(out)
+
+
+@contextlib.contextmanager
+def _signals_deferred(*signums: int) -> Iterator[None]:
+    """Hold the given signals back until the block ends, then raise them again.
+
+    Python runs signal handlers in the main thread whichever thread the kernel picked (a signal
+    mask would not do: torch's and onnxruntime's threads would take the signal instead), so a
+    handler that only takes note defers them; the previous handlers are restored and act on the
+    signals noted, in order. Outside the main thread nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {n: signal.signal(n, lambda signum, frame: caught.append(signum)) for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+        for n in caught:
+            signal.raise_signal(n)
+
+
+def _move_committed(out: Path) -> int:
+    """Move the files of ``out``'s commit folder over the run files, then remove that folder.
+
+    Returns:
+        How many files were moved.
+    """
+    commit = out / COMMIT_NAME
+    moved = 0
+    for name in RUN_FILES:
+        if (commit / name).exists():
+            os.replace(commit / name, out / name)
+            moved += 1
+    _fsync(out)
+    shutil.rmtree(commit)
+    return moved
+
+
+def _recover(out: Path) -> None:
+    """Settle what a run killed while writing into ``out`` left there (called under the lock).
+
+    A commit folder holds a complete set that was committed: its files are moved in, finishing
+    that run's commit (a SIGKILL after the last move leaves it empty). A staging folder holds an
+    uncommitted set: it is removed.
+    """
+    if (out / COMMIT_NAME).is_dir() and _move_committed(out):
+        print(
+            f"{PROG} train: note: {out}: finished moving in the model of a run that was killed "
+            "after writing it",
+            file=sys.stderr,
+        )
+    for stage in out.glob(STAGE_PREFIX + "*"):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
