@@ -536,3 +536,38 @@ def test_a_failed_train_leaves_no_folder_it_created(tmp_path, monkeypatch):
     code, _, stderr = _main("train", "--out", out, "--epochs", "1", "--no-reference", "-q")
     assert code == 1 and "stopped for the test" in stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [("versions", "[1]"), ("config", "null"), ("metrics", "5"), ("class_names", '"abc"')],
+)
+def test_corrupt_checkpoint_metadata_is_one_line_naming_file_and_field(
+    flowers, tmp_path, field, text
+):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(flowers["out"] / "model.safetensors"), framework="pt") as f:
+        meta = {**f.metadata(), field: text}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    message = f"{path}: checkpoint metadata field {field!r}"
+    _one_line_error(*_main("info", path), "info", message)
+    _one_line_error(*_main("export", path, "-o", tmp_path / "m.onnx"), "export", message)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_predict_refuses_a_model_that_repeats_a_class_name(flowers, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(flowers["out"] / "model.onnx"))
+    for prop in proto.metadata_props:
+        if prop.key == "class_names":
+            prop.value = json.dumps(["setosa", "setosa", "virginica"])
+    model = tmp_path / "model.onnx"
+    onnx.save(proto, str(model))
+    _one_line_error(
+        *_main("predict", model, flowers["data"]), "predict", "names class 'setosa' more than once"
+    )

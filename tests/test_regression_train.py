@@ -19,6 +19,7 @@ from triton_softmax.regression import (
     save_checkpoint,
     train,
 )
+from triton_softmax.regression.checkpoint import CHECKPOINT_FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +220,75 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a triton-softmax checkpoint"):
         load_checkpoint(other)
+
+
+def _crafted(tmp_path, **changes):
+    """A valid 4-feature, 3-class checkpoint whose metadata fields are replaced by ``changes``
+    (JSON texts; ``None`` deletes the field)."""
+    model = SoftmaxRegression(4, 3)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "feature_names": json.dumps(["a", "b", "c", "d"]),
+        "class_names": json.dumps(["x", "y", "z"]),
+        "config": json.dumps({"epochs": 5, "lr": 0.1, "optimizer": "adam"}),
+        "metrics": json.dumps({"test_accuracy": 0.9, "stopped_early": False}),
+        "versions": json.dumps({"torch": "2.0"}),
+    }
+    for key, value in changes.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    path = tmp_path / "crafted.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "message"),
+    [
+        ("versions", "[1]", "is not a JSON object of strings"),
+        ("versions", '{"torch": 2}', "is not a JSON object of strings"),
+        ("config", "null", "is not a JSON object of scalars"),
+        ("config", "[]", "is not a JSON object of scalars"),
+        ("config", '{"epochs": "many"}', "has epochs='many', expected int"),
+        ("config", '{"lr": true}', "has lr=True, expected float"),
+        ("config", None, "is missing"),
+        ("metrics", "5", "is not a JSON object of scalars"),
+        ("metrics", '{"curve": [1, 2]}', "is not a JSON object of scalars"),
+        ("metrics", "{", "is not JSON"),
+        ("class_names", '"abc"', "is not a JSON list of names"),
+        ("class_names", '["x", "x", "z"]', "repeats 'x'; names must be unique"),
+        ("class_names", "[1, 2, 3]", "not a non-empty string"),
+        ("class_names", '["x", "", "z"]', "not a non-empty string"),
+        ("class_names", '["x", "y"]', "has 2 names; the weights have 3 classes"),
+        ("feature_names", '{"a": 1, "b": 2, "c": 3, "d": 4}', "is not a JSON list of names"),
+        ("feature_names", '["a", "a", "b", "c"]', "repeats 'a'"),
+        ("feature_names", None, "is missing"),
+    ],
+)
+def test_load_checkpoint_checks_every_metadata_field(tmp_path, field, text, message):
+    path = _crafted(tmp_path, **{field: text})
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"{path}: checkpoint metadata field {field!r} ")
+    assert message in str(e.value)
+
+
+def test_load_checkpoint_accepts_absent_metrics_and_versions(tmp_path):
+    ckpt = load_checkpoint(_crafted(tmp_path, metrics=None, versions=None))
+    assert (ckpt.metrics, ckpt.versions) == ({}, {})
+    assert ckpt.class_names == ["x", "y", "z"]
+
+
+def test_save_checkpoint_refuses_names_load_would_refuse(tmp_path):
+    with pytest.raises(ValueError, match="class_names repeats 'x'"):
+        save_checkpoint(
+            tmp_path / "m.safetensors",
+            SoftmaxRegression(2, 3),
+            feature_names=["a", "b"],
+            class_names=["x", "x", "y"],
+            config=TrainConfig(),
+            metrics={},
+        )
+    assert not any(tmp_path.iterdir())

@@ -65,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_writable(args.output, force=args.force)
     clf = OnnxClassifier(args.model, providers=args.provider)
+    repeated = sorted({str(c) for c in clf.classes_ if (clf.classes_ == c).sum() > 1})
+    if repeated:
+        raise CommandError(
+            f"{args.model}: the model names class {', '.join(map(repr, repeated))} more than "
+            "once; its probability columns could not be told apart"
+        )
     header = ["label", "class", *(f"probability_{c}" for c in clf.classes_)]
     clash = [c for c in args.keep_columns if c in header]
     if clash:

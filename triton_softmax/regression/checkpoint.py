@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -85,13 +85,16 @@ def save_checkpoint(
         The path written.
 
     Raises:
-        ValueError: the names do not match the model's shape.
+        ValueError: the names do not match the model's shape, or are empty or repeated (as
+            ``load_checkpoint`` would refuse them).
     """
-    if len(feature_names) != model.n_features or len(class_names) != model.n_classes:
-        raise ValueError(
-            f"{len(feature_names)} feature names and {len(class_names)} class names for a model "
-            f"with {model.n_features} features and {model.n_classes} classes"
-        )
+    for field, names, expected, what in (
+        ("feature_names", feature_names, model.n_features, "features"),
+        ("class_names", class_names, model.n_classes, "classes"),
+    ):
+        problem = _name_list_problem(list(names), expected, what)
+        if problem:
+            raise ValueError(f"{field} {problem}")
     config_dict = asdict(config) if isinstance(config, TrainConfig) else dict(config)
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -117,7 +120,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         The model (CPU, eval mode) and its metadata.
 
     Raises:
-        ValueError: the file is missing, not safetensors, or not a checkpoint of this format.
+        ValueError: the file is missing, not safetensors, not a checkpoint of this format, or a
+            metadata field is missing, not JSON or not of its type (the message names the file
+            and the field).
     """
     name = os.fspath(path)
     if not os.path.isfile(name):
@@ -136,20 +141,100 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     weight = tensors.get("linear.weight")
     if weight is None or weight.dim() != 2:
         raise ValueError(f"{name}: missing or malformed tensor 'linear.weight'")
-    try:
-        info = {k: json.loads(meta[k]) for k in ("feature_names", "class_names", "config")}
-        info["metrics"] = json.loads(meta.get("metrics", "{}"))
-        info["versions"] = json.loads(meta.get("versions", "{}"))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{name}: checkpoint metadata is incomplete or not JSON ({e})") from None
     n_classes, n_features = weight.shape
+    info = _checked_metadata(name, meta, n_features, n_classes)
     model = SoftmaxRegression(n_features, n_classes)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"{name}: tensors do not fit the model ({first})") from None
-    if len(info["feature_names"]) != n_features or len(info["class_names"]) != n_classes:
-        raise ValueError(f"{name}: metadata names do not match the tensor shapes")
     model.eval()
     return Checkpoint(model, **info)
+
+
+#: JSON scalars: what the values of ``config``, ``metrics`` and ``versions`` may be.
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _checked_metadata(
+    name: str, meta: dict[str, str], n_features: int, n_classes: int
+) -> dict[str, Any]:
+    """Decode and check the JSON metadata fields of a checkpoint.
+
+    ``feature_names`` and ``class_names`` must be lists of unique non-empty strings, one per
+    weight column and row; ``config`` an object of scalars whose ``TrainConfig`` fields have their
+    types; ``metrics`` an object of scalars; ``versions`` an object of strings. ``metrics`` and
+    ``versions`` may be absent (empty).
+
+    Raises:
+        ValueError: naming the file and the first field that is missing or wrong.
+    """
+    info: dict[str, Any] = {}
+    for field, default in (
+        ("feature_names", None),
+        ("class_names", None),
+        ("config", None),
+        ("metrics", "{}"),
+        ("versions", "{}"),
+    ):
+        text = meta.get(field, default)
+        if text is None:
+            raise ValueError(f"{name}: checkpoint metadata field {field!r} is missing")
+        try:
+            info[field] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{name}: checkpoint metadata field {field!r} is not JSON ({e})"
+            ) from None
+    for field, expected, what in (
+        ("feature_names", n_features, "features"),
+        ("class_names", n_classes, "classes"),
+    ):
+        problem = _name_list_problem(info[field], expected, what)
+        if problem:
+            raise ValueError(f"{name}: checkpoint metadata field {field!r} {problem}")
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    for field, values, kinds in (
+        ("config", "scalars", _SCALARS),
+        ("metrics", "scalars", _SCALARS),
+        ("versions", "strings", (str,)),
+    ):
+        value = info[field]
+        if not isinstance(value, dict) or not all(isinstance(v, kinds) for v in value.values()):
+            raise ValueError(
+                f"{name}: checkpoint metadata field {field!r} is not a JSON object of {values} "
+                f"(got {_short(value)})"
+            )
+    for key, kind in types.items():
+        if key not in info["config"]:
+            continue
+        value = info["config"][key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(
+                f"{name}: checkpoint metadata field 'config' has {key}={value!r}, "
+                f"expected {kind.__name__}"
+            )
+    return info
+
+
+def _name_list_problem(names: object, expected: int, what: str) -> str | None:
+    """What is wrong with a feature or class name list, or ``None`` when it is right."""
+    if not isinstance(names, list):
+        return f"is not a JSON list of names (got {_short(names)})"
+    if not all(isinstance(n, str) and n for n in names):
+        return f"holds a name that is not a non-empty string (got {_short(names)})"
+    if len(names) != expected:
+        return f"has {len(names)} names; the weights have {expected} {what}"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        return f"repeats {', '.join(map(repr, repeated))}; names must be unique"
+    return None
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
