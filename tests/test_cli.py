@@ -571,3 +571,23 @@ def test_predict_refuses_a_model_that_repeats_a_class_name(flowers, tmp_path):
     _one_line_error(
         *_main("predict", model, flowers["data"]), "predict", "names class 'setosa' more than once"
     )
+
+
+def test_an_output_that_is_an_input_is_refused_with_one_line(flowers, tmp_path):
+    # predict x.csv -o x.csv (also through a link), export m.safetensors -o m.safetensors:
+    # refused before anything is written, the input left as it was.
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes((flowers["out"] / "model.safetensors").read_bytes())
+    data = tmp_path / "flowers.csv"
+    data.write_bytes(Path(flowers["data"]).read_bytes())
+    (tmp_path / "link.csv").symlink_to(data)
+    before = {p: p.read_bytes() for p in (ckpt, data)}
+    for argv in (
+        ["predict", flowers["out"] / "model.onnx", data, "-o", data],
+        ["predict", flowers["out"] / "model.onnx", data, "-o", tmp_path / "link.csv", "--force"],
+        ["export", ckpt, "-o", ckpt, "--force"],
+    ):
+        code, stdout, stderr = _main(*map(str, argv))
+        assert code == 1 and stderr.count("\n") == 1, stderr
+        assert "input" in stderr, stderr
+    assert {p: p.read_bytes() for p in (ckpt, data)} == before

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--name: {e}") from None
     else:
         out = args.output or args.checkpoint.with_suffix(".onnx")
-    target = _onnx_target(out, args.force)
+    target = _onnx_target(out, args.force, inputs=[args.checkpoint, args.data])
     ckpt = load_checkpoint(args.checkpoint)
     if args.data is not None:
         rows = read_features(args.data, ckpt.feature_names)
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         class_names=ckpt.class_names,
         metadata={"triton_softmax_version": ckpt.versions.get("triton-softmax", "unknown")},
         opset_version=opset,
+        source=args.checkpoint,
     )
     print(
         f"ONNX: opset {opset}, onnx.checker full_check passed; onnxruntime vs torch on {source}: "
@@ -153,15 +154,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_target(out: str | Path, force: bool) -> Path:
-    """The file ``export`` writes for ``-o out``: ``out``, or the file its symbolic links reach.
-
-    Exporting to the link's target (not the link) means the exporter's removal of a model that
-    fails its parity check removes that file, never the link.
+def _onnx_target(out: str | Path, force: bool, inputs: list) -> Path:
+    """The file ``export`` writes for ``-o out``: ``out``, or the file its symbolic links reach
+    (the link is kept). The exporter checks the model in a temporary file and only then renames
+    it over this one, so a model that fails its checks leaves the old file as it was.
 
     Raises:
-        WriteError: as ``check_writable``; also for a FIFO or device, which the parity check
-            could not read back.
+        WriteError: as ``check_writable`` (an output that is one of ``inputs`` included); also
+            for a FIFO or device, which the parity check could not read back.
     """
     from triton_softmax._atomic import WriteError, check_writable, destination
 
@@ -171,5 +171,5 @@ def _onnx_target(out: str | Path, force: bool) -> Path:
             f"{out}: is not a regular file; export reads the model back for its parity check, "
             "so give a file"
         )
-    check_writable(out, force=force)
+    check_writable(out, force=force, inputs=inputs)
     return dest.target

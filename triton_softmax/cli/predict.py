@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from triton_softmax.regression.data import read_columns
 
     if args.output is not None:
-        check_writable(args.output, force=args.force)
+        check_writable(args.output, force=args.force, inputs=[args.csv, args.model])
     clf = OnnxClassifier(args.model, providers=args.provider)
     repeated = sorted({str(c) for c in clf.classes_ if (clf.classes_ == c).sum() > 1})
     if repeated:
