@@ -189,6 +189,11 @@ def test_loss_options_pass_through():
         got = model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(got.double(), smoothed + 1e-2 * z, rtol=2e-6, atol=0)
     assert not hf.is_patched(model)
+    # temperature (the RL head's): the loss of the logits divided by it.
+    tempered = torch.nn.functional.cross_entropy(logits / 2.0, targets)
+    with hf.patched(model, temperature=2.0):
+        got = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(got.double(), tempered, rtol=2e-6, atol=0)
 
 
 def test_patch_unpatch_and_refusals():
@@ -209,7 +214,9 @@ def test_patch_unpatch_and_refusals():
     with pytest.raises(ValueError, match="loss option"):
         hf.patch(model, reduction="sum")
     with pytest.raises(ValueError, match="loss option"):
-        hf.patch(model, temperature=2.0)
+        hf.patch(model, return_entropy=True)
+    with pytest.raises(ValueError, match="loss option"):
+        hf.patch(model, no_such_option=1)
     with pytest.raises(ValueError, match="final_logit_softcapping=1.5"):
         hf.patch(tiny_model("Gemma2ForCausalLM"), softcap=3.0)
     assert not hf.is_patched(model)

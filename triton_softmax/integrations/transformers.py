@@ -67,6 +67,7 @@ _RESERVED = {
     "reduction",
     "ignore_index",
     "return_lse",
+    "return_entropy",
     "process_group",
 }
 
