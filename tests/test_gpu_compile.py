@@ -48,32 +48,7 @@ $L__BB0_3:
 #: Violations known to be open, each with its cause as measured (the owner's to fix), as
 #: (family, kernel, text in the violation, cause). The test fails on any other violation, and
 #: on an entry here that no longer occurs (fixed: remove it).
-KNOWN_OPEN = (
-    (
-        "cross_entropy",
-        "forward",
-        "block-wide barriers",
-        "class weights with class-index targets: _target_block loads them as a 1-D [BLOCK_N] "
-        "vector whose layout is not the 2-D block's, so w[None, :] is a layout conversion "
-        "through shared memory (bar.sync, st.shared, bar.sync, ldmatrix per half block: 2 "
-        "barriers per 16-bit block, 4 per fp32 / fp64 block); none with HAS_WEIGHT off. "
-        "Loading weight_ptr + c[None, :] with the block's mask keeps the block's layout",
-    ),
-    (
-        "cross_entropy",
-        "forward",
-        "ex2 other than ex2.approx.ftz.f32",
-        "SOFTCAP: _common.tanh computes exp(-2|y|) with tl.exp, which is ex2.approx.f32 (8 a "
-        "block, 1 for the target logit); none with SOFTCAP off. tl.exp2(-2 * LOG2E * |y|) "
-        "gives ex2.approx.ftz.f32",
-    ),
-    (
-        "cross_entropy",
-        "backward",
-        "ex2 other than ex2.approx.ftz.f32",
-        "SOFTCAP in _grad_block: the same _common.tanh",
-    ),
-)
+KNOWN_OPEN: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def _ptx(body: str = "") -> str:

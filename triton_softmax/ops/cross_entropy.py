@@ -143,12 +143,23 @@ def _load_index_target(
 
 
 @triton.jit
+def _weight_rows(weight_ptr, row_mask, logits_row_stride):
+    """The class weights as a [BLOCK_M, 1] column of row pointers, each row's the weight vector
+    itself (rows past n_rows, whose lanes are masked off and never read, are offset by the
+    logits' row stride instead). Read as one [BLOCK_M, BLOCK_N] block with the logits' layout
+    (no layout conversion in a loop), and this offset gives the weight loads the logits'
+    alignment: a 16-byte-aligned weight vector beside rows that are not would have Triton
+    widen the logits loads to the weights' vectors while the gradient stores stay narrow,
+    a conversion through shared memory (block-wide barriers) on every block."""
+    return weight_ptr + tl.where(row_mask, 0, logits_row_stride)[:, None]
+
+
+@triton.jit
 def _target_block(
     target_rows,
-    weight_ptr,
+    weight_rows,
     c,
     mask,
-    n_classes,
     total_classes,
     LABEL_SMOOTHING: tl.constexpr,
     TARGET_IS_INDEX: tl.constexpr,
@@ -165,8 +176,11 @@ def _target_block(
         q = tl.load(target_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         r = tl.where(mask, q * (1.0 - LABEL_SMOOTHING) + smooth, 0.0)
     if HAS_WEIGHT:
-        w = tl.load(weight_ptr + c, mask=c < n_classes, other=0.0).to(ACC_DTYPE)
-        r = r * w[None, :]
+        # Loaded as the [BLOCK_M, BLOCK_N] block itself (each row re-reads the same weights,
+        # from L1): a 1-D [BLOCK_N] load takes a layout of its own, and w[None, :] is then a
+        # conversion through shared memory (barriers) every block, and a narrower load.
+        w = tl.load(weight_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        r = r * w
     return r
 
 
@@ -182,8 +196,7 @@ def _lanes_block(
     b,
     block,
     target_rows,
-    weight_ptr,
-    n_classes,
+    weight_rows,
     total_classes,
     LABEL_SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -218,7 +231,7 @@ def _lanes_block(
             a += tl.where(mask, smooth * (x - shift_new), 0.0)
         else:
             r = _target_block(
-                target_rows, weight_ptr, c, mask, n_classes, total_classes,
+                target_rows, weight_rows, c, mask, total_classes,
                 LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
             a += s * (finite_or_zero(m) - shift_new)
@@ -268,8 +281,7 @@ def _grad_block(
     h_scale,
     centre,
     target_rows,
-    weight_ptr,
-    n_classes,
+    weight_rows,
     total_classes,
     LABEL_SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -298,7 +310,7 @@ def _grad_block(
         r = tl.where(c[None, :] == safe_target[:, None], hot[:, None], 0.0)
     if LABEL_SMOOTHING > 0 or not TARGET_IS_INDEX:
         r += _target_block(
-            target_rows, weight_ptr, c, mask, n_classes, total_classes,
+            target_rows, weight_rows, c, mask, total_classes,
             LABEL_SMOOTHING, TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
     grad = p * p_scale[:, None] - g[:, None] * r
@@ -358,6 +370,14 @@ def _cross_entropy_forward_kernel(
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
     target_rows = target_ptr + rows[:, None] * target_row_stride
+    if SINGLE_BLOCK:
+        # No loop to keep free of layout conversions; the weights' own alignment, which
+        # widens the layout of unaligned rows, leaves the held row more registers (sm_90a,
+        # bf16 [1, 4096] x 16 warps, probabilities and every option, unaligned: 110
+        # registers, against 128 and 12 bytes of spills at the logits' alignment).
+        weight_rows = weight_ptr + tl.zeros([BLOCK_M, 1], tl.int32)
+    else:
+        weight_rows = _weight_rows(weight_ptr, row_mask, logits_row_stride)
     cols = tl.arange(0, BLOCK_N)
 
     m = tl.full([BLOCK_M, BLOCK_N], float("-inf"), ACC_DTYPE)  # per-lane running max
@@ -369,7 +389,7 @@ def _cross_entropy_forward_kernel(
         held_mask = row_mask[:, None] & (cols[None, :] < n_classes)
         held = tl.load(logits_rows + cols[None, :], mask=held_mask, other=0.0).to(ACC_DTYPE)
         m, d, a, s, b = _lanes_block(
-            held, cols, held_mask, m, d, a, s, b, 0, target_rows, weight_ptr, n_classes,
+            held, cols, held_mask, m, d, a, s, b, 0, target_rows, weight_rows,
             total_classes, LABEL_SMOOTHING, SOFTCAP, INV_TEMPERATURE, ENTROPY, TARGET_IS_INDEX,
             HAS_WEIGHT, ACC_DTYPE,
         )  # fmt: skip
@@ -379,7 +399,7 @@ def _cross_entropy_forward_kernel(
             mask = row_mask[:, None] & (c[None, :] < n_classes)
             x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
             m, d, a, s, b = _lanes_block(
-                x, c, mask, m, d, a, s, b, start // BLOCK_N, target_rows, weight_ptr, n_classes,
+                x, c, mask, m, d, a, s, b, start // BLOCK_N, target_rows, weight_rows,
                 total_classes, LABEL_SMOOTHING, SOFTCAP, INV_TEMPERATURE, ENTROPY,
                 TARGET_IS_INDEX, HAS_WEIGHT, ACC_DTYPE,
             )  # fmt: skip
@@ -451,7 +471,7 @@ def _cross_entropy_forward_kernel(
         if SINGLE_BLOCK:
             grad = _grad_block(
                 held, cols, held_mask, row_max, log_d, p_scale, g, counted, safe_target, hot,
-                g, g, target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING,
+                g, g, target_rows, weight_rows, total_classes, LABEL_SMOOTHING,
                 SOFTCAP, INV_TEMPERATURE, False, TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE,
                 BLOCK_M, BLOCK_N,
             )  # fmt: skip
@@ -464,7 +484,7 @@ def _cross_entropy_forward_kernel(
                 x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
                 grad = _grad_block(
                     x, c, mask, row_max, log_d, p_scale, g, counted, safe_target, hot, g, g,
-                    target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
+                    target_rows, weight_rows, total_classes, LABEL_SMOOTHING, SOFTCAP,
                     INV_TEMPERATURE, False, TARGET_IS_INDEX, HAS_WEIGHT, True, ACC_DTYPE,
                     BLOCK_M, BLOCK_N,
                 )  # fmt: skip
@@ -517,6 +537,7 @@ def _cross_entropy_backward_kernel(
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
     target_rows = target_ptr + rows[:, None] * target_row_stride
+    weight_rows = _weight_rows(weight_ptr, row_mask, logits_row_stride)
     grad_rows = grad_logits_ptr + rows[:, None] * grad_logits_row_stride
     cols = tl.arange(0, BLOCK_N)
 
@@ -560,7 +581,7 @@ def _cross_entropy_backward_kernel(
         x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         grad = _grad_block(
             x, c, mask, m, log_d, p_scale, g, counted, safe_target, hot, h_scale, centre,
-            target_rows, weight_ptr, n_classes, total_classes, LABEL_SMOOTHING, SOFTCAP,
+            target_rows, weight_rows, total_classes, LABEL_SMOOTHING, SOFTCAP,
             INV_TEMPERATURE, HAS_GRAD_ENTROPY, TARGET_IS_INDEX, HAS_WEIGHT, not HAS_GRAD_LSE,
             ACC_DTYPE, BLOCK_M, BLOCK_N,
         )  # fmt: skip
