@@ -866,6 +866,122 @@ def test_reduced_loss_gradient_accumulates_into_a_leaf_twice():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 11), (11,)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_inplace_on_a_view_of_the_logits(shape, reduction):
+    # (B, T, V).view(-1, V), and (C,) logits (taken as a (1, C) view): a Function that
+    # overwrites a view may return one tensor only; these must still get torch's gradient.
+    h = torch.randn(*shape[:-1], 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, device=DEVICE, dtype=torch.float64)
+    n = math.prod(shape[:-1])
+    target = torch.randint(0, 11, (n,) if n > 1 or len(shape) > 1 else (), device=DEVICE)
+    grads = []
+    for ce, kwargs in ((F.cross_entropy, {}), (ts.cross_entropy, dict(inplace_backward=True))):
+        logits = h @ w.T
+        logits = logits.view(-1, 11) if len(shape) > 1 else logits
+        loss = ce(logits, target, reduction=reduction, label_smoothing=0.1, **kwargs)
+        grads.append(torch.autograd.grad(loss * 1.5, h)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_reduced_retained_graph_after_a_zero_or_tiny_upstream(inplace_backward):
+    # The first backward's upstream gradient (0, 1e-300, inf) must not destroy the formed
+    # gradient that a later backward through the retained graph rescales (was NaN / 0).
+    x = torch.randn(4, 7, device=DEVICE, dtype=torch.float64)
+    target = torch.randint(0, 7, (4,), device=DEVICE)
+    x_ref = x.clone().requires_grad_()
+    grad_ref = torch.autograd.grad(F.cross_entropy(x_ref, target) * 2.0, x_ref)[0]
+    for first in (0.0, 1e-300, math.inf):
+        leaf = x.clone().requires_grad_()
+        loss = ts.cross_entropy(leaf * 1.0, target, inplace_backward=inplace_backward)
+        torch.autograd.grad(loss * first, leaf, retain_graph=True)
+        grad = torch.autograd.grad(loss * 2.0, leaf)[0]
+        torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_backward_without_retain_graph_raises(reduction):
+    x = torch.randn(4, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 7, (4,), device=DEVICE)
+    loss = ts.cross_entropy(x, target, reduction=reduction).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_reduced_double_backward_raises(inplace_backward):
+    # A gradient penalty through the reduced ops would silently see no graph: it raises.
+    x = torch.randn(4, 6, device=DEVICE, dtype=torch.float64)
+    target = torch.randint(0, 5, (4,), device=DEVICE)
+    w = torch.randn(5, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    loss = ts.cross_entropy(x @ w.T, target, inplace_backward=inplace_backward)
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        torch.autograd.grad(loss, w, create_graph=True)
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_per_row_double_backward_matches_torch(kind, inplace_backward):
+    # reduction="none": a gradient penalty (loss + |dloss/dW|^2) as torch's.
+    x = torch.randn(4, 6, device=DEVICE, dtype=torch.float64)
+    if kind == "index":
+        target = torch.tensor([0, 4, -100, 2], device=DEVICE)
+    else:
+        target = _probabilities((4, 5)).double()
+    w0 = torch.randn(5, 6, device=DEVICE, dtype=torch.float64)
+    options = dict(reduction="none", label_smoothing=0.1)
+    grads = []
+    for ce, extra in (
+        (F.cross_entropy, {}),
+        (ts.cross_entropy, dict(inplace_backward=inplace_backward)),
+    ):
+        w = w0.clone().requires_grad_()
+        loss = ce(x @ w.T, target, **options, **extra).mean()
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        (loss + g.pow(2).sum()).backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_per_row_gradgradcheck_with_extras():
+    x = torch.randn(3, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 2, 4], device=DEVICE)
+
+    def f(x):
+        return ts.cross_entropy(
+            x, target, reduction="none", z_loss=0.1, softcap=3.0, return_lse=True,
+            return_entropy=True,
+        )  # fmt: skip
+
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_reduced_mean_of_no_probability_rows_is_nan():
+    x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+    target = torch.rand(0, 5, device=DEVICE)
+    loss = ts.cross_entropy(x, target)
+    assert loss.isnan()
+    loss.backward()
+    assert x.grad.shape == (0, 5)
+
+
+def test_torch_path_z_loss_gradient_at_large_logits():
+    # The plain-torch path's lse in fp32 at |x| ~ 1e4 lost 1e-4 in the z-loss's gradient.
+    from triton_softmax.functional import _torch_cross_entropy
+
+    x = (torch.randn(5, 7, dtype=torch.float64) - 1e4).float()
+    target = torch.randint(0, 7, (5,))
+    x_ours = x.clone().requires_grad_()
+    _torch_cross_entropy(x_ours, target, None, -100, "mean", 0.0, 0.1, None, False).backward()
+    x_ref = x.double().requires_grad_()
+    lse = x_ref.logsumexp(1)
+    (F.cross_entropy(x_ref, target) + 0.1 * (lse**2).mean()).backward()
+    err = (x_ours.grad.double() - x_ref.grad).abs().max() / x_ref.grad.abs().max()
+    assert err < 1e-6
+
+
 def test_reduced_inplace_overwrites_the_logits_in_the_forward():
     x = torch.randn(4, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 6, (4,), device=DEVICE)

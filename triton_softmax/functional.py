@@ -205,7 +205,9 @@ def cross_entropy(
             check, which raises. A leaf that requires grad (a parameter) is refused. Logits whose
             rows overlap or are not contiguous along the class dimension fall back to the out-of-
             place backward; (N, C, d1, ..., dk) inputs are copied to rows first, so they gain
-            nothing. Without effect on the plain-torch path, where torch's own backward runs.
+            nothing. Logits that are a view (``x.view(-1, C)``, or (C,) logits) get their
+            gradient written by the backward (one more read of the logits), not the forward.
+            Without effect on the plain-torch path, where torch's own backward runs.
         check_targets: keyword-only; check class indices on the host even for GPU tensors
             (one device synchronisation; under torch.compile a graph break, so
             ``fullgraph=True`` refuses it). CPU tensors are always checked. Unchecked
@@ -293,6 +295,7 @@ def cross_entropy(
         _check_targets_eagerly(target, n_classes, ignore_index)
     logits = _class_dim_last(input)
     target_rows = target.reshape(-1) if is_index else _class_dim_last(target)
+    in_place = inplace_backward and _ce.rows_writable(logits)
     if (
         reduction != "none"
         and not return_lse
@@ -300,12 +303,16 @@ def cross_entropy(
         and torch.is_grad_enabled()
         and logits.requires_grad
         and not target_rows.requires_grad
+        # Logits that are a view ((B, T, V).view(-1, V), or (C,) made (1, C)) cannot be
+        # overwritten by the forward of a Function with several outputs: the per-row op
+        # below writes their gradient in its backward instead.
+        and not (in_place and logits._base is not None)
     ):
         # Two passes: the forward forms the reduced loss's gradient, the backward rescales it.
         options = (
             weight, ignore_index, label_smoothing, float(z_loss), softcap, reduction, temperature
         )  # fmt: skip
-        if inplace_backward and _ce.rows_writable(logits):
+        if in_place:
             out, _, _ = _ce.ReducedInplace.apply(logits, target_rows, *options)
         else:
             out, _, _ = torch.ops.triton_softmax.cross_entropy_reduced.default(
@@ -314,7 +321,7 @@ def cross_entropy(
         return out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
     args = (
         logits, target_rows, weight, ignore_index, label_smoothing, float(z_loss), softcap,
-        inplace_backward and _ce.rows_writable(logits), 0, temperature,
+        in_place, 0, temperature,
     )  # fmt: skip
     entropy = None
     if return_entropy:
@@ -825,7 +832,16 @@ def _torch_cross_entropy(
         )
         return out if out.dtype == out_dtype else out.to(out_dtype)
     class_dim = 0 if input.dim() == 1 else 1
-    lse = input.to(accumulator_dtype(input.dtype)).logsumexp(dim=class_dim)
+    wide = input.to(accumulator_dtype(input.dtype))
+    if wide.shape[class_dim] > 0:
+        # lse = m + lse(x - m), m the row max without a gradient: its backward then takes
+        # exp((x - m) - lse(x - m)) of small numbers, where exp(x - lse) would lose the fp32
+        # ulp of lse (1e-3 at |x| ~ 1e4) in every probability (the z-loss's gradient).
+        shift = wide.detach().amax(dim=class_dim, keepdim=True)
+        shift = torch.where(shift.isfinite(), shift, 0.0)
+        lse = (wide - shift).logsumexp(dim=class_dim) + shift.squeeze(class_dim)
+    else:
+        lse = wide.logsumexp(dim=class_dim)
     loss = F.cross_entropy(input, target, weight, None, ignore_index, None, "none", label_smoothing)
     if z_loss and not is_index:
         loss = loss + z_loss * lse * lse

@@ -1283,12 +1283,47 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _composite_gradients(ctx, logits, target, weight, grad_loss, grad_lse, grad_entropy):
+    """(logits, target) gradients by torch's own functions from the saved inputs, as a
+    differentiable graph: the double-backward path (``create_graph=True``)."""
+    from triton_softmax.functional import _torch_cross_entropy
+
+    ignore_index, label_smoothing, z_loss, softcap, total, temperature = ctx.options
+    if total:
+        raise NotImplementedError(
+            "double backward (create_graph=True) through cross_entropy with sharded classes "
+            "(process_group) is not supported"
+        )
+    needs = ctx.needs_input_grad[:2]
+    wanted = [t for t, need in zip((logits, target), needs, strict=True) if need]
+    loss, lse, entropy = _torch_cross_entropy(
+        logits, target, weight, ignore_index, "none", label_smoothing, z_loss, softcap, True,
+        temperature, True,
+    )  # fmt: skip
+    outputs, upstream = [loss], [grad_loss.to(loss.dtype)]
+    if grad_lse is not None:
+        outputs.append(lse)
+        upstream.append(grad_lse.to(lse.dtype))
+    if grad_entropy is not None:
+        outputs.append(entropy)
+        upstream.append(grad_entropy.to(entropy.dtype))
+    got = iter(torch.autograd.grad(outputs, wanted, upstream, create_graph=True, allow_unused=True))
+    grads = [next(got) if need else None for need in needs]
+    return [
+        torch.zeros_like(t) if g is None and need else g
+        for t, g, need in zip((logits, target), grads, needs, strict=True)
+    ]
+
+
 def _backward(ctx, grad_loss, grad_lse, *grads):
     grad_entropy = grads[0] if len(grads) == 2 else None  # (entropy, stats) or (stats,)
     logits, target, weight, stats, entropy = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, softcap, _, temperature = ctx.options
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[0])
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+        grads = _composite_gradients(ctx, logits, target, weight, grad_loss, grad_lse, grad_entropy)
+        return (*grads, *[None] * 8)
 
     grad_target = None
     if ctx.needs_input_grad[1]:
@@ -1341,8 +1376,9 @@ def reduced_scale(
         raise ValueError(
             f"reduced cross_entropy takes reduction 'mean' or 'sum', got {reduction!r}"
         )
-    if target.dtype != torch.int64:
-        return torch.full((), 1.0 / target.shape[0], dtype=dtype, device=device)
+    if target.dtype != torch.int64:  # no rows: torch's mean is NaN, and so is its gradient
+        rows = target.shape[0]
+        return torch.full((), 1.0 / rows if rows else math.nan, dtype=dtype, device=device)
     return 1.0 / _mean_denominator(target, weight, ignore_index, n_classes, dtype)
 
 
@@ -1479,21 +1515,37 @@ def _(grad, applied, scale):
 
 def _rescaled(ctx, grad_loss):
     """The logits' gradient for upstream ``grad_loss`` from the forward's buffer (saved as
-    ``(grad, applied)``): rescaled in place the first time; after that (a second backward
-    through the same graph: ``retain_graph=True``, gradcheck), a new tensor, so that a gradient
-    already handed out (which autograd may have made ``.grad`` itself) never changes. The
-    buffer is kept on ``ctx`` at the first backward: autograd's version check would refuse
-    to unpack it again after its in-place rescale."""
+    ``(grad, applied)``). Rescaled in place only by the last backward through the graph (no
+    ``retain_graph``, which frees the buffer's other uses): a backward that keeps the graph
+    (``retain_graph=True``, ``create_graph``, gradcheck) gets a new tensor and leaves the
+    buffer as formed, so that any later upstream gradient (0 included) scales it exactly, and
+    a gradient already handed out (which autograd may have made ``.grad``) never changes.
+    Unpacked every time: after the last backward autograd has freed it, and a second one
+    raises torch's own "backward through the graph a second time" error."""
+    _refuse_create_graph()
+    grad, applied = ctx.saved_tensors
     if grad_loss is None:  # the loss is unused: no gradient
         return None
-    if getattr(ctx, "rescaled", None) is None:
-        grad, applied = ctx.saved_tensors
-        ctx.rescaled = grad, applied
+    # Under torch.compile (which cannot trace the query) the functional form, out of place.
+    if (
+        not torch.compiler.is_compiling()
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+    ):
         cross_entropy_scale_op(grad, applied, grad_loss)
         return grad
-    grad, applied = ctx.rescaled
     factor = grad_loss.to(applied.dtype) / applied
     return (grad.to(factor.dtype) * factor).to(grad.dtype)
+
+
+def _refuse_create_graph() -> None:
+    """The reduced ops' backward only rescales a gradient formed by the forward, which has no
+    graph of its own: under ``create_graph=True`` a gradient penalty would silently see none."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "cross_entropy with reduction 'mean' or 'sum' forms its gradient in the forward "
+            "and cannot be differentiated twice (create_graph=True): pass reduction='none' "
+            "and reduce the per-row losses yourself (e.g. .mean()), without inplace_backward"
+        )
 
 
 def _reduced_setup_context(ctx, inputs, output) -> None:
