@@ -1526,11 +1526,10 @@ def _rescaled(ctx, grad_loss):
     grad, applied = ctx.saved_tensors
     if grad_loss is None:  # the loss is unused: no gradient
         return None
-    # Under torch.compile (which cannot trace the query) the functional form, out of place.
-    if (
-        not torch.compiler.is_compiling()
-        and not torch._C._autograd._get_current_graph_task_keep_graph()
-    ):
+    # Under torch.compile (which cannot trace the query) the functional form, out of place; so
+    # too where this torch lacks the query (private: "keep the graph" is the safe answer).
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+    if not torch.compiler.is_compiling() and not keep_graph():
         cross_entropy_scale_op(grad, applied, grad_loss)
         return grad
     factor = grad_loss.to(applied.dtype) / applied
