@@ -136,7 +136,8 @@ def bytes_moved(provider: str, op: str, mode: str, m: int, n: int, s: int) -> tu
         scalar loss). Forward alone: M*V*s, the minimum.
     softmax / log_softmax, ours (``our_softmax_passes``): rows held whole (up to 32768
         elements, 8192 in fp64) and rows split over programs that each hold a slice (up to
-        128 slices: 524288 elements, 262144 in fp64) move the minimum; longer rows are
+        half the SMs' worth: 270336 elements on an H100, 135168 in fp64) move the minimum;
+        longer rows are
         streamed, read twice in the forward (online max/sum pass, then the write pass):
         3*M*N*s, and the streamed backward reads y and dy twice (log_softmax: dy twice, y once)
         and writes dx: 5*M*N*s (4). The second reads may come from L2; counted as DRAM here.
@@ -1060,8 +1061,9 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "other ops, GB/s is counted over the minimum bytes (1 read + 1 write "
         "for softmax forward and for cross-entropy forward+backward) and, where it differs, over "
         "the bytes a provider really moves (our cross-entropy forward+backward reads the logits "
-        "twice, as Liger's does; our softmax reads twice only rows longer than 524 288 "
-        "elements), each also as % of the copy bandwidth of the same run; the fused linear "
+        "twice, as Liger's does; our softmax reads twice only rows longer than half the "
+        "GPU's SMs in 4096-element slices: 270 336 elements on an H100), each also as % of "
+        "the copy bandwidth of the same run; the fused linear "
         "cross-entropy also as a ratio to its GEMMs alone (`torch.matmul`, same shapes), timed "
         "in the same run. The head for RL, per-token loss and entropy at a temperature "
         '(`linear_cross_entropy(..., reduction="none", temperature=T, return_entropy=True)`), '

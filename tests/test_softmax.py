@@ -358,3 +358,35 @@ def test_split_rows_of_262144_columns():
     _check(ts.log_softmax, torch.log_softmax, torch.randn(1, 262144, device=DEVICE) * 3)
     x = (torch.randn(1, 262144, device=DEVICE) * 3).to(torch.bfloat16)
     _check(ts.softmax, torch.softmax, x)
+
+
+_TWO_STREAMS = """
+import torch, triton_softmax as ts
+from triton_softmax.ops import softmax as ops
+n = 4096 * ops.slices_allowed(torch.device("cuda"))
+xs = [torch.randn(512, n, device="cuda") * 3 for _ in range(2)]
+streams = [torch.cuda.Stream() for _ in xs]
+outs = [None, None]
+for _ in range(5):  # two split launches at once, each with up to P - 1 programs waiting
+    for i, (x, s) in enumerate(zip(xs, streams)):
+        with torch.cuda.stream(s):
+            outs[i] = ts.softmax(x, dim=-1)
+    torch.cuda.synchronize()
+for x, y in zip(xs, outs):
+    torch.testing.assert_close(y, torch.softmax(x, -1), atol=1e-6, rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the single-launch split path runs on a GPU only")
+def test_split_launches_on_two_streams_finish():
+    # The compiled split kernel's programs wait for one another: two launches at once on two
+    # streams, rows as long as the launcher allows, must finish (a hang is killed by the
+    # timeout) and be right.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_STREAMS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -4,7 +4,7 @@ Three ways through a row of N elements of s bytes, chosen per launch:
 
 * **One block** (N <= 32 768; 8192 in fp64): the row is loaded once into registers (up to 32
   warps), reduced and written once.
-* **Split** (longer rows, up to ``MAX_SLICES`` slices and no more slices than the GPU has
+* **Split** (longer rows, up to ``MAX_SLICES`` slices and no more slices than half the GPU's
   SMs): each row is cut into P = ceil(N / S) slices of S = 4096 elements (fp64: 2048), one
   program of 8 warps per slice. A program loads its slice once and keeps it in registers; it
   writes the slice's partial statistics (forward: max m and sum d of exp(x - m); backward:
@@ -15,11 +15,16 @@ Three ways through a row of N elements of s bytes, chosen per launch:
   program only ever waits for programs that have started or will start next: the P programs of
   a row hold consecutive tickets, a started program stays resident, and while a row is
   incomplete its waiting programs (at most P - 1) leave a slot free for the next ticket when P
-  is at most the number of SMs (the launcher checks), so no schedule deadlocks. Triton's
+  is at most the number of SMs (the launcher checks), so no schedule deadlocks. The launcher
+  allows only half the SMs' worth of slices, so that other work holding SMs meanwhile (an NCCL
+  kernel on another stream, a second split launch, other processes) still leaves room: with
+  at least 2 programs of this kernel resident per SM, P - 1 waiting programs of each of two
+  concurrent launches fit beside free slots. A GPU partitioned below half its SMs (MPS limits)
+  is outside this argument. Triton's
   interpreter runs programs one after another, where a wait could never end: there the same
   kernel runs as two launches (PHASE 1: partials; PHASE 2: load the slice again, wait (already
   satisfied), merge, write), which shares every line of the single launch but the reload.
-* **Streamed** (rows longer than ``MAX_SLICES`` slices, or than the number of SMs, or when a
+* **Streamed** (rows longer than ``MAX_SLICES`` slices, or than half the number of SMs, or when a
   test forces it): one program per row in blocks of 8192 (fp64 4096), two passes. Pass 1 keeps
   the online log-sum-exp (Milakov & Gimelshein, arXiv 1805.02867) per lane, [BLOCK_N] values of
   (m, d) updated with one exp2 per element and merged once after the loop, so no block-wide
@@ -58,7 +63,8 @@ acquire round trip through L2 (1-2 us). Little's law asks 3.35 TB/s x ~0.7 us / 
 (16 KB fp32 and 8 KB 16-bit forward, twice that backward), so with vector loads (5 to 8
 programs an SM) the waits cost bandwidth only in the last wave (4096 rows x 64 slices =
 262 144 programs, 250+ waves at N = 262 144). Model: forward and backward within 1.05x of the
-floor from 32 769 to 524 288 columns (262 144 in fp64) when rows are 16-aligned (the
+floor from 32 769 to 270 336 columns on an H100 (66 slices; 135 168 in fp64) when rows are
+16-aligned (the
 benchmark grid), against 1.35-1.75x for the streamed kernel that served these rows before
 (2 programs x 132 SMs of rows in flight, 69-277 MB, did not fit L2). Rows that are not 16-aligned
 run 2 programs an SM, 16 KB in flight in 16-bit forward at best, near Little's bound: that
@@ -66,7 +72,7 @@ case may stay short of the floor. Not measured on a GPU yet: a GPU run should ch
 
 Streamed (rows past the split): pass 2 finds in L2 what pass 1 loaded last. With R rows in
 flight the L2 keeps about 50 MB / R of each, so the second read comes from DRAM when rows are
-long: these rows (over 524 288 elements, 262 144 in fp64) are read 2 to 3 times.
+long: these rows (over 270 336 elements on an H100, 135 168 in fp64) are read 2 to 3 times.
 
 Launch tables (``FORWARD_TILES``, ``BACKWARD_TILES``) pick, per row length and element size,
 the column block, warps and rows per program of the one-block and streamed kernels;
@@ -480,9 +486,11 @@ def _softmax_split_backward_kernel(
 
 def slices_allowed(device: torch.device) -> int:
     """Most slices a row may be split into on ``device``: ``MAX_SLICES``, and on a GPU no more
-    than its SMs (a row's programs wait for one another, so all of them must fit at once)."""
+    than half its SMs (a row's programs wait for one another, so all of them must fit at once,
+    with room to spare for other work holding SMs meanwhile: see the module docstring)."""
     if device.type == "cuda" and not kernels_interpreted():
-        return min(MAX_SLICES, torch.cuda.get_device_properties(device).multi_processor_count)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(MAX_SLICES, sms // 2))
     return MAX_SLICES
 
 
