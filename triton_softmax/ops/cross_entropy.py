@@ -151,7 +151,11 @@ def _weight_rows(weight_ptr, row_mask, logits_row_stride):
     alignment: a 16-byte-aligned weight vector beside rows that are not would have Triton
     widen the logits loads to the weights' vectors while the gradient stores stay narrow,
     a conversion through shared memory (block-wide barriers) on every block."""
-    return weight_ptr + tl.where(row_mask, 0, logits_row_stride)[:, None]
+    if row_mask.shape[0] == 1:
+        return weight_ptr + tl.where(row_mask, 0, logits_row_stride)[:, None]
+    # Several rows a program: Triton's analysis loses the weights' contiguity through a
+    # per-row select (scalar weight loads in aligned launches), so the plain broadcast.
+    return weight_ptr + tl.zeros_like(row_mask.to(tl.int32))[:, None]
 
 
 @triton.jit
