@@ -1,43 +1,75 @@
 """Cross-entropy over rows of logits: Triton kernels, launchers, torch ops.
 
-For a row x of C logits, lse = log sum_j exp(x_j), log p_j = x_j - lse, and a weighted target
-distribution r_j = w_j * q_j (w = class weights, 1 without them):
+For a row x of C logits, first soft-capped (x <- c tanh(x / c), ``softcap`` c > 0) and then
+tempered (x <- x / T, ``temperature`` T), lse = log sum_j exp(x_j), p_j = exp(x_j - lse), and a
+weighted target distribution r_j = w_j * q_j (w = class weights, 1 without them):
 
     loss  = sum_j r_j (lse - x_j)  +  z_loss * lse**2
     dloss/dx_k = p_k * (S + 2 * z_loss * lse) - r_k,        S = sum_j r_j  ("target mass")
+    entropy H = lse - sum_j p_j x_j,   dH/dx_k = -p_k (x_k - sum_j p_j x_j)
 
+(gradients with respect to the raw logits take the chain rule through 1 / T and the cap).
 Class-index targets t with label smoothing eps have q_j = (1 - eps) [j == t] + eps / C, which is
 torch's weighted label-smoothing formula: (1 - eps) w_t (lse - x_t) + eps/C sum_j w_j (lse - x_j).
 Probability targets q (soft or one-hot labels) take q_j = (1 - eps) q_j + eps / C.
-Rows whose class index equals ``ignore_index`` cost 0 and get a zero gradient.
+Rows whose class index equals ``ignore_index`` cost 0 and get a zero gradient (and entropy 0).
 
-Forward streams each row once with the online log-sum-exp (arXiv 1805.02867, Alg. 3), keeping
-beside the running max m and sum d the sums A = sum r_j (x_j - m) and S = sum r_j, rescaled
-when m grows, so the smoothing term never subtracts two large numbers. It writes the per-row
-loss, lse, and per-row stats (m, log d, S): backward recomputes p = exp((x - m) - log d) from
-them, never storing softmax, and exactly even when |x| ~ 1e4 (an fp32 lse would lose 1e-3 there).
+The forward's first pass streams the row in blocks with the online log-sum-exp (arXiv
+1805.02867, Alg. 3), keeping per lane beside the running max m and sum d the sums
+A = sum r_j (x_j - m) and S = sum r_j (and for the entropy B = sum exp(x - m) (x - m)),
+rescaled when m grows, so the smoothing term never subtracts two large numbers. It writes the
+per-row loss, lse, and per-row stats (m, log d, S): a backward recomputes
+p = exp((x - m) - log d) from them, never storing softmax, and exactly even when |x| ~ 1e4 (an
+fp32 lse would lose 1e-3 there).
 
-The label smoothing and z-loss coefficients are compile-time constants of the kernels: exact
-in fp64 (Triton would pass a runtime Python float as fp32), and a zero one costs nothing. Each
-distinct value compiles its own specialisation once.
+The label smoothing, z-loss, softcap and 1 / temperature are compile-time constants of the
+kernels: exact in fp64 (Triton would pass a runtime Python float as fp32), and a zero one (or
+T = 1) costs nothing. Each distinct value compiles its own specialisation once.
 
-Bytes moved per row of C logits of s bytes (class-index targets, floor = forward + backward),
-whatever the tile (each logit is read once per kernel; class weights, C * s per program, come
-from L2):
-    forward:  read C*s                         (+ C*s for probability targets)
-    backward: read C*s, write C*s              (+ C*s for probability targets)
-The launch tables ``FORWARD_TILES`` and ``BACKWARD_TILES`` pick the class block (forward up to
-8192 classes with 32 warps, backward 4096 with 16; 2048 in fp64), warps and rows per program.
-They are a first guess from register counts (sm_90, no spills:
+Bytes moved per row of C logits of s bytes (class-index targets; R = a read of C * s, W = a
+write of C * s; probability targets add a read of the row's targets in every pass that forms
+r; class weights, C * s per program, come from L2):
+    forward, no gradient (``cross_entropy``, ``cross_entropy_with_entropy``, no_grad): 1R.
+    mean / sum with the gradient (``cross_entropy_reduced``, ``cross_entropy_reduced_``): the
+        forward kernel also writes g * dloss/dx (WRITE_GRAD). A row held in one block
+        (C <= 4096; 2048 in fp64) is still in registers: 1R + 1W. A longer row is streamed
+        twice, pass 2 right after pass 1: 2R + 1W at worst, 1R + 1W from DRAM when pass 2's
+        reads hit L2. Pass 1 loads with ``evict_last`` and pass 2 with ``evict_first`` (as the
+        softmax's streamed path), but L2 holds the row only if the rows in flight fit it:
+        rows in flight x row bytes = programs per SM x SMs x C s. At V = 128k bf16 a row is
+        256 KB; the streamed forward (16 warps, 32-116 registers a thread on sm_90) keeps 1-4
+        programs an SM, on an H100's 132 SMs 34-135 MB against its ~50 MB L2, so long rows may
+        still come back from DRAM: plan for 2R + 1W. The backward (``cross_entropy_scale_``)
+        reads and writes the gradient only when the upstream gradient is not the one applied
+        (not for ``loss.backward()`` of that mean or sum): 0, else 1R + 1W.
+    per-row upstream gradients (``reduction="none"``, a gradient through lse or entropy):
+        forward 1R, then ``cross_entropy_backward`` 1R + 1W.
+The launch tables ``FORWARD_TILES`` and ``BACKWARD_TILES`` pick the class block (both 4096
+classes with 16 warps for 16- and 32-bit logits, 2048 with 8 warps in fp64), warps and rows
+per program. They are a first guess from register counts (sm_90, no spills:
 ``benchmarks/results/registers_sm90.md``), not from timings, to be rewritten by a GPU sweep.
 
-Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]):
+Registered ops (2-D logits [M, C]; targets int64 [M] or floating [M, C]; results fp32, fp64
+for fp64 logits):
     torch.ops.triton_softmax.cross_entropy(logits, target, weight, ignore_index,
-                                           label_smoothing, z_loss, inplace_backward)
-        -> (loss [M], lse [M], stats [3, M] = (row max, log-sum-exp - max, S)),
-           fp32 (fp64 for fp64 logits)
-    torch.ops.triton_softmax.cross_entropy_backward(...)  -> grad_logits (out of place)
-    torch.ops.triton_softmax.cross_entropy_backward_(...) -> writes grad_logits into logits
+            label_smoothing, z_loss, softcap, inplace_backward, total_classes=0,
+            temperature=1.0)
+        -> (loss [M], lse [M], stats [3, M] = (row max, log-sum-exp - max, S))
+    torch.ops.triton_softmax.cross_entropy_with_entropy(same arguments)
+        -> (loss, lse, entropy [M], stats), the entropy from the same pass
+    torch.ops.triton_softmax.cross_entropy_backward(grad_loss, grad_lse, logits, target,
+            weight, stats, ignore_index, label_smoothing, z_loss, softcap, total_classes=0,
+            temperature=1.0, grad_entropy=None, entropy=None) -> grad_logits (out of place)
+    torch.ops.triton_softmax.cross_entropy_backward_(same arguments) -> None, writes the
+        gradient into logits
+    torch.ops.triton_softmax.cross_entropy_reduced(logits, target, weight, ignore_index,
+            label_smoothing, z_loss, softcap, reduction, temperature=1.0)
+        -> (loss [], gradient [M, C] of that loss, applied []: the upstream gradient the
+            gradient is formed for, 1)
+    torch.ops.triton_softmax.cross_entropy_reduced_(same arguments) -> (loss, applied), the
+        gradient written over logits
+    torch.ops.triton_softmax.cross_entropy_scale_(grad, applied, scale) -> None,
+        grad *= scale / applied, applied = scale (the reduced ops' backward)
 """
 
 from __future__ import annotations
@@ -74,9 +106,9 @@ from triton_softmax.ops._common import (
 # trips. A first guess, not measured on a GPU: every tile compiles for sm_90 without spilling
 # (tests/test_gpu_compile.py). The per-row state (running max and sum, target sums, target
 # index and weight, ...) is kept once per row a thread holds, so short rows take few rows per
-# program (2-8 elements a thread); long rows 8 elements a thread per block. The forward holds
-# 8192 classes a block with 32 warps (at most 56 registers of 64); the backward, which also
-# holds the gradient block, 4096 with 16 warps. A GPU sweep should rewrite these.
+# program (2-8 elements a thread); long rows 8 elements a thread per block: 4096 classes a
+# block with 16 warps in both kernels (2048 with 8 warps in fp64). A GPU sweep should rewrite
+# these.
 # --------------------------------------------------------------------------------------
 
 _SHORT_32 = (
@@ -94,7 +126,8 @@ _TILES_64 = (
     TileRule(UNBOUNDED, 2048, 8, 1),
 )
 # The forward's per-lane state (max, sum, and the target sums) costs registers per element
-# held: 8192 classes with 32 warps spilled at sm_90 (up to 164 B), so 4096 with 16 warps.
+# held: 8192 classes with 32 warps spilled at sm_90 (up to 164 B), so it stays at 4096 with 16
+# warps, as the backward.
 _FORWARD_32 = (*_SHORT_32, TileRule(UNBOUNDED, 4096, 16, 1))
 _BACKWARD_32 = (*_SHORT_32, TileRule(UNBOUNDED, 4096, 16, 1))
 #: Cross-entropy forward.
@@ -369,7 +402,9 @@ def _cross_entropy_forward_kernel(
     # lanes once after the loop. WRITE_GRAD: pass 2 writes g * dloss/dx (g = *grad_scale_ptr,
     # the reduction's factor) into grad_logits, which may be the logits themselves; a row held
     # in one block (SINGLE_BLOCK) is still in registers, a streamed row is read again right
-    # after its first pass (from L2).
+    # after its first pass: pass 1 loads it evict_last so that pass 2 may find it in L2, and
+    # pass 2 evict_first, done with it (L2 holds it only while the rows in flight fit: see the
+    # module docstring).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     logits_rows = logits_ptr + rows[:, None] * logits_row_stride
@@ -401,7 +436,12 @@ def _cross_entropy_forward_kernel(
         for start in range(0, n_classes, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < n_classes)
-            x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            if WRITE_GRAD:
+                x = tl.load(
+                    logits_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_last"
+                ).to(ACC_DTYPE)
+            else:
+                x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
             m, d, a, s, b = _lanes_block(
                 x, c, mask, m, d, a, s, b, start // BLOCK_N, target_rows, weight_rows,
                 total_classes, LABEL_SMOOTHING, SOFTCAP, INV_TEMPERATURE, ENTROPY,
@@ -485,7 +525,9 @@ def _cross_entropy_forward_kernel(
             for start in range(0, n_classes, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c[None, :] < n_classes)
-                x = tl.load(logits_rows + c[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+                x = tl.load(
+                    logits_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_first"
+                ).to(ACC_DTYPE)
                 grad = _grad_block(
                     x, c, mask, row_max, log_d, p_scale, g, counted, safe_target, hot, g, g,
                     target_rows, weight_rows, total_classes, LABEL_SMOOTHING, SOFTCAP,

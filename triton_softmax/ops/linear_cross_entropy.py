@@ -27,9 +27,10 @@ Flops, N rows, H features, V classes (the three GEMMs are all the arithmetic tha
     forward only                    2 N V H
 Bytes beside the inputs and the returned gradients: the chunk buffer, R V s (s = bytes per
 element of the input's dtype), reused by every chunk, plus O(N) per-row floats. The
-cross-entropy reads the chunk's logits and writes their gradient over them (a mean / sum: one
-pass; per-row: a forward read, then in the backward a read and a write), R V s each; the GEMMs
-read X_c and W and write Z_c and the gradients.
+cross-entropy reads the chunk's logits and writes their gradient over them, R V s each (a mean /
+sum: one kernel, a read and a write, plus a second read of rows longer than one block that
+misses L2, see cross_entropy's byte accounting; per-row: a forward read, then in the backward a
+read and a write); the GEMMs read X_c and W and write Z_c and the gradients.
 
 Chunk size R: ``batch_chunk_size`` when the caller gives one (torch's
 ``LinearCrossEntropyOptions``), else as many rows as fit ``CHUNK_BYTES[device]`` of logits in the
@@ -47,19 +48,25 @@ and Liger (by default) make the same choice. fp32 and fp64 inputs accumulate in 
 
 Registered ops (input [N, H], linear_weight [V, H], linear_bias [V] or None):
     torch.ops.triton_softmax.linear_cross_entropy(input, linear_weight, linear_bias, target,
-        weight, ignore_index, label_smoothing, z_loss, softcap, total_classes=0, chunk_rows=0)
+        weight, ignore_index, label_smoothing, z_loss, softcap, total_classes=0, chunk_rows=0,
+        temperature=1.0)
         -> (loss [N], lse [N], stats [3, N]), fp32 (fp64 for fp64 inputs); its backward
         recomputes each chunk:
+    torch.ops.triton_softmax.linear_cross_entropy_with_entropy(same arguments)
+        -> (loss, lse, entropy [N], stats), the entropy of softmax(tempered logits) from the
+        same pass over each chunk; differentiable, through the same backward
     torch.ops.triton_softmax.linear_cross_entropy_backward(grad_loss, grad_lse, ..., needs,
-        chunk_rows=0) -> (grad_input, grad_weight, grad_bias) ((0,)-shaped where not asked for)
+        chunk_rows=0, temperature=1.0, grad_entropy=None, entropy=None)
+        -> (grad_input, grad_weight, grad_bias) ((0,)-shaped where not asked for)
     torch.ops.triton_softmax.linear_cross_entropy_reduced(input, linear_weight, linear_bias,
         target, weight, ignore_index, label_smoothing, z_loss, softcap, denominator, needs,
-        chunk_rows=0, keep_gradients=False)
+        chunk_rows=0, keep_gradients=False, temperature=1.0)
         -> (loss [] = sum of the per-row losses / denominator, lse [N], stats [3, N],
             grad_input, grad_weight, grad_bias): the gradients of that loss, formed in the
         forward; its backward multiplies them by the upstream gradient, in place unless
         ``keep_gradients`` (so a second backward through the same graph raises unless it is
         set), and recomputes the chunks only for a gradient through the returned lse.
+The logits of every op are soft-capped (``softcap`` > 0), then divided by ``temperature``.
 Double backward (``create_graph=True``) is supported by recomputing the loss unfused with torch's
 own functions inside the backward (it holds the [N, V] logits, as torch's reference does).
 """
