@@ -274,3 +274,81 @@ def test_torch_func_through_the_fallback():
     ref_rows = _reference(x, target, temperature=1.4, reduction="none")[2]
     counted = target != -100  # a (C,) row with target -100 is an ignored row: entropy 0
     torch.testing.assert_close(rows[counted], ref_rows[counted], **F64)
+
+
+# ---- opcheck: schema, fake tensors, autograd registration, AOT dispatch ----------------------
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_opcheck_cross_entropy_ops_with_temperature_and_entropy(kind):
+    """Every cross-entropy op at a temperature other than 1, the entropy op and the backward
+    ops with the entropy's upstream gradient: every opcheck test, except where stated."""
+    x, target, weight = _problem(kind, weighted=True)
+    options = (-100, 0.1, 1e-3, 4.0)  # ignore_index, label_smoothing, z_loss, softcap
+    x.requires_grad_()
+    for name in ("cross_entropy", "cross_entropy_with_entropy"):
+        op = getattr(torch.ops.triton_softmax, name).default
+        torch.library.opcheck(op, (x, target, weight, *options, False, 0, 0.7))
+    loss, lse, entropy, stats = torch.ops.triton_softmax.cross_entropy_with_entropy(
+        x.detach(), target, weight, *options, False, 0, 0.7
+    )
+    grads = (torch.rand(6, dtype=torch.float64, device=DEVICE), torch.randn_like(lse))
+    extra = (0, 0.7, torch.randn_like(entropy), entropy)  # total_classes, T, grad_H, H
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_backward.default,
+        (*grads, x.detach(), target, weight, stats, *options, *extra),
+    )
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_backward_.default,
+        (*grads, x.detach().clone(), target, weight, stats, *options, *extra),
+    )
+    # Not test_aot_dispatch_dynamic for the reduced op: its backward rescales the forward's
+    # gradient output in place, which AOT's partitioner refuses when the caller also receives
+    # that output (opcheck returns every output; tests/test_cross_entropy.py
+    # test_reduced_compiles_fullgraph compiles the functional API over it instead).
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_reduced.default,
+        (x, target, weight, *options, "mean", 0.7),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.triton_softmax.cross_entropy_reduced_.default,
+        (x.detach().clone(), target, weight, *options, "sum", 0.7),
+    )
+
+
+def test_opcheck_linear_cross_entropy_ops_with_temperature_and_entropy():
+    """The fused linear ops at a temperature other than 1, the entropy op, and the backward
+    with the entropy's upstream gradient."""
+    n, h, v = 5, 4, 6
+    x = torch.randn(n, h, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(v, h, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(v, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    target = torch.tensor([0, 5, -100, 3, 3], device=DEVICE)
+    weight = torch.rand(v, dtype=torch.float64, device=DEVICE) + 0.5
+    options = (-100, 0.1, 1e-3, 4.0, 0, 2)  # ..., softcap, total_classes, chunk_rows
+    for name in ("linear_cross_entropy", "linear_cross_entropy_with_entropy"):
+        op = getattr(torch.ops.triton_softmax, name).default
+        torch.library.opcheck(op, (x, w, b, target, weight, *options, 0.7))
+    tensors = (x.detach(), w.detach(), b.detach(), target, weight)
+    _, lse, entropy, stats = torch.ops.triton_softmax.linear_cross_entropy_with_entropy(
+        *tensors, *options, 0.7
+    )
+    grads = (torch.rand(n, dtype=torch.float64, device=DEVICE), torch.randn_like(lse))
+    torch.library.opcheck(
+        torch.ops.triton_softmax.linear_cross_entropy_backward.default,
+        (*grads, *tensors, stats, *options[:5], [True, True, True], 2, 0.7,
+         torch.randn_like(entropy), entropy),
+    )  # fmt: skip
+    # As cross_entropy_reduced: without keep_gradients the backward scales the gradients the
+    # forward returns in place, which AOT's partitioner refuses ("Node mul was invalid, but
+    # is output"), so not test_aot_dispatch_dynamic there.
+    denominator = torch.tensor(4.0, dtype=torch.float64, device=DEVICE)
+    reduced = torch.ops.triton_softmax.linear_cross_entropy_reduced.default
+    args = (x, w, b, target, weight, *options[:4], denominator, [True, True, True], 2)
+    torch.library.opcheck(
+        reduced,
+        (*args, False, 0.7),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    torch.library.opcheck(reduced, (*args, True, 0.7))

@@ -267,6 +267,36 @@ def finish_entropy(entropy: list[torch.Tensor], target, ignore_index):
     return torch.where(target != ignore_index, entropy[0], 0.0)
 
 
+def merged_rows(
+    ops, args, local_classes, rows, target, ignore_index, z_loss, group, return_entropy
+):  # fmt: skip
+    """The full problem's per-row (loss, lse, S, entropy or None) from this rank's shard.
+
+    Args:
+        ops: (the per-row op, its ``_with_entropy`` twin), e.g. ``cross_entropy``'s.
+        args: their arguments for this rank's shard (z-loss 0: it is added on the merged lse).
+        local_classes: the classes this rank holds; 0 runs no op (``empty_shard``).
+        rows: a tensor with the problem's rows in dim 0, in the logits' dtype and device.
+        target, ignore_index, z_loss: the full problem's.
+        group: the process group to merge over (one ``all_gather``).
+        return_entropy: whether to form and merge the entropy too.
+    Returns:
+        (loss [N], lse [N], S [N], entropy [N] or None), as :func:`merge_shards`,
+        :func:`finish_rows` and :func:`finish_entropy` leave them.
+    """
+    if not local_classes:
+        local = empty_shard(rows.shape[0], rows.dtype, rows.device, 3 + return_entropy)
+    elif return_entropy:
+        loss_r, lse_r, entropy_r, stats_r = ops[1].default(*args)
+        local = torch.stack([loss_r, lse_r, stats_r[2], lse_r - entropy_r])
+    else:
+        loss_r, lse_r, stats_r = ops[0].default(*args)
+        local = torch.stack([loss_r, lse_r, stats_r[2]])
+    loss, lse, mass, *entropy = merge_shards(local, group)
+    loss = finish_rows(loss, lse, target, ignore_index, z_loss)
+    return loss, lse, mass, finish_entropy(entropy, target, ignore_index)
+
+
 def global_stats(lse: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """The single-device backward's stats (m, log d, S) for the merged problem: p = exp(x - lse)
     with m = lse, log d = 0."""
@@ -299,24 +329,18 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         layout, temperature=1.0, return_entropy=False,
     ):  # fmt: skip
         start, total = layout
-        n_rows, local_classes = logits.shape
+        local_classes = logits.shape[1]
         local_t = local_target(target, start, start + local_classes, ignore_index)
         local_w = local_weight(weight, start, local_classes)
         args = (logits, local_t, local_w, LOCAL_IGNORED, label_smoothing, 0.0, softcap, False,
                 total, temperature)  # fmt: skip
-        if not local_classes:
-            local = empty_shard(n_rows, logits.dtype, logits.device, 3 + return_entropy)
-        elif return_entropy:
-            loss_r, lse_r, entropy_r, stats_r = (
-                torch.ops.triton_softmax.cross_entropy_with_entropy.default(*args)
-            )
-            local = torch.stack([loss_r, lse_r, stats_r[2], lse_r - entropy_r])
-        else:
-            loss_r, lse_r, stats_r = torch.ops.triton_softmax.cross_entropy.default(*args)
-            local = torch.stack([loss_r, lse_r, stats_r[2]])
-        loss, lse, mass, *entropy = merge_shards(local, group)
-        loss = finish_rows(loss, lse, target, ignore_index, z_loss)
-        entropy = finish_entropy(entropy, target, ignore_index)
+        ops = (
+            torch.ops.triton_softmax.cross_entropy,
+            torch.ops.triton_softmax.cross_entropy_with_entropy,
+        )
+        loss, lse, mass, entropy = merged_rows(
+            ops, args, local_classes, logits, target, ignore_index, z_loss, group, return_entropy
+        )
         ctx.save_for_backward(logits, local_t, local_w, global_stats(lse, mass), entropy)
         ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total, temperature)
         ctx.set_materialize_grads(False)
@@ -352,19 +376,13 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         local_w = local_weight(weight, start, local_classes)
         args = (input, linear_weight, linear_bias, local_t, local_w, LOCAL_IGNORED,
                 label_smoothing, 0.0, softcap, total, 0, temperature)  # fmt: skip
-        if not local_classes:
-            local = empty_shard(input.shape[0], input.dtype, input.device, 3 + return_entropy)
-        elif return_entropy:
-            loss_r, lse_r, entropy_r, stats_r = (
-                torch.ops.triton_softmax.linear_cross_entropy_with_entropy.default(*args)
-            )
-            local = torch.stack([loss_r, lse_r, stats_r[2], lse_r - entropy_r])
-        else:
-            loss_r, lse_r, stats_r = torch.ops.triton_softmax.linear_cross_entropy.default(*args)
-            local = torch.stack([loss_r, lse_r, stats_r[2]])
-        loss, lse, mass, *entropy = merge_shards(local, group)
-        loss = finish_rows(loss, lse, target, ignore_index, z_loss)
-        entropy = finish_entropy(entropy, target, ignore_index)
+        ops = (
+            torch.ops.triton_softmax.linear_cross_entropy,
+            torch.ops.triton_softmax.linear_cross_entropy_with_entropy,
+        )
+        loss, lse, mass, entropy = merged_rows(
+            ops, args, local_classes, input, target, ignore_index, z_loss, group, return_entropy
+        )
         ctx.save_for_backward(
             input, linear_weight, linear_bias, local_t, local_w, global_stats(lse, mass), entropy
         )

@@ -363,17 +363,24 @@ def checked_temperature(temperature) -> float:
         ValueError: unless it is a positive finite real number (not a bool): 0 or a negative
             value would divide by 0 or flip the distribution, NaN / inf make every loss NaN.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(
-            f"temperature must be a positive finite real number (the logits are divided by "
-            f"it), got {type(temperature).__name__} {temperature!r}"
-        )
-    if not 0.0 < float(temperature) < math.inf:
-        raise ValueError(
-            f"temperature must be a positive finite real number (the logits are divided by "
-            f"it), got {temperature!r}"
-        )
-    return float(temperature)
+    return _checked_number(
+        temperature,
+        "temperature must be a positive finite real number (the logits are divided by it)",
+        zero_allowed=False,
+        type_error=ValueError,
+    )
+
+
+def _checked_number(value, requirement: str, *, zero_allowed: bool, type_error) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) above 0, or at least 0
+    with ``zero_allowed``; else ``type_error`` (not a real number) or ValueError, each with
+    ``requirement`` ("NAME must be ...") and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise type_error(f"{requirement}, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not ((number >= 0.0 if zero_allowed else number > 0.0) and number < math.inf):
+        raise ValueError(f"{requirement}, got {value!r}")  # NaN fails both comparisons
+    return number
 
 
 def _checked_options(
@@ -447,17 +454,13 @@ def checked_softcap(softcap) -> float:
     """
     if softcap is None:
         return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(
-            f"softcap must be a positive finite real number (the cap c in c * tanh(x / c)) or "
-            f"None for no capping, got {type(softcap).__name__} {softcap!r}"
-        )
-    if not 0.0 < float(softcap) < math.inf:
-        raise ValueError(
-            f"softcap must be a positive finite real number (the cap c in c * tanh(x / c)) or "
-            f"None for no capping, got {softcap!r}"
-        )
-    return float(softcap)
+    return _checked_number(
+        softcap,
+        "softcap must be a positive finite real number (the cap c in c * tanh(x / c)) or None "
+        "for no capping",
+        zero_allowed=False,
+        type_error=TypeError,
+    )
 
 
 def checked_z_loss(z_loss) -> float:
@@ -468,16 +471,12 @@ def checked_z_loss(z_loss) -> float:
         ValueError: unless it is finite and >= 0 (a negative coefficient rewards a large lse;
             NaN or inf would make every loss NaN or inf).
     """
-    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real):
-        raise TypeError(
-            f"z_loss must be a finite real number >= 0 (the coefficient of lse**2), got "
-            f"{type(z_loss).__name__} {z_loss!r}"
-        )
-    if not 0.0 <= float(z_loss) < math.inf:
-        raise ValueError(
-            f"z_loss must be a finite real number >= 0 (the coefficient of lse**2), got {z_loss!r}"
-        )
-    return float(z_loss)
+    return _checked_number(
+        z_loss,
+        "z_loss must be a finite real number >= 0 (the coefficient of lse**2)",
+        zero_allowed=True,
+        type_error=TypeError,
+    )
 
 
 def linear_cross_entropy(

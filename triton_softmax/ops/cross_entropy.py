@@ -1187,6 +1187,31 @@ def cross_entropy_backward(
 # --------------------------------------------------------------------------------------
 
 
+def _rows(
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
+    temperature, entropy: bool,
+):  # fmt: skip
+    """``cross_entropy`` and, with ``entropy``, ``cross_entropy_with_entropy``: per-row
+    (loss, lse, stats), or (loss, lse, entropy, stats) with the entropy formed in the same
+    pass."""
+    entropy_out = None
+    if entropy:
+        entropy_out = logits.new_empty(logits.shape[0], dtype=accumulator_dtype(logits.dtype))
+    loss, lse, stats = cross_entropy_forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
+        temperature=temperature, entropy_out=entropy_out,
+    )  # fmt: skip
+    return (loss, lse, stats) if entropy_out is None else (loss, lse, entropy_out, stats)
+
+
+def fake_rows(entropy: bool, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-row outputs of ``cross_entropy`` (``entropy`` False) or of
+    ``cross_entropy_with_entropy`` (True) for [M, C] logits, uninitialised: the fake
+    implementations of those ops and of the fused linear ones."""
+    loss, lse, stats = row_outputs(logits)
+    return (loss, lse, torch.empty_like(lse), stats) if entropy else (loss, lse, stats)
+
+
 @torch.library.custom_op("triton_softmax::cross_entropy", mutates_args=())
 def cross_entropy_op(
     logits: torch.Tensor,
@@ -1205,16 +1230,10 @@ def cross_entropy_op(
     ``inplace_backward`` makes the backward write the gradient into ``logits``' memory, which
     must then have non-overlapping rows with unit column stride.
     """
-    return cross_entropy_forward(
+    return _rows(
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
-        temperature=temperature,
+        temperature, entropy=False,
     )  # fmt: skip
-
-
-@cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *flags):
-    _check_operands(logits, target, weight)
-    return row_outputs(logits)
 
 
 @torch.library.custom_op("triton_softmax::cross_entropy_with_entropy", mutates_args=())
@@ -1233,19 +1252,22 @@ def cross_entropy_with_entropy_op(
     """Per-row (loss, lse, entropy, stats) of 2-D logits, as ``cross_entropy`` plus the
     entropy of softmax(softcap(logits) / temperature), formed in the same pass; all three
     differentiable, the backward one kernel."""
-    entropy = logits.new_empty(logits.shape[0], dtype=accumulator_dtype(logits.dtype))
-    loss, lse, stats = cross_entropy_forward(
+    return _rows(
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, total_classes,
-        temperature=temperature, entropy_out=entropy,
+        temperature, entropy=True,
     )  # fmt: skip
-    return loss, lse, entropy, stats
+
+
+@cross_entropy_op.register_fake
+def _(logits, target, weight, *options):
+    _check_operands(logits, target, weight)
+    return fake_rows(False, logits)
 
 
 @cross_entropy_with_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, *flags):
+def _(logits, target, weight, *options):
     _check_operands(logits, target, weight)
-    loss, lse, stats = row_outputs(logits)
-    return loss, lse, torch.empty_like(lse), stats
+    return fake_rows(True, logits)
 
 
 @torch.library.custom_op("triton_softmax::cross_entropy_backward", mutates_args=())
@@ -1329,19 +1351,33 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _composite_gradients(ctx, logits, target, weight, grad_loss, grad_lse, grad_entropy):
-    """(logits, target) gradients by torch's own functions from the saved inputs, as a
-    differentiable graph: the double-backward path (``create_graph=True``)."""
+def composite_gradients(
+    inputs, needs, logits, target, weight, options, grad_loss, grad_lse, grad_entropy, what
+):  # fmt: skip
+    """Gradients by torch's own functions, as a differentiable graph: the double-backward path
+    (``create_graph=True``) of the cross-entropy ops and of the fused linear ones.
+
+    Args:
+        inputs: the saved tensors to differentiate with respect to; needs: which of them.
+        logits: [M, C] logits, ``inputs[0]`` itself or computed from ``inputs`` under grad mode.
+        target, weight: as the forward's.
+        options: (ignore_index, label_smoothing, z_loss, softcap, total_classes, temperature).
+        grad_loss, grad_lse, grad_entropy: [M] upstream gradients of the per-row loss, lse and
+            entropy (the last two None when unused).
+        what: the op, for the error with sharded classes (double backward is not supported
+            there: the other ranks' logits are not here).
+    Returns:
+        One per input: its gradient, zeros where needed but unused by the loss, None where
+        not needed.
+    """
     from triton_softmax.functional import _torch_cross_entropy
 
-    ignore_index, label_smoothing, z_loss, softcap, total, temperature = ctx.options
+    ignore_index, label_smoothing, z_loss, softcap, total, temperature = options
     if total:
         raise NotImplementedError(
-            "double backward (create_graph=True) through cross_entropy with sharded classes "
-            "(process_group) is not supported"
+            f"double backward (create_graph=True) through {what} (process_group) is not supported"
         )
-    needs = ctx.needs_input_grad[:2]
-    wanted = [t for t, need in zip((logits, target), needs, strict=True) if need]
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
     loss, lse, entropy = _torch_cross_entropy(
         logits, target, weight, ignore_index, "none", label_smoothing, z_loss, softcap, True,
         temperature, True,
@@ -1357,7 +1393,7 @@ def _composite_gradients(ctx, logits, target, weight, grad_loss, grad_lse, grad_
     grads = [next(got) if need else None for need in needs]
     return [
         torch.zeros_like(t) if g is None and need else g
-        for t, g, need in zip((logits, target), grads, needs, strict=True)
+        for t, g, need in zip(inputs, grads, needs, strict=True)
     ]
 
 
@@ -1368,7 +1404,10 @@ def _backward(ctx, grad_loss, grad_lse, *grads):
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[0])
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
-        grads = _composite_gradients(ctx, logits, target, weight, grad_loss, grad_lse, grad_entropy)
+        grads = composite_gradients(
+            (logits, target), ctx.needs_input_grad[:2], logits, target, weight, ctx.options,
+            grad_loss, grad_lse, grad_entropy, "cross_entropy with sharded classes",
+        )  # fmt: skip
         return (*grads, *[None] * 8)
 
     grad_target = None

@@ -400,6 +400,19 @@ def linear_cross_entropy_reduced(
 # --------------------------------------------------------------------------------------
 
 
+def _rows(input, linear_weight, linear_bias, target, weight, options, entropy: bool):
+    """``linear_cross_entropy`` and, with ``entropy``, ``linear_cross_entropy_with_entropy``:
+    per-row (loss, lse, stats), or (loss, lse, entropy, stats) with the entropy formed in the
+    same pass over each chunk. ``options``: the ops' arguments from ``ignore_index`` on."""
+    entropy_out = None
+    if entropy:
+        entropy_out = input.new_empty(input.shape[0], dtype=accumulator_dtype(input.dtype))
+    loss, lse, stats = linear_cross_entropy_forward(
+        input, linear_weight, linear_bias, target, weight, *options, entropy_out=entropy_out
+    )
+    return (loss, lse, stats) if entropy_out is None else (loss, lse, entropy_out, stats)
+
+
 @torch.library.custom_op("triton_softmax::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     input: torch.Tensor,
@@ -416,16 +429,10 @@ def linear_cross_entropy_op(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of the fused linear + cross-entropy; see the module docstring."""
-    return linear_cross_entropy_forward(
-        input, linear_weight, linear_bias, target, weight,
-        ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows, temperature,
-    )  # fmt: skip
-
-
-@linear_cross_entropy_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, *options):
-    _check_operands(input, linear_weight, linear_bias, target, weight)
-    return _ce.row_outputs(input)
+    options = (ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows)
+    return _rows(
+        input, linear_weight, linear_bias, target, weight, (*options, temperature), entropy=False
+    )
 
 
 @torch.library.custom_op("triton_softmax::linear_cross_entropy_with_entropy", mutates_args=())
@@ -445,19 +452,22 @@ def linear_cross_entropy_with_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, entropy, stats): ``linear_cross_entropy`` plus the entropy of
     softmax(tempered logits), formed in the same pass over each chunk, differentiable."""
-    entropy = input.new_empty(input.shape[0], dtype=accumulator_dtype(input.dtype))
-    loss, lse, stats = linear_cross_entropy_forward(
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-        z_loss, softcap, total_classes, chunk_rows, temperature, entropy,
-    )  # fmt: skip
-    return loss, lse, entropy, stats
+    options = (ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows)
+    return _rows(
+        input, linear_weight, linear_bias, target, weight, (*options, temperature), entropy=True
+    )
+
+
+@linear_cross_entropy_op.register_fake
+def _(input, linear_weight, linear_bias, target, weight, *options):
+    _check_operands(input, linear_weight, linear_bias, target, weight)
+    return _ce.fake_rows(False, input)
 
 
 @linear_cross_entropy_with_entropy_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, *options):
     _check_operands(input, linear_weight, linear_bias, target, weight)
-    loss, lse, stats = _ce.row_outputs(input)
-    return loss, lse, torch.empty_like(lse), stats
+    return _ce.fake_rows(True, input)
 
 
 @torch.library.custom_op("triton_softmax::linear_cross_entropy_backward", mutates_args=())
@@ -558,36 +568,16 @@ def _refuse_target_gradient(ctx) -> None:
 
 
 def _unfused_gradients(ctx, tensors, grad_rows, grad_lse, grad_entropy=None):
-    """Gradients by torch's own functions on the full logits, as a differentiable graph: the
+    """(input, linear_weight, linear_bias) gradients by torch's own functions on the full
+    logits (cross_entropy's :func:`composite_gradients`), as a differentiable graph: the
     double-backward path (``create_graph=True``), which holds the [N, V] logits."""
-    from triton_softmax.functional import _torch_cross_entropy
-
     input, linear_weight, linear_bias, target, weight = tensors
-    ignore_index, label_smoothing, z_loss, softcap = ctx.options[:4]
-    if ctx.options[4]:
-        raise NotImplementedError(
-            "double backward (create_graph=True) through linear_cross_entropy with a sharded "
-            "head (process_group) is not supported"
-        )
-    wanted = [t for t, need in zip(tensors[:3], ctx.needs_input_grad[:3], strict=True) if need]
-    logits = F.linear(input, linear_weight, linear_bias)
-    loss, lse, entropy = _torch_cross_entropy(
-        logits, target, weight, ignore_index, "none", label_smoothing, z_loss, softcap, True,
-        ctx.options[6], True,
+    options = (*ctx.options[:5], ctx.options[6])  # without chunk_rows
+    return _ce.composite_gradients(
+        tensors[:3], ctx.needs_input_grad[:3], F.linear(input, linear_weight, linear_bias),
+        target, weight, options, grad_rows, grad_lse, grad_entropy,
+        "linear_cross_entropy with a sharded head",
     )  # fmt: skip
-    outputs, upstream = [loss], [grad_rows.to(loss.dtype)]
-    if grad_lse is not None:
-        outputs.append(lse)
-        upstream.append(grad_lse.to(lse.dtype))
-    if grad_entropy is not None:
-        outputs.append(entropy)
-        upstream.append(grad_entropy.to(entropy.dtype))
-    got = iter(torch.autograd.grad(outputs, wanted, upstream, create_graph=True, allow_unused=True))
-    grads = [next(got) if need else None for need in ctx.needs_input_grad[:3]]
-    return [
-        torch.zeros_like(t) if g is None and need else g
-        for t, g, need in zip(tensors[:3], grads, ctx.needs_input_grad[:3], strict=True)
-    ]
 
 
 def _setup_context(ctx, inputs, output) -> None:
