@@ -352,3 +352,21 @@ def test_opcheck_linear_cross_entropy_ops_with_temperature_and_entropy():
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
     torch.library.opcheck(reduced, (*args, True, 0.7))
+
+
+def test_double_backward_with_sharded_classes_raises():
+    """The double-backward path recomputes the loss from the logits it holds: with one rank's
+    shard of the classes (total_classes > 0) it would be another problem, so it raises."""
+    x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 5, dtype=torch.float64, device=DEVICE)  # 5 of 8 classes, 5 features
+    target = torch.tensor([0, 4, 7], device=DEVICE)  # 7: a class of another shard
+    ops = torch.ops.triton_softmax
+    for call, what in (
+        (lambda: ops.cross_entropy(x, target, None, -100, 0.1, 0.0, 0.0, False, 8, 0.7),
+         "cross_entropy with sharded classes"),
+        (lambda: ops.linear_cross_entropy(x, w, None, target, None, -100, 0.1, 0.0, 0.0, 8),
+         "linear_cross_entropy with a sharded head"),
+    ):  # fmt: skip
+        loss = call()[0].sum()
+        with pytest.raises(NotImplementedError, match=f"through {what} \\(process_group\\)"):
+            torch.autograd.grad(loss, x, create_graph=True)
