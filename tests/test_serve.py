@@ -612,7 +612,7 @@ def test_http_benchmark_smoke(tmp_path):
     assert "No HTTP serving numbers" not in serving_http.readme_section(tmp_path)
 
 
-BIG_ROWS = 1_000_000  # a legal request (16 MB) of about a second's work or more on 2 cores
+BIG_ROWS = 300_000  # a legal request (4.8 MB) of about half a second's work or more on 2 cores
 READ_TIMEOUT = 1.5
 
 
