@@ -135,3 +135,19 @@ def replace_section(text: str, name: str, body: str) -> str:
     if not pattern.search(text):
         raise ValueError(f"markers {start} / {end} not found")
     return pattern.sub(lambda _: f"{start}\n{body.rstrip()}\n{end}", text, count=1)
+
+
+def status_kib(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, in KiB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reset_high_water_mark() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True

@@ -128,22 +128,6 @@ def time_rounds(fns: dict[str, Callable], rounds: int) -> dict[str, list[float]]
     return times
 
 
-def _status_kib(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, in KiB."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _reset_high_water_mark() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def peak_here(provider: str, n: int, h: int, v: int, threads: int) -> dict:
     """In this (fresh) process: the RSS just before one full forward+backward and the RSS
     high-water mark before and after it, in KiB.
@@ -158,10 +142,10 @@ def peak_here(provider: str, n: int, h: int, v: int, threads: int) -> dict:
     step(fn, x[:WARMUP_ROWS], w, t[:WARMUP_ROWS])  # kernels, thread pool, lazy imports
     gc.collect()
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset = _reset_high_water_mark()
-    rss_before, hwm_before = _status_kib("VmRSS"), _status_kib("VmHWM")
+    reset = common.reset_high_water_mark()
+    rss_before, hwm_before = common.status_kib("VmRSS"), common.status_kib("VmHWM")
     out = step(fn, x, w, t)
-    hwm_after = _status_kib("VmHWM")
+    hwm_after = common.status_kib("VmHWM")
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del out
     if not reset:

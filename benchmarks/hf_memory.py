@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.cpu_linear_ce import _reset_high_water_mark, _status_kib
 
 VARIANTS = ("unpatched", "patched")
 
@@ -67,10 +66,10 @@ def one_step(variant: str, tokens: int, vocab: int, hidden: int) -> dict:
 
     step(ids[:, :8], labels[:, :8])  # lazy allocations, thread pool, imports
     gc.collect()
-    reset = _reset_high_water_mark()
-    rss_before = _status_kib("VmRSS")
+    reset = common.reset_high_water_mark()
+    rss_before = common.status_kib("VmRSS")
     loss = step(ids, labels)
-    hwm_after = _status_kib("VmHWM")
+    hwm_after = common.status_kib("VmHWM")
     grads_kib = sum(p.numel() * p.element_size() for p in model.parameters()) // 1024
     return dict(
         variant=variant,
