@@ -16,6 +16,19 @@ def _probabilities(shape, class_dim=1):
     return torch.softmax(torch.randn(shape, device=DEVICE) * 2, dim=class_dim)
 
 
+def _fp64_problem(n_classes, kind, n):
+    """fp64 logits, targets (class indices with row 0 ignored, or probabilities) and class
+    weights for the kernel-level tests."""
+    x = torch.randn(n, n_classes, device=DEVICE, dtype=torch.float64) * 3
+    if kind == "index":
+        target = torch.randint(0, n_classes, (n,), device=DEVICE)
+        target[0] = -100
+    else:
+        target = _probabilities((n, n_classes)).double()
+    weight = torch.rand(n_classes, device=DEVICE, dtype=torch.float64) + 0.5
+    return x, target, weight
+
+
 def _check(x, target, grad_tol=None, **kwargs):
     """Loss and x.grad against torch in float64 on the same (rounded) logits."""
     tol = TOLERANCES[x.dtype]
@@ -109,13 +122,7 @@ def test_shapes(shape, kind, reduction):
 @pytest.mark.parametrize("kind", ["index", "probability"])
 def test_block_boundaries(n_classes, kind):
     n = 9
-    x = torch.randn(n, n_classes, device=DEVICE, dtype=torch.float64) * 3
-    if kind == "index":
-        target = torch.randint(0, n_classes, (n,), device=DEVICE)
-        target[0] = -100
-    else:
-        target = _probabilities((n, n_classes)).double()
-    weight = torch.rand(n_classes, device=DEVICE, dtype=torch.float64) + 0.5
+    x, target, weight = _fp64_problem(n_classes, kind, n)
     options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01)
     loss, lse, stats = ce_ops.cross_entropy_forward(x, target, weight, **options, block_n=16)
     x_ref = x.clone().requires_grad_()
@@ -800,13 +807,7 @@ def test_integer_class_weight_raises():
 @pytest.mark.parametrize("in_place", [False, True])
 def test_forward_writes_the_gradient(n_classes, kind, block_n, in_place):
     n = 9
-    x = torch.randn(n, n_classes, device=DEVICE, dtype=torch.float64) * 3
-    if kind == "index":
-        target = torch.randint(0, n_classes, (n,), device=DEVICE)
-        target[0] = -100
-    else:
-        target = _probabilities((n, n_classes)).double()
-    weight = torch.rand(n_classes, device=DEVICE, dtype=torch.float64) + 0.5
+    x, target, weight = _fp64_problem(n_classes, kind, n)
     options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01, softcap=4.0)
     scale = torch.tensor(0.37, device=DEVICE, dtype=torch.float64)
     logits = x.clone()
