@@ -43,12 +43,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -56,15 +53,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from benchmarks import common, targets
 
 PROVIDERS = ("triton-softmax", "torch-chunked", "torch")
 #: (N rows, H features, V classes): the issue's CPU shape; the smoke shape takes a second.
 SHAPE, SMOKE_SHAPE = (8192, 256, 32768), (64, 16, 300)
-#: docs/design.md: our peak extra memory at most this fraction of the full fp32 logits.
-PEAK_TARGET = 0.1
 WARMUP_ROWS = 64
-REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
 
 
 def has_chunked() -> bool:
@@ -113,21 +107,6 @@ def check(out: tuple, ref: tuple) -> float:
     return worst
 
 
-def time_rounds(fns: dict[str, Callable], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call, ``rounds`` calls per provider, one each per round in a rotating order."""
-    names, times = list(fns), {name: [] for name in fns}
-    gc.disable()
-    try:
-        for k in range(rounds):
-            for name in names[k % len(names) :] + names[: k % len(names)]:
-                start = time.perf_counter()
-                fns[name]()
-                times[name].append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return times
-
-
 def peak_here(provider: str, n: int, h: int, v: int, threads: int) -> dict:
     """In this (fresh) process: the RSS just before one full forward+backward and the RSS
     high-water mark before and after it, in KiB.
@@ -163,22 +142,9 @@ def peak_here(provider: str, n: int, h: int, v: int, threads: int) -> dict:
 def peaks(providers: list[str], n: int, h: int, v: int, threads: int) -> dict[str, dict]:
     """``peak_here`` for each provider, each in a fresh process without TRITON_INTERPRET or a
     visible GPU; the processes run side by side (RSS is per process, and this saves minutes)."""
-    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    repo, procs = Path(__file__).resolve().parent.parent, {}
-    for provider in providers:
-        cmd = [sys.executable, "-m", "benchmarks.cpu_linear_ce", "--peak-of", provider]
-        cmd += ["--shape", str(n), str(h), str(v), "--threads", str(threads)]
-        procs[provider] = subprocess.Popen(
-            cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    got = {}
-    for provider, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{provider}: peak run failed: {err.strip()[-300:]}")
-        got[provider] = json.loads(out.strip().splitlines()[-1])
-    return got
+    shape = ["--shape", str(n), str(h), str(v), "--threads", str(threads)]
+    procs = {p: common.start_module(["cpu_linear_ce", "--peak-of", p, *shape]) for p in providers}
+    return {p: common.json_result(proc, f"{p}: peak run") for p, proc in procs.items()}
 
 
 def run(
@@ -245,7 +211,7 @@ def run(
         rows[name]["peak_exact"] = got["hwm_reset"] or got["hwm_after_kib"] > got["hwm_before_kib"]
         rows[name]["peak_raw_kib"] = " ".join(f"{k}={val}" for k, val in got.items())
     print(f"{threads} threads: timing {', '.join(fns)}, {rounds} rounds", flush=True)
-    times = time_rounds(fns, rounds)
+    times = common.time_rounds(fns, rounds)
     for name, secs in times.items():
         rows[name] |= dict(ms_median=1e3 * statistics.median(secs), ms_min=1e3 * min(secs))
         rows[name]["ms_max"] = 1e3 * max(secs)
@@ -267,30 +233,29 @@ def run(
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Report: markdown and the RESULTS.md section, from the CSV
-# ----------------------------------------------------------------------------------------------
+# Report: markdown and the RESULTS.md section, from the CSV.
 
 
-def targets(rows: list[dict]) -> list[str]:
+def verdicts(rows: list[dict]) -> list[str]:
     """docs/design.md's two CPU-path targets for the fused op, met or not."""
     by = {r["provider"]: r for r in rows}
     ours, chunked = by.get("triton-softmax"), by.get("torch-chunked")
     lines = []
     if ours and chunked and ours["status"] == chunked["status"] == "ok":
         ratio = chunked["ours_over_this"]
-        verdict = "met" if ratio <= 1 else "NOT met"
+        verdict = "met" if ratio <= targets.CPU_LCE_OVER_CHUNKED else "NOT met"
         lines.append(
             f"- time ≤ torch's chunked op: **{verdict}** (ours / chunked {ratio:.2f}×, median of "
             f"the rounds' ratios; {ours['ms_median']:.0f} ms vs {chunked['ms_median']:.0f} ms)"
         )
     if ours and ours["status"] == "ok":
         frac = ours["peak_x_logits"]
-        verdict = "met" if frac <= PEAK_TARGET else "NOT met"
+        verdict = "met" if frac <= targets.CPU_LCE_PEAK_X_LOGITS else "NOT met"
         bound = "" if ours["peak_exact"] in (True, "True") else "at most "
         lines.append(
-            f"- peak extra memory ≤ {PEAK_TARGET}× the fp32 logits ({ours['logits_mib']:.0f} "
-            f"MiB): **{verdict}** ({bound}{ours['peak_extra_mib']:.0f} MiB = {frac:.3f}×, of "
+            f"- peak extra memory ≤ {targets.CPU_LCE_PEAK_X_LOGITS}× the fp32 logits "
+            f"({ours['logits_mib']:.0f} MiB): **{verdict}** ({bound}{ours['peak_extra_mib']:.0f} "
+            f"MiB = {frac:.3f}×, of "
             f"which {ours['grads_mib']:.0f} MiB are the returned gradients)"
         )
     return lines
@@ -322,12 +287,12 @@ def _table(rows: list[dict]) -> list[str]:
     return common.md_table(header, body)
 
 
-def _intro(rows: list[dict]) -> list[str]:
+def _intro(rows: list[dict]) -> str:
     r = rows[0]
+    path = f"our kernel path: `{r['kernel_path']}`"
     text = (
-        f"Measured on {r['machine']}, torch threads {r['threads']} (1-minute load average "
-        f"{r['load_avg']:.2f} at the start, {r['load_avg_end']:.2f} at the end; {r['versions']}; "
-        f"our kernel path: `{r['kernel_path']}`). N = {r['N']}, H = {r['H']}, V = {r['V']}, "
+        f"{common.measured_on(r, threads=True, extra=[path])}. "
+        f"N = {r['N']}, H = {r['H']}, V = {r['V']}, "
         f"{r['dtype']}, {r['mode']} of the mean loss (gradients for input and weight). Time: "
         f"{r['rounds']} rounds, one call per provider each, rotating order; 'ours / this': the "
         "median of the rounds' ratios of our time to the provider's (below 1: ours is faster). "
@@ -339,69 +304,44 @@ def _intro(rows: list[dict]) -> list[str]:
     chunked = next((x for x in rows if x["provider"] == "torch-chunked"), None)
     if chunked and chunked["status"] == "ok":
         text += f" torch-chunked ran with `{chunked['notes']}`."
-    if max(r["load_avg"], r["load_avg_end"]) >= 1:
-        text += (
-            " Other processes were busy on the machine (load average ≥ 1): absolute times are "
-            "inflated and noisy; the ratios compare calls of the same rounds."
-        )
-    return [text]
-
-
-def _by_threads(rows: list[dict]) -> list[list[dict]]:
-    return [
-        [r for r in rows if r["threads"] == k] for k in dict.fromkeys(r["threads"] for r in rows)
-    ]
+    return text + common.busy_note(r, "the ratios compare calls of the same rounds")
 
 
 def _body(rows: list[dict], level: str) -> list[str]:
+    """Per thread count: a heading, the preamble, the targets and the table."""
     lines = []
-    for group in _by_threads(rows):
-        lines += [f"{level} {group[0]['threads']} torch thread(s)", "", *_intro(group), ""]
-        lines += ["Targets (docs/design.md):", "", *targets(group), "", *_table(group), ""]
+    for k in dict.fromkeys(r["threads"] for r in rows):
+        group = [r for r in rows if r["threads"] == k]
+        lines += [f"{level} {k} torch thread(s)", "", _intro(group), ""]
+        lines += ["Targets (docs/design.md):", "", *verdicts(group), "", *_table(group), ""]
     return lines
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["# Fused linear + cross-entropy on the CPU: ours vs torch", "", *_body(rows, "##")]
-    return "\n".join(lines).rstrip() + "\n"
-
-
 def write_report(csv_path: Path) -> list[Path]:
-    md = csv_path.with_suffix(".md")
-    md.write_text(markdown(common.read_csv(csv_path)), encoding="utf-8")
-    return [md]
+    """``<stem>.md`` next to a CSV."""
+    lines = ["# Fused linear + cross-entropy on the CPU: ours vs torch", ""]
+    lines += _body(common.read_csv(csv_path), "##")
+    return [common.write_markdown(csv_path.with_suffix(".md"), lines)]
 
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    lines = [
-        "## Benchmarks: fused linear + cross-entropy on the CPU",
-        "",
+    """RESULTS.md's section: per CSV and thread count, the targets and the table."""
+    return common.results_section(
+        "Benchmarks: fused linear + cross-entropy on the CPU",
         "`python -m benchmarks.cpu_linear_ce` times `triton_softmax.linear_cross_entropy` on its "
         "plain-torch CPU path against torch's chunked `F.linear_cross_entropy(..., "
         "options=torch.nn.LinearCrossEntropyOptions())` and the unfused `F.cross_entropy("
         "F.linear(x, w), t)`, forward+backward, and measures each one's peak memory in a process "
         "of its own. Details: [benchmarks/README.md](README.md).",
-        "",
-    ]
-    csvs = sorted(results_dir.glob("cpu_linear_ce_*.csv"))
-    if not csvs:
-        return "\n".join([*lines, "No numbers have been measured yet."]) + "\n"
-    for path in csvs:
-        lines += _body(common.read_csv(path), "###")
-        lines += [
-            f"Files: {common.link(path, 'csv')}, {common.link(path.with_suffix('.md'), 'md')}.",
-            "",
-        ]
-    return "\n".join(lines)
+        results_dir.glob("cpu_linear_ce_*.csv"),
+        lambda path: _body(common.read_csv(path), "###")[:-1],
+        "No numbers have been measured yet.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.cpu_linear_ce",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--smoke", action="store_true", help="tiny shape, one round, seconds")
+    """Run; exit status 2 off the plain-torch path, 3 when a provider disagrees."""
+    ap = common.parser("cpu_linear_ce", __doc__, smoke="tiny shape, one round, seconds")
     ap.add_argument("--rounds", type=int, default=7, help="timing rounds (default 7)")
     ap.add_argument(
         "--shape", type=int, nargs=3, metavar=("N", "H", "V"), help="default 8192 256 32768"
@@ -413,34 +353,21 @@ def main(argv: list[str] | None = None) -> int:
         default=[common.cpu_count()],
         help="torch thread counts, each measured in turn (default: the logical CPUs)",
     )
-    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     ap.add_argument("--peak-of", choices=PROVIDERS, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
-    import triton_softmax as ts
-
-    path = ts.kernel_path(torch.empty(1))
-    if path != "torch":
-        print(
-            f"our ops would run {path!r} here, not the plain-torch path: unset TRITON_INTERPRET "
-            "(and run without a GPU) to measure the CPU path.",
-            file=sys.stderr,
-        )
-        return REFUSAL_EXIT
+    if common.refuses_kernel_path():
+        return common.REFUSAL_EXIT
     shape = tuple(args.shape or (SMOKE_SHAPE if args.smoke else SHAPE))
     if args.peak_of:
         print(json.dumps(peak_here(args.peak_of, *shape, args.threads[0])))
         return 0
     rounds = 1 if args.smoke else args.rounds
-    versions = common.versions(("torch", "triton", "triton-softmax", "numpy"))
-    versions += f" (commit {common.git_commit()})"
+    versions = common.versions(("torch", "triton", "triton-softmax", "numpy"), commit=True)
     rows = [r for k in args.threads for r in run(shape, rounds, k, versions, args.smoke)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "cpu_linear_ce-smoke_" if args.smoke else "cpu_linear_ce_"
-    csv_path = common.write_csv(args.out / f"{stem}{common.slug(common.cpu_model())}.csv", rows)
-    for written in [csv_path, *write_report(csv_path)]:
-        print(f"wrote {written}")
-    print("\n".join(targets(rows)))
-    return MISMATCH_EXIT if any(r["status"].startswith("mismatch") for r in rows) else 0
+    csv_path = args.out / f"{common.stem('cpu_linear_ce', args.smoke)}.csv"
+    common.write_results(csv_path, rows, write_report)
+    print("\n".join(verdicts(rows)))
+    return common.MISMATCH_EXIT if any(r["status"].startswith("mismatch") for r in rows) else 0
 
 
 if __name__ == "__main__":

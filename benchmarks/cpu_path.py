@@ -29,8 +29,6 @@ Output: ``cpu_path_<cpu>.csv`` and ``.md`` (``--out``, default ``benchmarks/resu
 
 from __future__ import annotations
 
-import argparse
-import gc
 import statistics
 import sys
 import time
@@ -40,15 +38,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from benchmarks import common, targets
 
 SHAPES = ((4, 3), (256, 1000), (4096, 1000), (1024, 32000))
 SMOKE_SHAPES = ((4, 3), (16, 10))
 MODES = ("forward", "forward+backward")
-#: docs/design.md: ours / torch at most this at 4x3 (per-call overhead) and at >= 256 rows.
-OVERHEAD_TARGET, SPEED_TARGET = 2.0, 1.3
 EXTRAS = ("z_loss", "return_lse")  # ours only; torch's side is composed from torch ops
-REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
 
 Outputs = tuple[torch.Tensor, ...]
 
@@ -117,32 +112,20 @@ def check(ours: Outputs, ref: Outputs) -> None:
 
 
 def time_pair(a: Callable, b: Callable, rounds: int, block: float) -> tuple[float, float, float]:
-    """(ours s, torch s, ours / torch): medians over ``rounds`` rounds of the mean time of a
-    block of calls (about ``block`` seconds; at least one call), ``a`` and ``b`` back to back in
-    an order that alternates; the ratio is the median of the rounds' ratios, so that a slow
-    spell of the machine lands on both sides of a pair. Garbage collection is off meanwhile."""
-    calls = []
-    for fn in (a, b):
+    """(ours s, torch s, ours / torch): medians over ``rounds`` rounds (``common.time_rounds``)
+    of the mean time of a block of calls of about ``block`` seconds (at least one call); the
+    ratio is the median of the rounds' ratios."""
+    calls = {}
+    for name, fn in (("ours", a), ("torch", b)):
         fn()  # warm-up
         start = time.perf_counter()
         fn()
-        calls.append(max(1, round(block / max(time.perf_counter() - start, 1e-9))))
-    per_round: list[list[float]] = [[], []]
-    gc.disable()
-    try:
-        for k in range(rounds):
-            for i in (0, 1) if k % 2 == 0 else (1, 0):
-                fn, n = (a, b)[i], calls[i]
-                start = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                per_round[i].append((time.perf_counter() - start) / n)
-    finally:
-        gc.enable()
-    ratios = [x / y for x, y in zip(*per_round, strict=True)]
+        calls[name] = max(1, round(block / max(time.perf_counter() - start, 1e-9)))
+    times = common.time_rounds({"ours": a, "torch": b}, rounds, calls)
+    ratios = [x / y for x, y in zip(times["ours"], times["torch"], strict=True)]
     return (
-        statistics.median(per_round[0]),
-        statistics.median(per_round[1]),
+        statistics.median(times["ours"]),
+        statistics.median(times["torch"]),
         statistics.median(ratios),
     )
 
@@ -155,8 +138,7 @@ def run(shapes, rounds: int, block: float, threads: int) -> list[dict]:
     base = dict(
         machine=common.cpu_description(),
         threads=torch.get_num_threads(),
-        versions=common.versions(("torch", "triton", "triton-softmax", "numpy"))
-        + f" (commit {common.git_commit()})",
+        versions=common.versions(("torch", "triton", "triton-softmax", "numpy"), commit=True),
         kernel_path=ts.kernel_path(torch.empty(1)),
         timer=timer,
         load_avg=round(common.load_average(), 2),
@@ -182,21 +164,19 @@ def run(shapes, rounds: int, block: float, threads: int) -> list[dict]:
     return [row | {"load_avg_end": round(common.load_average(), 2)} for row in rows]
 
 
-# ----------------------------------------------------------------------------------------------
-# Report: markdown and the RESULTS.md section, from the CSV
-# ----------------------------------------------------------------------------------------------
+# Report: markdown and the RESULTS.md section, from the CSV.
 
 
 def _target(shape: str) -> float:
-    return OVERHEAD_TARGET if shape == "4x3" else SPEED_TARGET
+    return targets.CPU_OVERHEAD if shape == "4x3" else targets.CPU_SPEED
 
 
-def targets(rows: list[dict]) -> list[str]:
+def verdicts(rows: list[dict]) -> list[str]:
     """docs/design.md's two targets, met or not, with the cases that miss them."""
     lines = []
     for name, sel in (
-        (f"per-call overhead at 4x3: ours ≤ {OVERHEAD_TARGET}× torch", "4x3"),
-        (f"≥ 256 rows: ours ≤ {SPEED_TARGET}× torch", None),
+        (f"per-call overhead at 4x3: ours ≤ {targets.CPU_OVERHEAD}× torch", "4x3"),
+        (f"≥ 256 rows: ours ≤ {targets.CPU_SPEED}× torch", None),
     ):
         got = [r for r in rows if (r["shape"] == sel if sel else r["shape"] != "4x3")]
         if not got:
@@ -240,88 +220,62 @@ def ratio_table(rows: list[dict]) -> list[str]:
     return common.md_table(header, body)
 
 
-def _intro(rows: list[dict]) -> list[str]:
+def _intro(rows: list[dict]) -> str:
     r = rows[0]
-    text = (
-        f"Measured on {r['machine']}, torch threads {r['threads']} (1-minute load average "
-        f"{r['load_avg']:.2f} at the start, {r['load_avg_end']:.2f} at the end; {r['versions']}; "
-        f"our kernel path: `{r['kernel_path']}`; timer: {r['timer']}). Cells: the median of the "
-        "rounds' ratios of our time to torch's (below 1: ours is faster); ✗ misses the target "
-        f"(≤ {OVERHEAD_TARGET}× at 4x3, ≤ {SPEED_TARGET}× from 256 rows). Outputs and gradients "
-        "were checked against torch before timing. Torch's side of `z_loss` and `return_lse` is "
-        "composed from torch ops."
+    extra = (f"our kernel path: `{r['kernel_path']}`", f"timer: {r['timer']}")
+    return (
+        f"{common.measured_on(r, threads=True, extra=extra)}. Cells: the median of the rounds' "
+        "ratios of our time to torch's (below 1: ours is faster); ✗ misses the target "
+        f"(≤ {targets.CPU_OVERHEAD}× at 4x3, ≤ {targets.CPU_SPEED}× from 256 rows). Outputs and "
+        "gradients were checked against torch before timing. Torch's side of `z_loss` and "
+        "`return_lse` is composed from torch ops."
+        + common.busy_note(r, "each ratio compares blocks run back to back")
     )
-    if max(r["load_avg"], r["load_avg_end"]) >= 1:
-        text += (
-            " Other processes were busy on the machine (load average ≥ 1): absolute times are "
-            "inflated and noisy; each ratio compares blocks run back to back."
-        )
-    return [text]
 
 
-def markdown(rows: list[dict]) -> str:
-    body = []
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}×" if r["status"] == "ok" else r["status"]
-        body.append(
-            [
-                r["op"],
-                r["shape"],
-                r["options"],
-                r["mode"],
-                f"{r['ours_us']:.1f}",
-                f"{r['torch_us']:.1f}",
-                ratio,
-            ]
-        )
-    header = ["op", "shape", "options", "mode", "ours µs", "torch µs", "ours / torch"]
-    full = common.md_table(header, body)
-    lines = ["# CPU path benchmark: triton_softmax (plain-torch path) vs torch", "", *_intro(rows)]
-    lines += [
-        "",
-        "Targets (docs/design.md):",
-        "",
-        *targets(rows),
-        "",
-        *ratio_table(rows),
-        "",
-        *full,
-    ]
-    return "\n".join(lines) + "\n"
+def _summary(rows: list[dict]) -> list[str]:
+    return [_intro(rows), "", *verdicts(rows), "", *ratio_table(rows)]
 
 
 def write_report(csv_path: Path) -> list[Path]:
-    md = csv_path.with_suffix(".md")
-    md.write_text(markdown(common.read_csv(csv_path)), encoding="utf-8")
-    return [md]
+    """``<stem>.md`` next to a CSV: the targets, the ratio table and every row's times."""
+    rows = common.read_csv(csv_path)
+    header = ["op", "shape", "options", "mode", "ours µs", "torch µs", "ours / torch"]
+    full = [
+        [
+            r["op"],
+            r["shape"],
+            r["options"],
+            r["mode"],
+            f"{r['ours_us']:.1f}",
+            f"{r['torch_us']:.1f}",
+        ]
+        + [f"{r['ratio']:.2f}×" if r["status"] == "ok" else r["status"]]
+        for r in rows
+    ]
+    lines = ["# CPU path benchmark: triton_softmax (plain-torch path) vs torch", ""]
+    lines += [_intro(rows), "", "Targets (docs/design.md):", "", *verdicts(rows), ""]
+    lines += [*ratio_table(rows), "", *common.md_table(header, full)]
+    return [common.write_markdown(csv_path.with_suffix(".md"), lines)]
 
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    lines = [
-        "## Benchmarks: the CPU path",
-        "",
+    """RESULTS.md's section: per CSV, the targets and the ratio table."""
+    return common.results_section(
+        "Benchmarks: the CPU path",
         "`python -m benchmarks.cpu_path` times our ops' plain-torch CPU path (no GPU, no "
         "`TRITON_INTERPRET`) against `torch.nn.functional` at 4x3 (per-call overhead), 256x1000, "
         "4096x1000 and 1024x32000, forward and forward+backward, softmax, log_softmax and every "
         "cross-entropy option (plus our `z_loss` and `return_lse`).",
-        "",
-    ]
-    csvs = sorted(results_dir.glob("cpu_path_*.csv"))
-    if not csvs:
-        return "\n".join([*lines, "No CPU-path numbers have been measured yet."]) + "\n"
-    for path in csvs:
-        rows = common.read_csv(path)
-        lines += [*_intro(rows), "", *targets(rows), "", *ratio_table(rows), ""]
-        lines += [
-            f"Files: {common.link(path, 'csv')}, {common.link(path.with_suffix('.md'), 'md')}.",
-            "",
-        ]
-    return "\n".join(lines)
+        results_dir.glob("cpu_path_*.csv"),
+        lambda path: _summary(common.read_csv(path)),
+        "No CPU-path numbers have been measured yet.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_path", description=__doc__)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 calls each, seconds")
+    """Run; exit status 2 off the plain-torch path, 3 when a pair disagrees."""
+    ap = common.parser("cpu_path", __doc__, smoke="tiny shapes, 3 calls each, seconds")
     ap.add_argument("--rounds", type=int, default=7, help="timing rounds per case (default 7)")
     ap.add_argument("--block", type=float, default=0.03, help="seconds per timed block")
     ap.add_argument(
@@ -330,29 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         default=common.cpu_count(),
         help="torch threads (default: the logical CPUs; 1 on a machine others are using)",
     )
-    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     args = ap.parse_args(argv)
-    import triton_softmax as ts
-
-    path = ts.kernel_path(torch.empty(1))
-    if path != "torch":
-        print(
-            f"our ops would run {path!r} here, not the plain-torch path: unset TRITON_INTERPRET "
-            "(and run without a GPU) to measure the CPU path.",
-            file=sys.stderr,
-        )
-        return REFUSAL_EXIT
+    if common.refuses_kernel_path():
+        return common.REFUSAL_EXIT
     torch.manual_seed(0)
     if args.smoke:
         args.rounds, args.block = 1, 0.0
     rows = run(SMOKE_SHAPES if args.smoke else SHAPES, args.rounds, args.block, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = ("cpu_path-smoke_" if args.smoke else "cpu_path_") + common.slug(common.cpu_model())
-    csv_path = common.write_csv(args.out / f"{stem}.csv", rows)
-    for written in [csv_path, *write_report(csv_path)]:
-        print(f"wrote {written}")
-    print("\n".join(targets(rows)))
-    return MISMATCH_EXIT if any(r["status"] != "ok" for r in rows) else 0
+    csv_path = args.out / f"{common.stem('cpu_path', args.smoke)}.csv"
+    common.write_results(csv_path, rows, write_report)
+    print("\n".join(verdicts(rows)))
+    return common.MISMATCH_EXIT if any(r["status"] != "ok" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ def test_cpu_path_benchmark_refuses_the_interpreter(tmp_path, capsys):
 
     if ts.kernel_path(torch.empty(1)) == "torch":
         pytest.skip("this session runs the plain-torch path")
-    assert cpu_path.main(["--smoke", "--out", str(tmp_path)]) == cpu_path.REFUSAL_EXIT
+    assert cpu_path.main(["--smoke", "--out", str(tmp_path)]) == common.REFUSAL_EXIT
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
@@ -369,7 +369,7 @@ def test_cpu_linear_ce_benchmark_refuses_the_interpreter(tmp_path, capsys):
 
     if ts.kernel_path(torch.empty(1)) == "torch":
         pytest.skip("this session runs the plain-torch path")
-    assert cpu_linear_ce.main(["--smoke", "--out", str(tmp_path)]) == cpu_linear_ce.REFUSAL_EXIT
+    assert cpu_linear_ce.main(["--smoke", "--out", str(tmp_path)]) == common.REFUSAL_EXIT
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
