@@ -28,15 +28,16 @@ RESULTS_PAGE = REPO / "benchmarks" / "RESULTS.md"
 REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
 
 
-def parser(module: str, doc: str, smoke: str) -> argparse.ArgumentParser:
-    """``python -m benchmarks.<module>``'s parser, ``doc`` as its help, with ``--smoke`` (its help:
-    ``smoke``) and ``--out`` (default ``benchmarks/results``)."""
+def parser(module: str, doc: str, smoke: str | None = None) -> argparse.ArgumentParser:
+    """``python -m benchmarks.<module>``'s parser, ``doc`` as its help, with ``--out`` (default
+    ``benchmarks/results``) and, where ``smoke`` gives its help, ``--smoke``."""
     ap = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{module}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--smoke", action="store_true", help=smoke)
+    if smoke:
+        ap.add_argument("--smoke", action="store_true", help=smoke)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     return ap
 
@@ -199,11 +200,11 @@ def iris_model(workdir: Path, epochs: int | None = None) -> tuple[object, object
     return data, model
 
 
-def iris_like_rows(data, n: int, seed: int):
-    """``n`` float32 rows drawn per feature from a normal with the Iris features' mean and std."""
+def iris_like_rows(mean, std, n: int, seed: int):
+    """``n`` float32 rows drawn per feature from a normal with the Iris features' ``mean`` and
+    ``std`` (numpy arrays)."""
     import numpy as np
 
-    mean, std = data.features.mean(axis=0), data.features.std(axis=0)
     rng = np.random.default_rng(seed)
     return rng.normal(mean, std, size=(n, mean.shape[0])).astype(np.float32)
 

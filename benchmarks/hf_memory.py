@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 from benchmarks import common
 
@@ -82,25 +79,22 @@ def one_step(variant: str, tokens: int, vocab: int, hidden: int) -> dict:
 
 
 def measure(tokens: int, vocab: int, hidden: int, threads: int) -> list[dict]:
-    """``one_step`` of each variant, one after the other, each in a fresh process."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = str(threads)
-    repo = Path(__file__).resolve().parent.parent
-    rows = []
-    for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "benchmarks.hf_memory", "--step-of", variant]
-        cmd += ["--shape", str(tokens), str(vocab), str(hidden)]
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            raise RuntimeError(f"{variant}: step failed: {done.stderr.strip()[-400:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return rows
+    """``one_step`` of each variant, one after the other, each in a fresh CPU-only process."""
+    shape = ["--shape", str(tokens), str(vocab), str(hidden)]
+    return [
+        common.json_result(
+            common.start_module(
+                ["hf_memory", "--step-of", v, *shape], OMP_NUM_THREADS=str(threads)
+            ),
+            f"{v}: step",
+        )
+        for v in VARIANTS
+    ]
 
 
 def markdown(rows: list[dict], tokens: int, vocab: int, hidden: int, meta: dict) -> str:
     """The results table, with the machine, versions and load, as Markdown."""
-    logits_mib = tokens * vocab * 4 / 2**20
+    logits_mib, commit = tokens * vocab * 4 / 2**20, f"commit {meta['commit']}"
     by = {r["variant"]: r for r in rows}
     extra = {v: (r["hwm_after_kib"] - r["rss_before_kib"]) / 1024 for v, r in by.items()}
     # The step allocates the parameters' gradients (freed before it) in both variants.
@@ -138,9 +132,8 @@ def markdown(rows: list[dict], tokens: int, vocab: int, hidden: int, meta: dict)
         f"logits alone are {logits_mib:.0f} MiB; the parameters' gradients, which the step "
         f"allocates in both variants, {grads:.0f} MiB.",
         "",
-        f"Measured on {meta['machine']}, torch threads {meta['threads']}, 1-minute load average "
-        f"{meta['load_avg']:.2f} at the start and {meta['load_avg_end']:.2f} at the end; "
-        f"{meta['versions']}; commit {meta['commit']}. Peak extra: VmHWM after the step minus "
+        f"{common.measured_on(meta, threads=True, extra=[commit])}. "
+        "Peak extra: VmHWM after the step minus "
         "VmRSS before it, each variant in a fresh process (high-water mark reset: "
         f"{all(r['hwm_reset'] for r in rows)}).",
         "",
@@ -155,7 +148,8 @@ def markdown(rows: list[dict], tokens: int, vocab: int, hidden: int, meta: dict)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run both variants and write the CSV and markdown."""
+    parser = common.parser("hf_memory", __doc__)
     parser.add_argument(
         "--shape",
         nargs=3,
@@ -165,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--step-of", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
     tokens, vocab, hidden = args.shape
     if args.step_of:
@@ -183,11 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     losses = [r["loss"] for r in rows]
     if abs(losses[0] - losses[1]) > 1e-5 * abs(losses[0]):
         raise RuntimeError(f"patched and unpatched losses differ: {losses}")
-    slug = common.slug(common.cpu_model())
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(args.out / f"hf_memory_{slug}.csv", [r | meta for r in rows])
     text = markdown(rows, tokens, vocab, hidden, meta)
-    (args.out / f"hf_memory_{slug}.md").write_text(text, encoding="utf-8")
+    csv_path = args.out / f"{common.stem('hf_memory', False)}.csv"
+    write_md = lambda path: [common.write_markdown(path.with_suffix(".md"), [text])]  # noqa: E731
+    common.write_results(csv_path, [r | meta for r in rows], write_md)
     print(text)
     return 0
 

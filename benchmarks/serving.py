@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, targets
 
 PROVIDERS = ("onnxruntime", "OnnxClassifier", "torch eager", "torch eager (F.softmax)")
 PROVIDERS += ("numpy", "scikit-learn")
@@ -49,38 +49,23 @@ CHECK_ROWS = 1000
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def rows_like(mean: np.ndarray, std: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` float32 rows drawn per feature from a normal with the Iris features' mean and std."""
-    rng = np.random.default_rng(seed)
-    return rng.normal(mean, std, size=(n, mean.shape[0])).astype(np.float32)
-
-
-def prepare(workdir: Path, epochs: int | None) -> dict:
-    """Train, export ``model.onnx``, save ``model.safetensors`` and ``inputs.npz`` (check rows,
-    torch eager's probabilities on them, folded weights, feature statistics) into ``workdir``."""
+def prepare(workdir: Path, epochs: int | None) -> str:
+    """Train, export ``model.onnx`` and ``model.safetensors``, save ``inputs.npz`` (check rows,
+    torch eager's probabilities on them, folded weights, feature statistics) into ``workdir``;
+    returns the model's name."""
     import torch
 
-    import triton_softmax as ts
-    from triton_softmax.export.onnx_export import export_and_verify, fold_standardisation
-    from triton_softmax.regression import TrainConfig, load_iris, save_checkpoint, train
+    from triton_softmax.export.onnx_export import fold_standardisation
 
-    data = load_iris()
-    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
-    run = train(data, config, device="cpu", reference=False)
-    model = run.model.cpu().eval()
-    names = {"feature_names": data.feature_names, "class_names": data.class_names}
-    export_and_verify(model, workdir / "model.onnx", run.test.features, **names)
-    save_checkpoint(
-        workdir / "model.safetensors", model, config=config, metrics=run.metrics, **names
-    )
+    data, model = common.iris_model(workdir, epochs)
     mean, std = data.features.mean(axis=0), data.features.std(axis=0)
-    check = rows_like(mean, std, CHECK_ROWS, seed=1)
+    check = common.iris_like_rows(mean, std, CHECK_ROWS, seed=1)
     with torch.inference_mode():
         reference = model(torch.from_numpy(check)).numpy()
     w, b = (t.numpy() for t in fold_standardisation(model))
     np.savez(workdir / "inputs.npz", check=check, reference=reference, w=w, b=b, mean=mean, std=std)
     model_name = f"Iris softmax regression ({data.n_features} features → {data.n_classes} classes)"
-    return {"model": model_name + ", ONNX", "kernel_path": ts.kernel_path(torch.empty(1))}
+    return model_name + ", ONNX"
 
 
 def build(name: str, workdir: Path, inputs: dict) -> tuple[Predict, str, str] | str:
@@ -155,7 +140,7 @@ def measure(name: str, workdir: Path, smoke: bool) -> list[dict]:
         return [dict(base, rows=n, status=status) for n in (1, *reps)]
     results = []
     for n in (1, *reps):
-        x = rows_like(inputs["mean"], inputs["std"], n, seed=n)
+        x = common.iris_like_rows(inputs["mean"], inputs["std"], n, seed=n)
         calls = (SMOKE_BATCH1_CALLS if smoke else BATCH1_CALLS) if n == 1 else reps[n]
         times = []
         for _ in range(calls + max(2, calls // 10)):  # the first tenth is warm-up
@@ -187,25 +172,16 @@ def summarize(rounds: list[dict]) -> dict:
 
 
 def run_worker(name: str, workdir: Path, smoke: bool) -> list[dict]:
-    """``measure`` in a fresh process; its rows come back through a JSON file."""
-    out = workdir / f"worker-{common.slug(name)}.json"
-    cmd = [sys.executable, "-m", "benchmarks.serving", "--worker", name, "--dir", str(workdir)]
-    done = subprocess.run(
-        [*cmd, *(["--smoke"] if smoke else [])],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        timeout=600,
-    )
-    if done.returncode != 0 or not out.exists():
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    """``measure`` in a fresh process (this module with ``--worker``), its rows printed as JSON."""
+    args = ["serving", "--worker", name, "--dir", str(workdir), *(["--smoke"] if smoke else [])]
+    try:
+        return common.json_result(common.start_module(args, cpu_only=False), name, timeout=600)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        last = str(e).strip().splitlines()[-1][:200]
         return [dict(provider=name, rows=1, status=f"error: worker failed: {last}")]
-    return json.loads(out.read_text())
 
 
-# ----------------------------------------------------------------------------------------------
-# Report: markdown, plot and the RESULTS.md section, from the CSV
-# ----------------------------------------------------------------------------------------------
+# Report: markdown, plot and the RESULTS.md section, from the CSV.
 
 
 def _size(n: int) -> str:
@@ -258,21 +234,22 @@ def tables(rows: list[dict]) -> list[str]:
                 for f, s in pairs
             ],
         )
-        targets = []
+        verdicts = []
         for f in PROVIDERS[:2]:
             s1, s5 = _speedup(by, f, "torch eager", 1), _speedup(by, f, "torch eager", big)
             if big == 100_000 and not math.isnan(s1 + s5):
                 met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-                targets.append(
-                    f"- {f}: ≥ 2× torch eager at 1e5 rows: {met(s5 >= 2)} ({s5:.2f}×); "
-                    f"no slower at batch 1: {met(s1 >= 1)} ({s1:.2f}×)"
+                verdicts.append(
+                    f"- {f}: ≥ {targets.SERVING_SPEEDUP_1E5:g}× torch eager at 1e5 rows: "
+                    f"{met(s5 >= targets.SERVING_SPEEDUP_1E5)} ({s5:.2f}×); no slower at batch 1: "
+                    f"{met(s1 >= targets.SERVING_SPEEDUP_BATCH1)} ({s1:.2f}×)"
                 )
-        if targets:
+        if verdicts:
             lines += [
                 "",
                 "Targets (docs/design.md, torch eager = the trained model):",
                 "",
-                *targets,
+                *verdicts,
             ]
     skipped = sorted({f"{r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"})
     return lines + (["", *[f"- {s}" for s in skipped]] if skipped else [])
@@ -299,19 +276,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _measured_on(r: dict) -> str:
-    return (
-        f"{r['machine']}; 1-minute load average {r['load_avg']:.2f} at the start, "
-        f"{r['load_avg_end']:.2f} at the end; {r['versions']}"
-    )
-
-
 def write_report(csv_path: Path) -> list[Path]:
+    """``<stem>.md`` (how it was measured, the tables) and ``<stem>.png`` next to a CSV."""
     rows = common.read_csv(csv_path)
     lines = [
         f"# Serving benchmark: {rows[0]['model']}",
         "",
-        f"Measured on {_measured_on(rows[0])}.",
+        f"{common.measured_on(rows[0])}.",
         "",
         "Batch 1: latency of single-row calls (p50 / p99 over all calls of all rounds; \"rounds' "
         'p50": the lowest and highest p50 of a single round). Larger batches: rows per second '
@@ -320,55 +291,45 @@ def write_report(csv_path: Path) -> list[Path]:
         "",
         *tables(rows),
     ]
-    md = csv_path.with_suffix(".md")
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md = common.write_markdown(csv_path.with_suffix(".md"), lines)
     return [p for p in (md, plot(rows, csv_path.with_suffix(".png"))) if p]
 
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    lines = [
-        "## Benchmarks: serving on a CPU",
-        "",
+    """RESULTS.md's section: per CSV, the tables and the targets."""
+
+    def body(path: Path) -> list[str]:
+        rows = common.read_csv(path)
+        return [f"{common.measured_on(rows[0])}:", "", *tables(rows)]
+
+    return common.results_section(
+        "Benchmarks: serving on a CPU",
         "`python -m benchmarks.serving` trains the Iris model, exports it to ONNX and times "
         "batch-1 latency and throughput up to 1e6 rows through onnxruntime (the raw session and "
         "the `OnnxClassifier` wrapper), torch eager, numpy and scikit-learn (when installed).",
-        "",
-    ]
-    csvs = sorted(results_dir.glob("serving_*.csv"))
-    for path in csvs:
-        rows = common.read_csv(path)
-        lines += [f"Measured on {_measured_on(rows[0])}:", "", *tables(rows), ""]
-        files = [path, path.with_suffix(".md"), path.with_suffix(".png")]
-        links = [common.link(p, p.suffix[1:]) for p in files if p.exists()]
-        lines += [f"Files: {', '.join(links)}.", ""]
-    return "\n".join(lines if csvs else [*lines, "No serving numbers have been measured yet."])
+        results_dir.glob("serving_*.csv"),
+        body,
+        "No serving numbers have been measured yet.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round, seconds")
-    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    """Run (every provider in worker processes) or, with ``--worker``, be one worker."""
+    ap = common.parser("serving", __doc__, smoke="tiny sizes, one round, seconds")
     ap.add_argument("--rounds", type=int, default=5, help="rounds over all providers (default 5)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        rows = measure(args.worker, args.dir, args.smoke)
-        (args.dir / f"worker-{common.slug(args.worker)}.json").write_text(json.dumps(rows))
+        print(json.dumps(measure(args.worker, args.dir, args.smoke)))
         return 0
+    if not args.smoke and common.refuses_kernel_path():  # torch eager would not be plain torch
+        return common.REFUSAL_EXIT
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        facts = prepare(workdir, epochs=3 if args.smoke else None)
-        if facts["kernel_path"] != "torch" and not args.smoke:
-            path = facts["kernel_path"]
-            print(
-                f"torch eager would run {path!r}, not torch: unset TRITON_INTERPRET",
-                file=sys.stderr,
-            )
-            return 2
         base = dict(
             machine=common.cpu_description(),
-            model=facts["model"],
+            model=prepare(workdir, epochs=3 if args.smoke else None),
             versions=common.versions(("onnxruntime", "torch", "numpy", "scikit-learn", "onnx")),
             load_avg=common.load_average(),
         )
@@ -390,11 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     order = sorted(got, key=lambda key: (PROVIDERS.index(key[0]), key[1]))
     rows = [base | summarize(got[key]) for key in order]
     print("\n".join(tables(rows)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = ("serving-smoke_" if args.smoke else "serving_") + common.slug(common.cpu_model())
-    csv_path = common.write_csv(args.out / f"{stem}.csv", rows)
-    for written in [csv_path, *write_report(csv_path)]:
-        print(f"wrote {written}")
+    common.write_results(args.out / f"{common.stem('serving', args.smoke)}.csv", rows, write_report)
     return 0
 
 

@@ -21,12 +21,10 @@ figures are what server and clients reach together. Output: ``http_serving_<cpu>
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, targets
 
 CLIENTS = (1, 8, 32)
 BATCHES = (1, 64)
@@ -43,26 +41,32 @@ WARMUP, DURATION = 1.0, 4.0
 SMOKE_CLIENTS, SMOKE_WARMUP, SMOKE_DURATION = (1, 2), 0.2, 0.5
 IN_PROCESS_CALLS, SMOKE_IN_PROCESS_CALLS = 20_000, 200
 SMOKE_EPOCHS = 20
-TARGET_ADDED_MS = 1.0
 START_TIMEOUT = 120
 MODEL = "iris"
+TABLE_HEADER = ("path", "clients", "rows/request", "requests/s", "rows/s", "p50 ms", "p99 ms")
+TABLE_HEADER += ("p50 added ms",)
 VERSIONS = ("triton-softmax", "kserve", "fastapi", "uvicorn", "onnxruntime", "numpy")
 
 
 def prepare(workdir: Path, epochs: int | None = None) -> tuple[Path, np.ndarray]:
     """Train and export the Iris model; 64 rows drawn like its features."""
-    from triton_softmax.export.onnx_export import export_and_verify
-    from triton_softmax.regression import TrainConfig, load_iris, train
-
-    data = load_iris()
-    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
-    run = train(data, config, device="cpu", progress=False, reference=False)
-    path = workdir / "model.onnx"
-    names = {"feature_names": data.feature_names, "class_names": data.class_names}
-    export_and_verify(run.model.cpu().eval(), path, run.test.features, **names)
-    rng = np.random.default_rng(0)
+    data, _ = common.iris_model(workdir, epochs)
     mean, std = data.features.mean(axis=0), data.features.std(axis=0)
-    return path, rng.normal(mean, std, size=(max(BATCHES), mean.size)).astype(np.float32)
+    return workdir / "model.onnx", common.iris_like_rows(mean, std, max(BATCHES), seed=0)
+
+
+def _timings(path: str, clients: int, batch: int, seconds: np.ndarray, per_s: int) -> dict:
+    """One CSV row: requests per second, p50 / p99 latency in ms, the number of requests."""
+    p50, p99 = np.percentile(seconds, [50, 99]) * 1e3
+    return dict(
+        path=path,
+        clients=clients,
+        batch=batch,
+        requests_per_s=per_s,
+        p50_ms=round(float(p50), 4),
+        p99_ms=round(float(p99), 4),
+        requests=int(seconds.size),
+    )
 
 
 def in_process(path: Path, rows: np.ndarray, calls: int) -> list[dict]:
@@ -80,18 +84,8 @@ def in_process(path: Path, rows: np.ndarray, calls: int) -> list[dict]:
             start = time.perf_counter()
             clf.run(x)
             times[i] = time.perf_counter() - start
-        p50, p99 = np.percentile(times, [50, 99]) * 1e3
-        out.append(
-            dict(
-                path="in-process OnnxClassifier",
-                clients=1,
-                batch=batch,
-                requests_per_s=round(1 / np.median(times)),
-                p50_ms=round(float(p50), 4),
-                p99_ms=round(float(p99), 4),
-                requests=calls,
-            )
-        )
+        per_s = round(1 / np.median(times))
+        out.append(_timings("in-process OnnxClassifier", 1, batch, times, per_s))
     return out
 
 
@@ -131,18 +125,8 @@ def through_server(
     ctx = multiprocessing.get_context("fork")
     for batch in batches:
         x = rows[:batch]
-        body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "features",
-                        "shape": list(x.shape),
-                        "datatype": "FP32",
-                        "data": x.ravel().tolist(),
-                    }
-                ]
-            }  # fmt: skip
-        ).encode()
+        features = dict(name="features", shape=list(x.shape), datatype="FP32")
+        body = json.dumps({"inputs": [features | {"data": x.ravel().tolist()}]}).encode()
         queue = ctx.Queue()
         start_at = time.perf_counter() + 0.5 + warmup  # after every client has connected
         stop_at = start_at + duration
@@ -162,21 +146,10 @@ def through_server(
             raise RuntimeError(
                 f"{errors} wrong or failed answers ({clients} clients, batch {batch})"
             )
-        p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
-        out.append(
-            dict(
-                path=path,
-                clients=clients,
-                batch=batch,
-                requests_per_s=round(latencies.size / duration),
-                p50_ms=round(float(p50), 4),
-                p99_ms=round(float(p99), 4),
-                requests=int(latencies.size),
-            )
-        )
+        out.append(_timings(path, clients, batch, latencies, round(latencies.size / duration)))
         print(
             f"  {clients:2d} clients, batch {batch:2d}: {out[-1]['requests_per_s']} requests/s, "
-            f"p50 {p50:.3f} ms, p99 {p99:.3f} ms",
+            f"p50 {out[-1]['p50_ms']:.3f} ms, p99 {out[-1]['p99_ms']:.3f} ms",
             flush=True,
         )
     return out
@@ -199,15 +172,9 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", l
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(cmd: list[str], workdir: Path) -> tuple[subprocess.Popen, int]:
     """``cmd`` followed by a free port, once it answers ``/v2/health/ready``."""
-    port = _free_port()
+    port = common.free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     log = open(workdir / "serve.log", "wb")  # noqa: SIM115 (closed when the process ends)
     process = subprocess.Popen([*cmd, str(port)], stdout=log, stderr=log, env=env)
@@ -227,6 +194,7 @@ def start_server(cmd: list[str], workdir: Path) -> tuple[subprocess.Popen, int]:
 
 
 def run(out_dir: Path, smoke: bool) -> Path:
+    """Measure in process, the bare app and the server; write the CSV and its markdown."""
     from triton_softmax.export.runtime import OnnxClassifier
 
     machine = common.cpu_description()
@@ -238,18 +206,11 @@ def run(out_dir: Path, smoke: bool) -> Path:
         labels = OnnxClassifier(path).run(rows)[0]
         results = in_process(path, rows, SMOKE_IN_PROCESS_CALLS if smoke else IN_PROCESS_CALLS)
         answer = {"outputs": [{"name": "label", "data": labels[:1].tolist()}]}
+        timing = (SMOKE_WARMUP, SMOKE_DURATION) if smoke else (WARMUP, DURATION)
         bare, port = start_server([sys.executable, "-c", BARE_APP, json.dumps(answer)], workdir)
         try:
-            results += through_server(
-                port,
-                rows,
-                labels,
-                1,
-                SMOKE_WARMUP if smoke else WARMUP,
-                SMOKE_DURATION if smoke else DURATION,
-                path="bare uvicorn app (fixed answer)",
-                batches=(1,),
-            )
+            bare_app = dict(path="bare uvicorn app (fixed answer)", batches=(1,))
+            results += through_server(port, rows, labels, 1, *timing, **bare_app)
         finally:
             bare.terminate()
             bare.wait(timeout=60)
@@ -257,14 +218,7 @@ def run(out_dir: Path, smoke: bool) -> Path:
         process, port = start_server([*cmd, "--port"], workdir)
         try:
             for clients in SMOKE_CLIENTS if smoke else CLIENTS:
-                results += through_server(
-                    port,
-                    rows,
-                    labels,
-                    clients,
-                    SMOKE_WARMUP if smoke else WARMUP,
-                    SMOKE_DURATION if smoke else DURATION,
-                )
+                results += through_server(port, rows, labels, clients, *timing)
         finally:
             process.terminate()
             exit_status = process.wait(timeout=60)
@@ -277,11 +231,13 @@ def run(out_dir: Path, smoke: bool) -> Path:
         versions=common.versions(VERSIONS),
         smoke=smoke,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"http_serving_{common.slug(common.cpu_model())}.csv"
-    common.write_csv(csv_path, [{**r, **meta} for r in results])
-    csv_path.with_suffix(".md").write_text(report(csv_path) + "\n", encoding="utf-8")
-    return csv_path
+    csv_path = out_dir / f"{common.stem('http_serving', False)}.csv"
+    return common.write_results(csv_path, [{**r, **meta} for r in results], write_report)
+
+
+def write_report(csv_path: Path) -> list[Path]:
+    """``<stem>.md`` next to a CSV: ``report``."""
+    return [common.write_markdown(csv_path.with_suffix(".md"), [report(csv_path)])]
 
 
 def report(csv_path: Path) -> str:
@@ -306,29 +262,16 @@ def report(csv_path: Path) -> str:
     one = next(r for r in rows if r["path"].startswith("triton-softmax") and r["batch"] == 1)
     bare = [r for r in rows if r["path"].startswith("bare")]
     added = one["p50_ms"] - base[1]["p50_ms"]
-    verdict = "met" if added <= TARGET_ADDED_MS else "**NOT met**"
+    verdict = "met" if added <= targets.HTTP_ADDED_MS else "**NOT met**"
     lines = [
-        f"Measured on {r0['machine']}; 1-minute load average {r0['load_avg']:.2f} at the start, "
-        f"{r0['load_avg_end']:.2f} at the end; {r0['versions']}"
+        common.measured_on(r0)
         + ("; smoke run (tiny durations)" if r0["smoke"] == "True" else "")
         + ". Server and clients share the machine.",
         "",
-        *common.md_table(
-            [
-                "path",
-                "clients",
-                "rows/request",
-                "requests/s",
-                "rows/s",
-                "p50 ms",
-                "p99 ms",
-                "p50 added ms",
-            ],  # fmt: skip
-            table,
-        ),
+        *common.md_table(TABLE_HEADER, table),
         "",
-        f"Target (docs/design.md): the server adds ≤ {TARGET_ADDED_MS:g} ms p50 to in-process "
-        f"onnxruntime at batch 1 with one client: {verdict} (+{added:.3f} ms).",
+        f"Target (docs/design.md): the server adds ≤ {targets.HTTP_ADDED_MS:g} ms p50 to "
+        f"in-process onnxruntime at batch 1 with one client: {verdict} (+{added:.3f} ms).",
     ]
     if bare:
         lines[-1] += (
@@ -340,9 +283,9 @@ def report(csv_path: Path) -> str:
 
 
 def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    lines = [
-        "## Benchmarks: serving over HTTP",
-        "",
+    """RESULTS.md's section ``bench:http``: each CSV's report."""
+    return common.results_section(
+        "Benchmarks: serving over HTTP",
         "`python -m benchmarks.serving_http` trains and exports the Iris model, times "
         "`OnnxClassifier.run` in process (one onnxruntime thread, as the server runs it) and a "
         "bare uvicorn app that sends a fixed answer (the floor of HTTP here), then starts "
@@ -350,25 +293,19 @@ def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
         "keep-alive connection each, JSON requests back to back, 4 s after 1 s of warm-up) send "
         "requests of 1 and 64 rows; every answer is checked. `--update-readme` rewrites this "
         "section.",
-        "",
-    ]
-    csvs = sorted(results_dir.glob("http_serving_*.csv"))
-    for path in csvs:
-        lines += [report(path), ""]
-        files = [path, path.with_suffix(".md")]
-        lines += [f"Files: {', '.join(common.link(p, p.suffix[1:]) for p in files)}.", ""]
-    return "\n".join(lines if csvs else [*lines, "No HTTP serving numbers have been measured yet."])
+        results_dir.glob("http_serving_*.csv"),
+        lambda path: [report(path)],
+        "No HTTP serving numbers have been measured yet.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving_http", description=__doc__)
-    ap.add_argument("--smoke", action="store_true", help="tiny durations and client counts")
-    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    """Run; with ``--update-readme`` also rewrite RESULTS.md's ``bench:http`` section."""
+    ap = common.parser("serving_http", __doc__, smoke="tiny durations and client counts")
     ap.add_argument("--update-readme", action="store_true", help=f"rewrite {common.RESULTS_PAGE}")
     args = ap.parse_args(argv)
     csv_path = run(args.out, args.smoke)
     print(csv_path.with_suffix(".md").read_text())
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
     if args.update_readme:
         text = common.RESULTS_PAGE.read_text(encoding="utf-8")
         section = readme_section(args.out)
