@@ -96,7 +96,7 @@ STAGES = [
 ]
 #: Largest max|out - ours| / max|ours| accepted before a provider is timed.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-NO_GPU_EXIT, MISMATCH_EXIT = 1, 3
+NO_GPU_EXIT = 1
 COLUMNS = (
     "op mode dtype M N H provider status ms_p50 ms_p20 ms_p80 tflops gbps_min pct_copy_min "
     "gbps_moved pct_copy_moved bytes_min bytes_moved min_formula moved_formula flops flops_formula "
@@ -184,8 +184,6 @@ def flops(mode: str, m: int, v: int, h: int) -> tuple[int, str]:
 
 #: The row of linear_cross_entropy's ceiling: its GEMMs alone (not an implementation of the op).
 CEILING = "gemms"
-#: docs/design.md's target for the fused linear + CE forward+backward: at most this × its GEMMs.
-CEILING_TARGET = 1.15
 
 
 def gemms(x: torch.Tensor, w: torch.Tensor, mode: str) -> Callable:
@@ -256,14 +254,9 @@ def _ours_sharded(op: str) -> Callable | str:
     if op not in ("cross_entropy", LCE):
         return "skipped: process_group is for cross-entropy"
     if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend, address = "nccl" if torch.cuda.is_available() else "gloo", "tcp://127.0.0.1"
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+            backend, init_method=f"{address}:{common.free_port()}", rank=0, world_size=1
         )
     group = dist.group.WORLD
     if op == LCE:
@@ -464,46 +457,32 @@ def closures(fn: Callable, x: torch.Tensor, other, mode: str, inplace: bool):
     return (forward if mode == "forward" else check), timed, (reset if inplace else lambda: None)
 
 
-def lce_closures(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, mode: str):
-    """(check, timed, reset) for linear_cross_entropy: forward under ``no_grad`` on inputs that
-    do not require grad; forward+backward ``torch.autograd.grad(loss, (x, w))``, and ``check``
-    returns (loss, grad_x, grad_w)."""
-    fb = mode != "forward"
-    xl, wl = x.detach().requires_grad_(fb), w.detach().requires_grad_(fb)
-
-    def forward() -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():
-            return (fn(xl, wl, target),)
-
-    def check() -> tuple[torch.Tensor, ...]:
-        loss = fn(xl, wl, target)
-        return loss.detach(), *torch.autograd.grad(loss, (xl, wl))
-
-    timed = lambda: torch.autograd.grad(fn(xl, wl, target), (xl, wl))  # noqa: E731
-    return (check, timed, lambda: None) if fb else (forward, forward, lambda: None)
-
-
-def rl_closures(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, mode: str):
-    """(check, timed, reset) for linear_cross_entropy_rl: forward under ``no_grad`` on inputs
-    that do not require grad; forward+backward ``torch.autograd.grad((loss, entropy), (x, w),
-    (a, b))``, the gradients of sum(a * loss + b * entropy) for fixed random per-row a, b (made
-    here from a seeded generator, the same for every provider), and ``check`` returns (loss,
-    entropy, grad_x, grad_w)."""
+def fused_closures(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, mode: str):
+    """(check, timed, reset) for linear_cross_entropy (``fn`` returns the mean loss) and the RL
+    head (``fn`` returns per-row loss and entropy): forward under ``no_grad`` on inputs that do
+    not require grad; forward+backward ``torch.autograd.grad(outputs, (x, w), upstream)``, the
+    RL head's upstream fixed random per-row a, b (the gradients of sum(a * loss + b * entropy),
+    from a seeded generator, the same for every provider); ``check`` returns the outputs and
+    grad_x, grad_w."""
     fb = mode != "forward"
     xl, wl = x.detach().requires_grad_(fb), w.detach().requires_grad_(fb)
     seeded = torch.Generator(device=x.device).manual_seed(0)
     a, b = torch.randn(2, x.shape[0], generator=seeded, device=x.device, dtype=torch.float32)
 
+    def outputs() -> tuple[torch.Tensor, ...]:
+        out = fn(xl, wl, target)
+        return tuple(out) if isinstance(out, tuple | list) else (out,)
+
     def forward() -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            return tuple(fn(xl, wl, target))
+            return outputs()
 
     def backward() -> tuple[torch.Tensor, ...]:
-        loss, entropy = fn(xl, wl, target)
-        ups = (a.to(loss.dtype), b.to(entropy.dtype))
-        return loss.detach(), entropy.detach(), *torch.autograd.grad((loss, entropy), (xl, wl), ups)
+        outs = outputs()
+        ups = None if len(outs) == 1 else [u.to(o.dtype) for u, o in zip((a, b), outs, strict=True)]
+        return *(o.detach() for o in outs), *torch.autograd.grad(outs, (xl, wl), ups)
 
-    timed = lambda: backward()[2:]  # noqa: E731
+    timed = lambda: backward()[-2:]  # noqa: E731
     return (backward, timed, lambda: None) if fb else (forward, forward, lambda: None)
 
 
@@ -667,8 +646,7 @@ class Run:
         it; returns the reference."""
         op, fb = row["op"], row["mode"] == "forward+backward"
         if op in (LCE, RL):
-            closures_of = rl_closures if op == RL else lce_closures
-            check, timed, reset = closures_of(fn, *x, other, row["mode"])
+            check, timed, reset = fused_closures(fn, *x, other, row["mode"])
             lead, logits = x[0], row["M"] * row["N"] * x[0].element_size()
         else:
             ce = op == "cross_entropy"
@@ -788,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in plan(args):
             run.case(*case)
             f.flush()
+    from benchmarks.kernels_report import write_report
+
     for written in [path, *write_report(path)]:
         print(f"wrote {written}")
     bad = [r for r in run.rows if r["status"].startswith(("mismatch", "error"))]
@@ -796,306 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['op']} {r['mode']} {r['dtype']} {r['M']}x{r['N']} {r['provider']}: {r['status']}"
         )
     torch_disagrees = any(r["provider"] == "torch" and "mismatch" in r["status"] for r in bad)
-    return MISMATCH_EXIT if torch_disagrees else 0
-
-
-# Report: markdown, plots and the RESULTS.md section, from the CSV.
-
-
-def _num(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-
-
-def _groups(rows: list[dict]) -> list[tuple]:
-    keys = {(r["op"], r["mode"], r["dtype"], r["M"]) for r in rows}
-    return sorted(keys, key=lambda k: (OPS.index(k[0]), k[1], list(DTYPES).index(k[2]), k[3]))
-
-
-#: docs/design.md, fused linear + CE forward+backward: the least "X's time / ours" per peer.
-LCE_SPEED_TARGETS = {"torch": 1.0, "torch-chunked": 1.2, "liger": 1.2}
-
-
-def _both_ok(a: dict | None, b: dict | None) -> bool:
-    return bool(a and b and a["status"] == b["status"] == "ok")
-
-
-def lce_table(
-    rows: list[dict], mode: str, dtype: str, m: int, level: str = "###", op: str = LCE
-) -> list:
-    """Per V and provider: TFLOP/s (ms) and peak extra MiB; ours vs each peer's time; our peak
-    over CCE's. Forward+backward marks with ✗ what misses docs/design.md's targets (linear CE;
-    the RL head, ``op=RL``, has none)."""
-    sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
-    shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
-    by, fb = {(r["N"], r["provider"]): r for r in sel}, mode == "forward+backward" and op == LCE
-    peers = [p for p in shown if p != "triton-softmax"]
-    ceiling = any(r["provider"] == CEILING and r["status"] == "ok" for r in sel)
-    mem = any(r["peak_mem_mib"] == r["peak_mem_mib"] for r in sel if r["status"] == "ok")
-    lines = [
-        f"{level} {op}, {mode}, {dtype}, M = {m}, H = {sel[0]['H']}",
-        "",
-        (
-            f"Per-token loss and entropy at temperature {RL_TEMPERATURE:g} (reduction='none')"
-            + (
-                "; backward of Σ a·loss + b·entropy, a and b random per row. "
-                if "+" in mode
-                else ". "
-            )
-            if op == RL
-            else ""
-        )
-        + f"TFLOP/s over {sel[0]['flops_formula']} (ms: median)"
-        + (
-            ", peak: MiB allocated beyond the inputs by one call (gradients included)"
-            if mem
-            else ""
-        )
-        + ". 'ours vs X': X's time / ours."
-        + (
-            f" {CEILING}: the GEMMs alone ({'X Wᵀ, dZ W, dZᵀ X' if fb else 'X Wᵀ'}, torch.matmul,"
-            f" same shapes and dtypes), the ceiling; 'ours / {CEILING}': our time over theirs"
-            + (f" (✗ above {CEILING_TARGET:g}×)" if fb else "")
-            + "."
-            if ceiling
-            else ""
-        )
-        + (
-            " ✗: misses docs/design.md's target (no slower than torch eager, ≥ 1.2× torch-chunked "
-            "and Liger, peak ≤ CCE's)."
-            if fb
-            else ""
-        ),
-        "",
-    ]
-    body = []
-    for n in sorted({r["N"] for r in sel}):
-        cells, ours = [n], by.get((n, "triton-softmax"))
-        for p in shown:
-            r = by.get((n, p)) or {"status": ""}
-            cell = r["status"].split(":")[0]
-            if r["status"] == "ok":
-                cell = f"{_num(r['tflops'])} ({_num(r['ms_p50'])} ms)"
-                if r["peak_mem_mib"] == r["peak_mem_mib"]:
-                    cell += f", {r['peak_mem_mib']:.0f} MiB"
-            cells.append(cell)
-        for p in peers:
-            r, cell = by.get((n, p)), ""
-            if _both_ok(ours, r):
-                cell = f"{r['ms_p50'] / ours['ms_p50']:.2f}×"
-                cell += (
-                    " ✗"
-                    if fb and r["ms_p50"] / ours["ms_p50"] < LCE_SPEED_TARGETS.get(p, 0)
-                    else ""
-                )
-            cells.append(cell)
-        if ceiling:
-            r, cell = by.get((n, CEILING)), ""
-            if r and r["status"] == "ok":
-                cells.append(f"{_num(r['tflops'])} ({_num(r['ms_p50'])} ms)")
-                if _both_ok(ours, r):
-                    ratio = ours["ms_p50"] / r["ms_p50"]
-                    cell = f"{ratio:.2f}×" + (" ✗" if fb and ratio > CEILING_TARGET else "")
-            else:
-                cells.append(r["status"].split(":")[0] if r else "")
-            cells.append(cell)
-        if mem and "cce" in shown:
-            r, cell = by.get((n, "cce")), ""
-            if _both_ok(ours, r):
-                ratio = ours["peak_mem_mib"] / r["peak_mem_mib"]
-                cell = f"{ratio:.2f}×" + (" ✗" if fb and ratio > 1 else "")
-            cells.append(cell)
-        body.append(cells)
-    header = ["V", *shown, *[f"ours vs {p}" for p in peers]]
-    header += [CEILING, f"ours / {CEILING}"] if ceiling else []
-    header += ["peak ours / cce"] if mem and "cce" in shown else []
-    lines += common.md_table(header, body)
-    listed = [*shown, CEILING] if ceiling else shown
-    notes = {f"{r['provider']}: {r['status']}" for r in sel if r["provider"] not in listed}
-    notes |= {
-        f"{r['provider']} at V = {r['N']}: {r['status']}"
-        for r in sel
-        if r["provider"] in listed and r["status"] != "ok"
-    }
-    notes |= {f"{r['provider']}: {r['notes']}" for r in sel if r["notes"] and r["status"] == "ok"}
-    return lines + ["", *[f"- {s}" for s in sorted(notes)]] if notes else lines
-
-
-def table(rows: list[dict], op: str, mode: str, dtype: str, m: int, level: str = "###") -> list:
-    """Per N and provider: GB/s over the minimum bytes (% of copy bandwidth), and % of copy over
-    the bytes moved where those differ; ours vs torch / Liger time ratios; peak memory.
-    linear_cross_entropy: ``lce_table``."""
-    if op in (LCE, RL):
-        return lce_table(rows, mode, dtype, m, level, op)
-    sel = [r for r in rows if (r["op"], r["mode"], r["dtype"], r["M"]) == (op, mode, dtype, m)]
-    shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in sel)]
-    by, n_name = {(r["N"], r["provider"]): r for r in sel}, "V" if op == "cross_entropy" else "N"
-    peers = [p for p in ("torch", "liger") if p in shown]
-    moved: dict[str, list[str]] = {}
-    for r in sel:
-        if r["bytes_moved"] and r["moved_formula"] != r["min_formula"]:
-            moved.setdefault(r["moved_formula"], []).append(r["provider"])
-    legend = "; ".join(f"{', '.join(dict.fromkeys(p))} move {f}" for f, p in moved.items())
-    lines = [
-        f"{level} {op}, {mode}, {dtype}, M = {m}",
-        "",
-        f"GB/s over the minimum bytes, {sel[0]['min_formula']} (% of copy bandwidth)"
-        + (f'; "moved": % of copy over the bytes really moved: {legend}' if moved else "")
-        + ".",
-        "",
-    ]
-    body = []
-    for n in sorted({r["N"] for r in sel}):
-        cells, ours = [n], by.get((n, "triton-softmax"))
-        for p in shown:
-            r = by.get((n, p)) or {"status": ""}
-            cell = r["status"].split(":")[0]
-            if r["status"] == "ok":
-                cell = f"{_num(r['gbps_min'])} ({_num(r['pct_copy_min'])} %)"
-                if r["bytes_moved"] and r["bytes_moved"] != r["bytes_min"]:
-                    cell += f", moved {_num(r['pct_copy_moved'])} %"
-                if r["peak_mem_x_logits"] > 0:
-                    cell += f", peak +{r['peak_mem_x_logits']:.2f}× logits"
-            cells.append(cell)
-        for p in peers:
-            r = by.get((n, p))
-            ok = ours and r and ours["status"] == r["status"] == "ok"
-            cells.append(f"{r['ms_p50'] / ours['ms_p50']:.2f}×" if ok else "")
-        body.append(cells)
-    lines += common.md_table([n_name, *shown, *[f"ours vs {p}" for p in peers]], body)
-    notes = {f"{r['provider']}: {r['status']}" for r in sel if r["provider"] not in shown}
-    notes |= {
-        f"{r['provider']} at {n_name} = {r['N']}: {r['status']}"
-        for r in sel
-        if r["provider"] in shown and r["status"] != "ok"
-    }
-    return lines + ["", *[f"- {s}" for s in sorted(notes)]] if notes else lines
-
-
-def _header(rows: list[dict], title: str) -> list[str]:
-    r, ok = rows[0], sum(r["status"] == "ok" for r in rows)
-    bad = sum(r["status"].startswith("mismatch") for r in rows)
-    return [
-        f"{title}: {r['device']}",
-        "",
-        f"Versions: {r['versions']}. Timer: {r['timer']}, ms: median, 20 %/80 % quantiles in the "
-        f"CSV. Device-to-device copy bandwidth in the same run: {r['copy_gbps']:.0f} GB/s. Each "
-        f"provider was checked against triton-softmax before timing: {ok} rows timed, {bad} "
-        f"mismatched, {len(rows) - ok - bad} skipped or failed. 'ours vs X': X's time / ours "
-        "(above 1: ours is faster). Peak: extra memory of one call (cross-entropy "
-        "forward+backward, in logits; linear cross-entropy, in MiB).",
-    ]
-
-
-def plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
-    """One PNG per (op, mode): GB/s over the minimum bytes against N, a panel per (dtype, M);
-    linear_cross_entropy: TFLOP/s against V."""
-    plt, written = common.pyplot(), []
-    for op, mode in sorted(
-        {(r["op"], r["mode"]) for r in rows if r["status"] == "ok"} if plt else ()
-    ):
-        sel = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
-        panels = list(dict.fromkeys(g[2:] for g in _groups(sel)))
-        fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.6 * len(panels)), 4.4))
-        metric = "tflops" if op in (LCE, RL) else "gbps_min"
-        for ax, (dtype, m) in zip(getattr(axes, "flat", [axes]), panels, strict=True):
-            for p in [*PROVIDERS, CEILING]:  # the ceiling: linear_cross_entropy's GEMMs
-                pts = sorted(
-                    (r["N"], r[metric])
-                    for r in sel
-                    if r["status"] == "ok" and (r["provider"], r["dtype"], r["M"]) == (p, dtype, m)
-                )
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=p)
-            if op not in (LCE, RL):
-                ax.axhline(
-                    rows[0]["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth"
-                )
-            ns = sorted({r["N"] for r in sel})
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ns, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in ns])
-            ax.set(
-                title=f"{dtype}, M = {m}" + (f", H = {sel[0]['H']}" if op in (LCE, RL) else ""),
-                ylabel=f"TFLOP/s ({sel[0]['flops_formula'].split()[0]} / time)"
-                if op in (LCE, RL)
-                else "GB/s (minimum bytes / time)",
-                xlabel="V (classes)" if "cross_entropy" in op else "N (columns)",
-            )
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{op} {mode} — {rows[0]['device']}", fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / f"{stem}_{op}_{mode.replace('+', '_')}.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
-
-
-def write_report(csv_path: Path) -> list[Path]:
-    """``<stem>.md`` and the PNGs next to a kernels CSV."""
-    rows, md = common.read_csv(csv_path), csv_path.with_suffix(".md")
-    lines = _header(rows, "# Kernel benchmark")
-    for group in _groups(rows):
-        lines += ["", *table(rows, *group)]
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return [md, *plots(rows, csv_path.parent, csv_path.stem)]
-
-
-def readme_section(results_dir: Path = common.RESULTS_DIR) -> str:
-    """RESULTS.md's kernel section: the grid; per GPU, softmax forward at the smallest M,
-    cross-entropy forward+backward, linear cross-entropy and the RL head forward+backward."""
-    (rows, cols), (bt, vocabs) = GRID["softmax"], GRID["cross_entropy"]
-    lce_rows, lce_vocabs = GRID[LCE]
-    set_ = lambda v: "{" + ", ".join(map(str, v)) + "}"  # noqa: E731
-    lines = [
-        "## Benchmarks: kernels",
-        "",
-        "`python -m benchmarks.kernels` times our kernels against torch eager, `torch.compile`, "
-        "Liger-Kernel and quack (when installed) in one process on one GPU, after checking each "
-        f"output against ours: softmax and log_softmax over M ∈ {set_(rows)} rows × N ∈ "
-        f"{set_(cols)}; cross-entropy over BT = {bt[0]} rows × V ∈ {set_(vocabs)}; fp32 and bf16, "
-        "forward and forward+backward; and the fused linear + cross-entropy, bf16, N ∈ "
-        f"{set_(lce_rows)} rows × H = {HIDDEN} × V ∈ {set_(lce_vocabs)}, against torch eager "
-        "(`F.linear` + `F.cross_entropy`), its `torch.compile`, torch's chunked "
-        "`F.linear_cross_entropy` (torch ≥ 2.13), Liger's fused linear CE and Cut Cross-Entropy, "
-        "in TFLOP/s (forward 2·N·V·H flops, forward+backward 6·N·V·H) with peak memory. For the "
-        "other ops, GB/s is counted over the minimum bytes (1 read + 1 write "
-        "for softmax forward and for cross-entropy forward+backward) and, where it differs, over "
-        "the bytes a provider really moves (our cross-entropy forward+backward reads the logits "
-        "twice, as Liger's does; our softmax reads twice only rows longer than half the "
-        "GPU's SMs in 4096-element slices: 270 336 elements on an H100), each also as % of "
-        "the copy bandwidth of the same run; the fused linear "
-        "cross-entropy also as a ratio to its GEMMs alone (`torch.matmul`, same shapes), timed "
-        "in the same run. The head for RL, per-token loss and entropy at a temperature "
-        '(`linear_cross_entropy(..., reduction="none", temperature=T, return_entropy=True)`), '
-        "forward+backward at the fused linear shapes, against the unfused torch computation "
-        "(`log_softmax(F.linear(x, w).float() / T)`, gather, entropy), its `torch.compile` and "
-        "Liger's `LigerFusedLinearScaledCrossEntropyFunction`, in TFLOP/s with peak memory. "
-        "A CSV per GPU, markdown and plots go to "
-        "`benchmarks/results/`; `python -m benchmarks.report --update-readme` regenerates this "
-        "section. Details: [benchmarks/README.md](README.md).",
-        "",
-    ]
-    csvs = sorted(results_dir.glob("kernels_*.csv"))
-    if not csvs:
-        lines.append(
-            "**No GPU numbers have been measured yet**: no session so far had a GPU, and the "
-            "benchmark refuses to report CPU timings as kernel results (without CUDA it exits "
-            "with an error; `--smoke` checks the harness itself on tiny shapes under the Triton "
-            "interpreter)."
-        )
-    for path in csvs:
-        rows = common.read_csv(path)
-        lines += _header(rows, "### Measured on")
-        small = min((r["M"] for r in rows if r["op"] == "softmax"), default=None)
-        shown = (STAGES[1], (LCE, "forward+backward"), (RL, "forward+backward"))
-        for op, mode, dtype, m in _groups(rows):
-            if (op, mode) in shown or (op, mode, m) == (*STAGES[0], small):
-                lines += ["", *table(rows, op, mode, dtype, m, level="####")]
-        pngs = sorted(path.parent.glob(f"{path.stem}_*.png"))
-        links = [common.link(path.with_suffix(".md"), "full table")]
-        links += [common.link(p, p.stem.removeprefix(path.stem + "_")) for p in pngs]
-        lines += ["", f"All ops, modes and shapes: {', '.join(links)}.", ""]
-    return "\n".join(lines).rstrip() + "\n"
+    return common.MISMATCH_EXIT if torch_disagrees else 0
 
 
 if __name__ == "__main__":

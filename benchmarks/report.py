@@ -13,11 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import common, cpu_linear_ce, cpu_path, kernels, serving
+from benchmarks import common, cpu_linear_ce, cpu_path, kernels_report, serving
 
 #: RESULTS.md marker name -> (CSV prefix, module); the sections appear in this order.
 SECTIONS = {
-    "bench:kernels": ("kernels_", kernels),
+    "bench:kernels": ("kernels_", kernels_report),
     "bench:serving": ("serving_", serving),
     "bench:cpu": ("cpu_path_", cpu_path),
     "bench:cpu-linear-ce": ("cpu_linear_ce_", cpu_linear_ce),

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common, cpu_linear_ce, cpu_path, kernels, report, serving
+from benchmarks import common, cpu_linear_ce, cpu_path, kernels, kernels_report, report, serving
 
 REPO = Path(__file__).resolve().parent.parent
 ALWAYS_THERE = ("triton-softmax", "torch", "torch.compile")
@@ -192,7 +192,7 @@ def test_rl_head_check_compares_entropy_and_its_gradient(tmp_path, monkeypatch, 
     right = kernels._torch_rl
     monkeypatch.setattr(kernels, "_torch_rl", lambda x, w, t: corrupt(*right(x, w, t)))
     args = ["--smoke", "--op", kernels.RL, "--mode", mode, "-N", "100", "--out", str(tmp_path)]
-    assert kernels.main(args) == kernels.MISMATCH_EXIT
+    assert kernels.main(args) == common.MISMATCH_EXIT
     by = {r["provider"]: r for r in common.read_csv(next(tmp_path.glob("*.csv")))}
     assert by["triton-softmax"]["status"] == "ok"
     assert by["torch"]["status"].startswith("mismatch: max rel err")
@@ -266,10 +266,10 @@ def test_kernel_report_has_tables_and_plots(smoke):
 
 def test_readme_sections_are_generated_from_csvs(smoke, tmp_path):
     _, _, csv_path, _ = smoke
-    assert "No GPU numbers have been measured yet" in kernels.readme_section(tmp_path)
+    assert "No GPU numbers have been measured yet" in kernels_report.readme_section(tmp_path)
     assert "No CPU-path numbers" in cpu_path.readme_section(tmp_path)
     shutil.copy(csv_path, tmp_path / "kernels_fake-gpu.csv")
-    section = kernels.readme_section(tmp_path)
+    section = kernels_report.readme_section(tmp_path)
     assert "#### softmax, forward, fp32, M = 16" in section
     assert "#### cross_entropy, forward+backward, fp32, M = 8" in section
     assert "#### linear_cross_entropy, forward+backward, fp32, M = 8, H = 32" in section
