@@ -6,12 +6,23 @@ cross-entropy, Liger-Kernel, Cut Cross-Entropy and quack.
     python -m benchmarks.kernels --op linear_cross_entropy -M 8192 -N 128256 -H 4096
     python -m benchmarks.kernels --smoke --out DIR       # tiny shapes, any machine, seconds
 
-Every provider runs in this process on the same device and inputs, and is checked against ours
-(output, and gradient for forward+backward) before it is timed; a mismatch is recorded, not timed.
-Times: ``triton.testing.do_bench`` median and 20 %/80 % quantiles (under ``--smoke`` on a CPU,
-3 ``perf_counter`` calls that only prove the harness runs). Bandwidth twice: over the minimum
-bytes any implementation must move and over the bytes the provider really moves (``bytes_min``,
-``bytes_moved``), each also as % of the device-to-device copy bandwidth measured in the same run.
+Grid (``GRID``): softmax, log_softmax at M in {4096, 16384} x N in {256 ... 262144}, fp32 and
+bf16; cross_entropy at BT = 8192 x V in {32000, 50257, 128256, 151936, 262144}, fp32 and bf16;
+linear_cross_entropy and its RL head at N in {8192, 4096, 16384} rows x H = 4096 x V in {32000,
+128256, 262144}, bf16; forward and forward+backward.
+
+Every provider (``PROVIDERS``; the peers imported from their packages, a missing one recorded as
+``skipped: not installed (pip install ...)``; Liger and quack have no log_softmax) runs in this
+process on the same device and inputs, and is checked against ours (output, and gradient for
+forward+backward: max |out - ours| / max |ours| within ``TOLERANCE``) before it is timed; a
+mismatch is recorded, not timed, and torch eager disagreeing makes the exit status 3. In-place
+providers (Liger's cross-entropy, ours with ``inplace_backward``) get a private copy of the
+logits. Times: ``triton.testing.do_bench(warmup=10, rep=50)`` median and 20 %/80 % quantiles, L2
+flushed (under ``--smoke`` on a CPU, 3 ``perf_counter`` calls through Triton's interpreter and
+``torch.compile`` on the ``eager`` backend, which only prove the harness runs). Bandwidth twice:
+over the minimum bytes any implementation must move and over the bytes the provider really moves
+(``bytes_min``, ``bytes_moved``, their formulas in every row), each also as % of the
+device-to-device copy bandwidth (1 GiB ``dst.copy_(src)``) measured in the same run.
 Cross-entropy forward+backward on CUDA also gets its peak extra memory, in logits.
 
 The fused linear + cross-entropy (``linear_cross_entropy``: M rows of H features, V = N classes,
@@ -33,8 +44,18 @@ a PPO/GRPO objective). Against the unfused torch computation (``logp = log_softm
 CUDA only), in TFLOP/s with peak memory like the fused linear rows. It runs after everything
 else, in ``--rl-budget`` seconds added to ``--time-budget``.
 
-Output (``--out``, default ``benchmarks/results``): ``kernels_<gpu>_torch<v>_triton<v>.csv``
-(written row by row: a cut-short run keeps what it measured), ``.md`` and a PNG per (op, mode).
+Limits: a case or provider that runs out of memory is ``skipped: out of memory``. After
+``--time-budget`` seconds (480) no case or provider starts (``skipped: time budget``); the stages
+docs/design.md's targets name run first (``STAGES``), linear_cross_entropy last with
+``--lce-budget`` seconds (150) of the budget kept for it, rows first (N = 8192 both modes, then
+4096, then 16384), then the RL head in ``--rl-budget`` seconds (60) more. Without a GPU the command
+exits with status 1 (``--smoke`` runs anywhere). Not yet run on a GPU: ``do_bench``, the CUDA
+peaks, Inductor and the peers on CUDA are written against their documented APIs but unmeasured;
+under the interpreter Liger's fused linear CE agrees with ours and Cut Cross-Entropy's kernels fail
+(``error: ...`` rows). Output (``--out``, default ``benchmarks/results``):
+``kernels_<gpu>_torch<v>_triton<v>.csv`` (``COLUMNS``, written row by row: a cut-short run keeps
+what it measured), and from ``benchmarks.kernels_report`` a ``.md`` with one table per (op, mode,
+dtype, M) and a PNG per (op, mode); smoke runs are named ``kernels-smoke_...``.
 """
 
 from __future__ import annotations
