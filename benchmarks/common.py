@@ -134,6 +134,20 @@ def refuses_kernel_path() -> bool:
     return path != "torch"
 
 
+def assert_close(out: Sequence, ref: Sequence) -> float:
+    """``torch.testing.assert_close`` per output (rtol 1e-4, atol 1e-5 of the reference's largest
+    magnitude; AssertionError on a mismatch or a different count); max |out - ref| / max |ref|."""
+    import torch
+
+    assert len(out) == len(ref), f"{len(out)} outputs, the reference gives {len(ref)}"
+    worst = 0.0
+    for a, b in zip(out, ref, strict=True):
+        scale = max(b.abs().max().item() if b.numel() else 0.0, 1e-30)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+        worst = max(worst, (a - b).abs().max().item() / scale if b.numel() else 0.0)
+    return worst
+
+
 def time_rounds(
     fns: dict[str, Callable], rounds: int, calls: dict[str, int] | None = None
 ) -> dict[str, list[float]]:

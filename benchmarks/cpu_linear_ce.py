@@ -96,17 +96,6 @@ def step(fn: Callable, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tup
     return (loss.detach(), *torch.autograd.grad(loss, (xl, wl)))
 
 
-def check(out: tuple, ref: tuple) -> float:
-    """assert_close per output (rtol 1e-4, atol 1e-5 of the reference's largest magnitude);
-    returns max |out - ref| / max |ref| over them."""
-    worst = 0.0
-    for a, b in zip(out, ref, strict=True):
-        scale = max(b.abs().max().item(), 1e-30)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
-        worst = max(worst, (a - b).abs().max().item() / scale)
-    return worst
-
-
 def peak_here(provider: str, n: int, h: int, v: int, threads: int) -> dict:
     """In this (fresh) process: the RSS just before one full forward+backward and the RSS
     high-water mark before and after it, in KiB.
@@ -198,7 +187,7 @@ def run(
             row["notes"] += "; warned: " + " | ".join(str(c.message)[:120] for c in caught)
         ref = out if ref is None else ref
         try:
-            row["max_rel_err"] = check(out, ref)
+            row["max_rel_err"] = common.assert_close(out, ref)
         except AssertionError as e:
             row["status"] = "mismatch: " + " ".join(str(e).split())[:200]
             continue

@@ -103,14 +103,6 @@ def _results(fn: Callable, x: torch.Tensor, mode: str, grads: Outputs) -> Output
     return (*(o.detach() for o in outs), leaf.grad)
 
 
-def check(ours: Outputs, ref: Outputs) -> None:
-    """assert_close per output: rtol 1e-4, atol 1e-5 of the reference's largest magnitude."""
-    assert len(ours) == len(ref), f"{len(ours)} outputs, torch gives {len(ref)}"
-    for a, b in zip(ours, ref, strict=True):
-        scale = b.abs().max().item() if b.numel() else 0.0
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30))
-
-
 def time_pair(a: Callable, b: Callable, rounds: int, block: float) -> tuple[float, float, float]:
     """(ours s, torch s, ours / torch): medians over ``rounds`` rounds (``common.time_rounds``)
     of the mean time of a block of calls of about ``block`` seconds (at least one call); the
@@ -151,7 +143,9 @@ def run(shapes, rounds: int, block: float, threads: int) -> list[dict]:
                 row = base | dict(op=op, shape=f"{m}x{c}", options=options, mode=mode, status="ok")
                 row |= dict.fromkeys(("ours_us", "torch_us", "ratio"), float("nan"))
                 try:
-                    check(_results(ours, x, mode, grads), _results(ref, x, mode, grads))
+                    common.assert_close(
+                        _results(ours, x, mode, grads), _results(ref, x, mode, grads)
+                    )
                 except AssertionError as e:
                     row["status"] = "mismatch: " + " ".join(str(e).split())[:200]
                 else:
