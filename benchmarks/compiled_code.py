@@ -12,10 +12,10 @@ with Triton's own compiler in processes without TRITON_INTERPRET, reads ptxas's 
 - the ``ex2`` flavours (``ex2.approx.ftz.f32`` is one MUFU.EX2; the non-ftz form adds
   instructions that rescale denormal inputs and outputs).
 
-Kernels and tiles come from the op modules: every module-level launch table, ``<NAME>_TILES``
-(rules per element size, at every tile ``_common.selectable_tiles`` finds) or ``<NAME>`` with
-one rule per element size (``SPLIT_FORWARD``: a split kernel's slice), goes with the kernel
-``_<family>_<name>_kernel`` of the same module; a kernel no table launches must be listed in
+Kernels and tiles come from the launch tables' registry, ``tiles.LAUNCHES``: each entry
+"<family>.<name>" names its kernel and its table (rules per element size, at every tile
+``tiles.selectable_tiles`` finds, or one ``SplitRule`` per element size: a split kernel's
+slice); every ``*_kernel`` of a family's kernel module must have an entry, or be listed in
 :data:`UNTABLED` with its launch, and each compile-time parameter must be known to
 :data:`OPTIONS`, :data:`VARIANTS`, :data:`FIXED`, the tile, or be a module-level int of the
 same name: anything new raises an error naming what to add, so no kernel goes unchecked.
@@ -68,7 +68,7 @@ class Family(NamedTuple):
 
 FAMILIES = {
     "softmax": Family(
-        "triton_softmax.ops.softmax",
+        "triton_softmax.ops.softmax_kernels",
         ("x_ptr", "y_ptr", "grad_x_ptr", "grad_y_ptr"),
         {
             ("forward", True): "1R + 1W (the floor)",
@@ -80,7 +80,7 @@ FAMILIES = {
         },
     ),
     "cross_entropy": Family(
-        "triton_softmax.ops.cross_entropy",
+        "triton_softmax.ops.cross_entropy_kernels",
         ("logits_ptr", "grad_logits_ptr", "weight_ptr", "grad_ptr"),
         {
             ("forward", True): "1R; +1W with the gradient (row held in registers)",
@@ -118,7 +118,7 @@ ALIGNED_SIZES = ("n_cols", "n_classes", "n_elements")
 #: Kernels that no launch table sizes: kernel name -> (constexprs, num_warps), as their
 #: launcher passes them (values named as strings are read from the kernel's module).
 UNTABLED = {
-    ("cross_entropy", "_scale_kernel"): ({"BLOCK": "_SCALE_BLOCK"}, 8),
+    ("cross_entropy", "cross_entropy_scale_kernel"): ({"BLOCK": "SCALE_BLOCK"}, 8),
 }
 #: Names of the data-shaped compile-time parameters the tile sets.
 TILE_PARAMS = ("SINGLE_BLOCK", "BLOCK_M", "BLOCK_N", "ACC_DTYPE")
@@ -165,37 +165,28 @@ def _kernels(family: str) -> dict[str, object]:
 
 
 def _tables(family: str) -> dict[str, tuple[str, dict]]:
-    """kernel function name -> (kernel name, launch table) for every module-level launch
-    table: ``<NAME>_TILES`` (element size -> rules, ``_common.TileTable``) or ``<NAME>``
-    (element size -> one rule with ``block_n`` and ``num_warps``, as ``SPLIT_FORWARD``),
-    paired with ``_<family>_<name>_kernel``."""
-    import importlib
+    """kernel function name -> (kernel name, launch table) for the family's entries of
+    ``tiles.LAUNCHES`` ("<family>.<kernel name>")."""
+    from triton_softmax.ops import tiles
 
-    module = importlib.import_module(FAMILIES[family].module)
     kernels = _kernels(family)
+    module = FAMILIES[family].module
     found = {}
-    for name, table in vars(module).items():
-        if not (name.isupper() and isinstance(table, dict) and table):
+    for key, launch in tiles.LAUNCHES.items():
+        owner, _, kernel = key.partition(".")
+        if owner != family:
             continue
-        if not all(isinstance(k, int) for k in table) or not all(
-            hasattr(r, "block_n") or all(hasattr(x, "block_n") for x in r) for r in table.values()
-        ):
-            continue
-        kernel = name.removesuffix("_TILES").lower()
-        function = f"_{family}_{kernel}_kernel"
-        if function not in kernels:
+        if launch.module != module or launch.function not in kernels:
             raise LookupError(
-                f"{module.__name__}.{name} names no kernel: expected {function} (benchmarks/"
-                "compiled_code.py pairs each launch table <NAME>[_TILES] with "
-                "_<family>_<name>_kernel)"
+                f"tiles.LAUNCHES[{key!r}] names {launch.module}.{launch.function}, which is "
+                f"not a kernel of {module}"
             )
-        found[function] = (kernel, table)
+        found[launch.function] = (kernel, launch.table)
     missing = set(kernels) - set(found) - {f for fam, f in UNTABLED if fam == family}
     if missing:
         raise LookupError(
-            f"{module.__name__}: kernels {sorted(missing)} have no launch table: name it "
-            "<NAME>_TILES for _<family>_<name>_kernel, or add the launch to UNTABLED in "
-            "benchmarks/compiled_code.py"
+            f"{module}: kernels {sorted(missing)} have no launch table: add an entry to "
+            "tiles.LAUNCHES, or the launch to UNTABLED in benchmarks/compiled_code.py"
         )
     return found
 
@@ -209,7 +200,7 @@ def _table_tiles(table: dict) -> list[tuple[int, object, bool]]:
     """(element size, tile, aligned) a table can launch: ``selectable_tiles`` of a TileTable;
     for one rule per size (a split kernel: one program per slice of ``block_n``, held in
     registers), that slice in both specialisations."""
-    from triton_softmax.ops._common import Tile, selectable_tiles
+    from triton_softmax.ops.tiles import Tile, selectable_tiles
 
     if not _one_rule(table):
         return selectable_tiles(table)
@@ -357,7 +348,7 @@ def jobs(complete: bool = False) -> list[Job]:
             meta = {
                 k: getattr(module, v) if isinstance(v, str) else v for k, v in constexprs.items()
             }
-            kernel = function.strip("_").removesuffix("_kernel")
+            kernel = function.removeprefix(f"{family}_").removesuffix("_kernel")
             for dtypes in DTYPES_BY_SIZE.values():
                 for dtype in dtypes if complete else dtypes[:1]:
                     pointers = _pointers(family, names, dtype, meta)
@@ -503,7 +494,7 @@ def analyse(ptx: str) -> dict:
 BARRIER_FREE_LOOPS = {("cross_entropy", "forward"), ("softmax", "forward")}
 #: Kernels that synchronise programs through integer atomics by design, (family, kernel) ->
 #: why: the split softmax kernels take a ticket and count in / wait on their row's counter
-#: (softmax.py's docstring). Float atomics (accumulating data) are refused in every kernel.
+#: (softmax_kernels.py's docstring). Float atomics (accumulating data) are refused in every kernel.
 SYNC_ATOMICS = {
     ("softmax", "split_forward"): "ticket, then release / acquire on the row's counter",
     ("softmax", "split_backward"): "ticket, then release / acquire on the row's counter",
@@ -744,7 +735,7 @@ def registers_markdown(results: list[dict], seconds: float, command: str) -> str
         "# Registers and spills per kernel configuration, sm_90 (no GPU needed)",
         "",
         f"Generated by `{command}` (benchmarks/compiled_code.py): every tile the launch "
-        "tables can select (`<NAME>_TILES` in softmax.py and cross_entropy.py) in every "
+        "tables can select (`tiles.LAUNCHES` in triton_softmax/ops/tiles.py) in every "
         "dtype and in each of Triton's alignment specialisations it is launched with, every "
         "option on and off, compiled with Triton for sm_90a and assembled by ptxas, whose "
         "report gives the registers per thread and the spill bytes. `tests/test_gpu_compile."

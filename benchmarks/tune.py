@@ -4,13 +4,14 @@
     python -m benchmarks.tune --out DIR --only softmax-forward --dtype bf16 --time-budget 300
     python -m benchmarks.tune --smoke --out DIR            # the pipeline on a CPU, seconds
 
-Tables: ``softmax.FORWARD_TILES`` / ``BACKWARD_TILES`` and ``cross_entropy.FORWARD_TILES`` /
-``BACKWARD_TILES``, per element size (bf16 stands for both 16-bit dtypes, fp32, fp64 on request).
+Tables: "softmax.forward", "softmax.backward", "cross_entropy.forward" and
+"cross_entropy.backward" of ``tiles.LAUNCHES`` (``triton_softmax/ops/tiles.py``), per element
+size (bf16 stands for both 16-bit dtypes, fp32, fp64 on request).
 For each rule, a few row lengths (its upper bound, an odd length in between; for the last,
 unbounded rule fixed long rows) and candidates around the rule's tile: BLOCK_N halved / kept /
 doubled, num_warps 4-32 (1 to 64 elements a thread, 32 in fp64), the BLOCK_M cap halved / kept /
 doubled where rows are short. Each candidate is launched through the op's own launcher with a
-one-rule table patched in (restored after) and a kernel proxy that records the launch; its
+one-rule table swapped in (``tiles.replaced``) and a kernel proxy that records the launch; its
 outputs are filled with NaN first and checked against torch, a spilling kernel (ptxas, read from
 the loaded binary) is rejected, then the recorded launch alone is timed. A rule's new tile is the
 candidate with the least geometric-mean time over its lengths, if it beats the current one by
@@ -20,8 +21,9 @@ with int64 targets and no weight, smoothing, z-loss or softcap.
 Compiles run ahead in ``--jobs`` worker processes (``JITFunction.warmup``, Triton's disk cache),
 so the timing loop mostly loads binaries. ``--time-budget`` stops the sweep; rules not finished
 keep their current tile. Output: ``tiles_<gpu>.json`` (rules in the tables' shape, the current
-and best time per length, every candidate) and ``tiles_<gpu>.md`` (speed-ups, and the Python to
-paste into the op files: folding it in, with tests/test_tiles.py, is a human step).
+and best time per length, every candidate) and ``tiles_<gpu>.md`` (speed-ups, and the Python
+to paste into ``triton_softmax/ops/tiles.py``: folding it in, with tests/test_tiles.py, is a
+human step).
 """
 
 from __future__ import annotations
@@ -44,22 +46,15 @@ import torch.nn.functional as F
 from benchmarks import common
 
 NO_GPU_EXIT = 1
-#: name -> (module in triton_softmax.ops, table attribute, kernel attribute, kernel outputs)
+#: name -> (its key in ``tiles.LAUNCHES``, the kernel's outputs)
 TABLES = {
-    "softmax-forward": ("softmax", "FORWARD_TILES", "_softmax_forward_kernel", ("y_ptr",)),
-    "softmax-backward": ("softmax", "BACKWARD_TILES", "_softmax_backward_kernel", ("grad_x_ptr",)),
+    "softmax-forward": ("softmax.forward", ("y_ptr",)),
+    "softmax-backward": ("softmax.backward", ("grad_x_ptr",)),
     "cross_entropy-forward": (
-        "cross_entropy",
-        "FORWARD_TILES",
-        "_cross_entropy_forward_kernel",
+        "cross_entropy.forward",
         ("loss_ptr", "lse_ptr", "row_max_ptr", "log_sum_ptr", "target_mass_ptr"),
     ),
-    "cross_entropy-backward": (
-        "cross_entropy",
-        "BACKWARD_TILES",
-        "_cross_entropy_backward_kernel",
-        ("grad_logits_ptr",),
-    ),
+    "cross_entropy-backward": ("cross_entropy.backward", ("grad_logits_ptr",)),
 }
 #: Minimum DRAM bytes per element of the [M, N] input, times its element size s: softmax
 #: forward reads x, writes y (2); backward reads y, dy, writes dx (3); cross-entropy forward
@@ -80,8 +75,28 @@ WARPS = (4, 8, 16, 32)
 SMOKE_LENGTHS, SMOKE_ROWS = (16, 64), 4
 
 
+def family(name: str) -> str:
+    """ "softmax" or "cross_entropy": the op module whose launcher runs the table's kernel."""
+    return TABLES[name][0].split(".")[0]
+
+
 def ops_module(name: str):
-    return importlib.import_module(f"triton_softmax.ops.{TABLES[name][0]}")
+    return importlib.import_module(f"triton_softmax.ops.{family(name)}")
+
+
+def launch_table(name: str):
+    """The table's current rules (``tiles.LAUNCHES``)."""
+    from triton_softmax.ops import tiles
+
+    return tiles.table(TABLES[name][0])
+
+
+def kernel_module(name: str):
+    """(the module the table's kernel lives in, the kernel's name there)."""
+    from triton_softmax.ops import tiles
+
+    launch = tiles.LAUNCHES[TABLES[name][0]]
+    return importlib.import_module(launch.module), launch.function
 
 
 def rows_for(n: int, smoke: bool) -> int:
@@ -104,7 +119,7 @@ def rule_index(rules, n: int) -> int:
 def lengths_for(rules, i: int, family: str) -> list[int]:
     """The rule's upper bound and a length in between (odd: an unaligned launch, unless the
     rule is for aligned launches only); fixed long rows for the unbounded last rule."""
-    from triton_softmax.ops._common import UNBOUNDED
+    from triton_softmax.ops.tiles import UNBOUNDED
 
     rule, low = rules[i], rules[i - 1].max_cols if i else 0
     if rule.max_cols == UNBOUNDED:
@@ -117,14 +132,15 @@ def lengths_for(rules, i: int, family: str) -> list[int]:
 
 def one_rule(table, size: int, rule):
     """``table`` with the rules for ``size`` replaced by ``rule`` for every row length."""
-    from triton_softmax.ops._common import UNBOUNDED
+    from triton_softmax.ops.tiles import UNBOUNDED
 
     return {**table, size: (rule._replace(max_cols=UNBOUNDED, aligned_only=False),)}
 
 
 def tiles(table, size: int, rule, lengths) -> tuple:
     """The tiles the launcher picks for ``lengths`` with ``rule`` alone."""
-    from triton_softmax.ops._common import kernels_interpreted, pick_tile
+    from triton_softmax.ops._device import kernels_interpreted
+    from triton_softmax.ops.tiles import pick_tile
 
     one = one_rule(table, size, rule)
     interpreted = kernels_interpreted()
@@ -135,7 +151,7 @@ def tiles(table, size: int, rule, lengths) -> tuple:
 
 def candidates(table, size: int, i: int, lengths, smoke: bool) -> list:
     """The current rule first, then the others, one per distinct set of tiles over ``lengths``."""
-    from triton_softmax.ops._common import TILE_ELEMENTS, UNBOUNDED
+    from triton_softmax.ops.tiles import TILE_ELEMENTS, UNBOUNDED
 
     rule = table[size][i]
     if smoke:  # a different warp count; on longer rows also 16-column blocks (streamed)
@@ -179,13 +195,13 @@ def problem(name: str, dtype: torch.dtype, rows: int, n: int, device: str):
         return (lambda: (ops.softmax_backward(y, dy, False),)), ref, y
     target = torch.randint(0, n, (rows,), device=device)
     if name == "cross_entropy-forward":
-        call = lambda: ops.cross_entropy_forward(x, target, None, -100, 0.0, 0.0)[:2]
+        call = lambda: ops.cross_entropy_forward(x, target, None)[:2]
         return call, lambda: (F.cross_entropy(xa, target, reduction="none"), xa.logsumexp(-1)), x
     # The backward's saved stats (row max, log-sum-exp - max, target mass 1), from torch.
     m = xa.amax(-1)
     stats = torch.stack([m, (xa - m[:, None]).logsumexp(-1), torch.ones_like(m)]).contiguous()
     grad_loss = torch.ones(rows, device=device, dtype=acc)
-    args = (grad_loss, None, x, target, None, stats, -100, 0.0, 0.0)
+    args = (grad_loss, None, x, target, None, stats)
     call = lambda: (ops.cross_entropy_backward(*args),)
     return call, lambda: (xa.softmax(-1) - F.one_hot(target, n).to(acc),), x
 
@@ -222,16 +238,18 @@ class Recorder:
 @contextlib.contextmanager
 def patched(name: str, size: int, rule, warmup: bool = False):
     """The op's launch table holds only ``rule`` and its kernel is a Recorder; restored after."""
-    ops, (_, table_attr, kernel_attr, outputs) = ops_module(name), TABLES[name]
-    table, kernel = getattr(ops, table_attr), getattr(ops, kernel_attr)
+    from triton_softmax.ops import tiles
+
+    key, outputs = TABLES[name]
+    module, function = kernel_module(name)
+    kernel = getattr(module, function)
     recorder = Recorder(kernel, outputs, warmup)
-    setattr(ops, table_attr, one_rule(table, size, rule))
-    setattr(ops, kernel_attr, recorder)
+    setattr(module, function, recorder)
     try:
-        yield recorder
+        with tiles.replaced(key, one_rule(launch_table(name), size, rule)):
+            yield recorder
     finally:
-        setattr(ops, table_attr, table)
-        setattr(ops, kernel_attr, kernel)
+        setattr(module, function, kernel)
 
 
 def precompile(name: str, dtype_name: str, n: int, rule, device: str) -> str | None:
@@ -266,7 +284,7 @@ def make_timer(smoke: bool):
 
 def measure(name, dtype, n, rule, call, reference, x, timer) -> dict:
     """Check one candidate through the launcher, then time its recorded launch."""
-    from triton_softmax.ops._common import launching_on
+    from triton_softmax.ops._device import launching_on
 
     size = dtype.itemsize
     row = {"rule": list(rule)}
@@ -283,7 +301,7 @@ def measure(name, dtype, n, rule, call, reference, x, timer) -> dict:
     bad = mismatch(outs, reference)
     if bad:
         return {**row, "status": bad}
-    kernel = getattr(ops_module(name), TABLES[name][2])
+    kernel = getattr(*kernel_module(name))
     with launching_on(x):
         ms = timer(lambda: kernel[grid](**kwargs))
     row.update(ms=ms[0], ms_p20=ms[1], ms_p80=ms[2])
@@ -312,14 +330,14 @@ def choose(cands: list, results: dict, lengths, min_gain: float):
 
 
 def snippet(report: dict) -> str:
-    """The new tables as Python, per op module."""
-    from triton_softmax.ops._common import UNBOUNDED
+    """The new tables as Python, for ``triton_softmax/ops/tiles.py``."""
+    from triton_softmax.ops.tiles import UNBOUNDED
 
     lines = []
     for name, tables in report["tables"].items():
-        module, attr = TABLES[name][:2]
-        lines.append(f"# triton_softmax/ops/{module}.py, {attr} ({report['device']}):")
-        lines.append(f"{attr}: TileTable = {{")
+        key = TABLES[name][0]
+        lines.append(f'# triton_softmax/ops/tiles.py, LAUNCHES["{key}"] ({report["device"]}):')
+        lines.append("TABLE: TileTable = {")
         for size, entry in sorted(tables.items()):
             lines.append(f"    {size}: (  # {entry['dtype']}: {entry['status']}")
             for r in entry["rules"]:
@@ -332,7 +350,7 @@ def snippet(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    from triton_softmax.ops._common import UNBOUNDED
+    from triton_softmax.ops.tiles import UNBOUNDED
 
     out = [
         f"# Launch-table sweep: {report['device']}",
@@ -371,12 +389,12 @@ def plan(args) -> list[tuple]:
     units = []
     for dtype_name in args.dtype:
         for name in args.only:
-            table, size = getattr(ops_module(name), TABLES[name][1]), DTYPES[dtype_name].itemsize
+            table, size = launch_table(name), DTYPES[dtype_name].itemsize
             for i in range(len(table[size])):
                 if args.smoke:
                     lengths = [n for n in SMOKE_LENGTHS if rule_index(table[size], n) == i]
                 else:
-                    lengths = lengths_for(table[size], i, TABLES[name][0])
+                    lengths = lengths_for(table[size], i, family(name))
                 if lengths:
                     cands = candidates(table, size, i, lengths, args.smoke)
                     units.append((name, dtype_name, i, lengths, cands))
@@ -459,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return NO_GPU_EXIT
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (workers inherit it)
-    from triton_softmax.ops._common import kernels_interpreted
+    from triton_softmax.ops._device import kernels_interpreted
 
     if kernels_interpreted() != args.smoke:
         print("--smoke needs a fresh process (triton was imported already)", file=sys.stderr)
@@ -504,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in args.dtype:  # every table starts as the current one
         for name in args.only:
             size = DTYPES[dtype_name].itemsize
-            current = [list(r) for r in getattr(ops_module(name), TABLES[name][1])[size]]
+            current = [list(r) for r in launch_table(name)[size]]
             report["tables"].setdefault(name, {})[size] = {
                 "dtype": dtype_name,
                 "status": "not measured",

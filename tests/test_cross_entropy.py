@@ -10,6 +10,7 @@ from conftest import DEVICE, TOLERANCES
 
 import triton_softmax as ts
 from triton_softmax.ops import cross_entropy as ce_ops
+from triton_softmax.ops.options import CEOptions
 
 
 def _probabilities(shape, class_dim=1):
@@ -123,8 +124,8 @@ def test_shapes(shape, kind, reduction):
 def test_block_boundaries(n_classes, kind):
     n = 9
     x, target, weight = _fp64_problem(n_classes, kind, n)
-    options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01)
-    loss, lse, stats = ce_ops.cross_entropy_forward(x, target, weight, **options, block_n=16)
+    options = CEOptions(ignore_index=-100, label_smoothing=0.15, z_loss=0.01)
+    loss, lse, stats = ce_ops.cross_entropy_forward(x, target, weight, options, block_n=16)
     x_ref = x.clone().requires_grad_()
     loss_ref = F.cross_entropy(x_ref, target, weight=weight, reduction="none", label_smoothing=0.15)
     lse_ref = torch.logsumexp(x_ref, -1)
@@ -137,7 +138,7 @@ def test_block_boundaries(n_classes, kind):
     upstream = torch.rand(n, device=DEVICE, dtype=torch.float64)
     upstream_lse = torch.randn(n, device=DEVICE, dtype=torch.float64)
     grad = ce_ops.cross_entropy_backward(
-        upstream, upstream_lse, x, target, weight, stats, **options, block_n=16
+        upstream, upstream_lse, x, target, weight, stats, options, block_n=16
     )
     torch.autograd.backward((loss_ref, lse_ref), (upstream, upstream_lse))
     torch.testing.assert_close(grad, x_ref.grad)
@@ -460,9 +461,8 @@ def test_softcap_matches_torch(kind, block_n):
     (ref * upstream).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
     if block_n is not None:  # the same through the op's launcher, streamed over 16-class blocks
-        rows = ce_ops.cross_entropy_forward(
-            x.detach(), target, weight, -100, 0.1, 1e-3, 15.0, block_n=block_n
-        )
+        options = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=15.0)
+        rows = ce_ops.cross_entropy_forward(x.detach(), target, weight, options, block_n=block_n)
         torch.testing.assert_close(rows[0], ref.detach())
 
 
@@ -648,27 +648,16 @@ def test_weight_requiring_grad_raises():
 def test_backward_op_validates_its_operands():
     x = torch.randn(5, 8, device=DEVICE)
     target = torch.zeros(5, dtype=torch.long, device=DEVICE)
-    _, _, stats = ce_ops.cross_entropy_forward(x, target, None, -100, 0.0, 0.0)
+    _, _, stats = ce_ops.cross_entropy_forward(x, target, None)
     with pytest.raises(ValueError, match=r"grad_loss must have shape \(5,\)"):
-        ce_ops.cross_entropy_backward(
-            torch.ones(2, device=DEVICE), None, x, target, None, stats, -100, 0.0, 0.0
-        )
+        ce_ops.cross_entropy_backward(torch.ones(2, device=DEVICE), None, x, target, None, stats)
     with pytest.raises(ValueError, match=r"stats must be"):
         ce_ops.cross_entropy_backward(
-            torch.ones(5, device=DEVICE), None, x, target, None, stats[:2], -100, 0.0, 0.0
+            torch.ones(5, device=DEVICE), None, x, target, None, stats[:2]
         )
     with pytest.raises(ValueError, match="rows do not overlap"):
         ce_ops.cross_entropy_backward(
-            torch.ones(5, device=DEVICE),
-            None,
-            x,
-            target,
-            None,
-            stats,
-            -100,
-            0.0,
-            0.0,
-            out=x[:1].expand(5, 8),
+            torch.ones(5, device=DEVICE), None, x, target, None, stats, out=x[:1].expand(5, 8)
         )
 
 
@@ -689,12 +678,13 @@ def test_opcheck(kind):
         target = _probabilities((6, 9))
     weight = torch.rand(9, device=DEVICE)
     op = torch.ops.triton_softmax.cross_entropy.default
+    options = CEOptions(label_smoothing=0.2, z_loss=1e-3, softcap=4.0).flat()
     for args in [
-        (x, target, None, -100, 0.0, 0.0, 0.0, False),
-        (x, target, weight, -100, 0.2, 1e-3, 4.0, False),
+        (x, target, None, *CEOptions().flat(), False),
+        (x, target, weight, *options, False),
     ]:
         torch.library.opcheck(op, args)
-    _, _, stats = op(x.detach(), target, weight, -100, 0.2, 1e-3, 4.0, False)
+    _, _, stats = op(x.detach(), target, weight, *options, False)
     backward_args = (
         torch.rand(6, device=DEVICE),
         torch.randn(6, device=DEVICE),
@@ -702,10 +692,7 @@ def test_opcheck(kind):
         target,
         weight,
         stats,
-        -100,
-        0.2,
-        1e-3,
-        4.0,
+        *options,
     )
     torch.library.opcheck(torch.ops.triton_softmax.cross_entropy_backward.default, backward_args)
 
@@ -739,24 +726,19 @@ def test_torch_path_matches_kernels(monkeypatch, kind, smoothing, softcap):
         target[1] = -100
     else:
         target = _probabilities((10, 33))
-    options = (torch.rand(33) + 0.5, -100, smoothing, 1e-3, softcap)
+    weight = torch.rand(33) + 0.5
+    options = CEOptions(label_smoothing=smoothing, z_loss=1e-3, softcap=softcap)
     upstream = (torch.rand(10), None)
-    kernel = ce_ops.cross_entropy_forward(x, target, *options)
-    kernel_grad = ce_ops.cross_entropy_backward(
-        *upstream, x, target, options[0], kernel[2], *options[1:]
-    )
+    kernel = ce_ops.cross_entropy_forward(x, target, weight, options)
+    kernel_grad = ce_ops.cross_entropy_backward(*upstream, x, target, weight, kernel[2], options)
     with_lse = (upstream[0], torch.randn(10))
     kernel_lse_grad = ce_ops.cross_entropy_backward(
-        *with_lse, x, target, options[0], kernel[2], *options[1:]
+        *with_lse, x, target, weight, kernel[2], options
     )
     monkeypatch.setattr(ce_ops, "kernel_path", lambda _: "torch")
-    plain = ce_ops.cross_entropy_forward(x, target, *options)
-    plain_grad = ce_ops.cross_entropy_backward(
-        *upstream, x, target, options[0], plain[2], *options[1:]
-    )
-    plain_lse_grad = ce_ops.cross_entropy_backward(
-        *with_lse, x, target, options[0], plain[2], *options[1:]
-    )
+    plain = ce_ops.cross_entropy_forward(x, target, weight, options)
+    plain_grad = ce_ops.cross_entropy_backward(*upstream, x, target, weight, plain[2], options)
+    plain_lse_grad = ce_ops.cross_entropy_backward(*with_lse, x, target, weight, plain[2], options)
     for a, b in zip(kernel, plain, strict=True):
         torch.testing.assert_close(a, b, equal_nan=True)
     torch.testing.assert_close(kernel_grad, plain_grad)
@@ -808,12 +790,12 @@ def test_integer_class_weight_raises():
 def test_forward_writes_the_gradient(n_classes, kind, block_n, in_place):
     n = 9
     x, target, weight = _fp64_problem(n_classes, kind, n)
-    options = dict(ignore_index=-100, label_smoothing=0.15, z_loss=0.01, softcap=4.0)
+    options = CEOptions(ignore_index=-100, label_smoothing=0.15, z_loss=0.01, softcap=4.0)
     scale = torch.tensor(0.37, device=DEVICE, dtype=torch.float64)
     logits = x.clone()
     grad_out = logits if in_place else torch.full_like(x, math.nan)
     loss, lse, _ = ce_ops.cross_entropy_forward(
-        logits, target, weight, **options, grad_out=grad_out, grad_scale=scale, block_n=block_n
+        logits, target, weight, options, grad_out=grad_out, grad_scale=scale, block_n=block_n
     )
     x_ref = x.clone().requires_grad_()
     capped = 4.0 * torch.tanh(x_ref / 4.0)
@@ -970,12 +952,12 @@ def test_reduced_mean_of_no_probability_rows_is_nan():
 
 def test_torch_path_z_loss_gradient_at_large_logits():
     # The plain-torch path's lse in fp32 at |x| ~ 1e4 lost 1e-4 in the z-loss's gradient.
-    from triton_softmax.functional import _torch_cross_entropy
+    from triton_softmax.ops import _torch_math
 
     x = (torch.randn(5, 7, dtype=torch.float64) - 1e4).float()
     target = torch.randint(0, 7, (5,))
     x_ours = x.clone().requires_grad_()
-    _torch_cross_entropy(x_ours, target, None, -100, "mean", 0.0, 0.1, None, False).backward()
+    _torch_math.cross_entropy(x_ours, target, None, "mean", CEOptions(z_loss=0.1)).backward()
     x_ref = x.double().requires_grad_()
     lse = x_ref.logsumexp(1)
     (F.cross_entropy(x_ref, target) + 0.1 * (lse**2).mean()).backward()
@@ -1023,7 +1005,8 @@ def test_opcheck_reduced(kind, reduction):
     else:
         target = _probabilities((5, 7))
     weight = torch.rand(7, device=DEVICE) + 0.5
-    args = (target, weight, -100, 0.1, 1e-3, 5.0, reduction)
+    options = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    args = (target, weight, *options.flat(), reduction)
     # Not test_aot_dispatch_dynamic: the backward rescales the forward's gradient output in
     # place, and AOT's partitioner refuses that when the caller also receives that output
     # (opcheck returns every output; the functional API drops it, and torch.compile over the

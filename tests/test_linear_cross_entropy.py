@@ -21,6 +21,7 @@ from conftest import DEVICE
 import triton_softmax as ts
 from triton_softmax.ops import cross_entropy as ce_ops
 from triton_softmax.ops import linear_cross_entropy as lce_ops
+from triton_softmax.ops.options import CEOptions
 
 N, H, V = 37, 70, 150
 CHUNKS = 16  # rows per chunk where a test asks for several chunks: 16 + 16 + 5
@@ -238,12 +239,12 @@ def test_opcheck():
     weight = torch.rand(70, device=DEVICE, dtype=torch.float64)
     op = torch.ops.triton_softmax.linear_cross_entropy.default
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), target, weight)
-    torch.library.opcheck(op, (*args, -100, 0.1, 1e-3, 10.0))
-    _, _, stats = op(x.detach(), w.detach(), b.detach(), target, weight, -100, 0.1, 1e-3, 10.0)
+    options = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=10.0).flat()
+    torch.library.opcheck(op, (*args, *options))
+    _, _, stats = op(x.detach(), w.detach(), b.detach(), target, weight, *options)
     backward = torch.ops.triton_softmax.linear_cross_entropy_backward.default
     grads = (torch.rand(20, device=DEVICE, dtype=torch.float64), None)
     tensors = (x.detach(), w.detach(), b.detach(), target, weight, stats)
-    options = (-100, 0.1, 1e-3, 10.0, 0)
     torch.library.opcheck(backward, (*grads, *tensors, *options, [True, True, True]))
 
 
@@ -394,14 +395,16 @@ def test_the_fused_path_has_no_atomics():
     from triton.runtime import JITFunction
     from triton.runtime.interpreter import InterpretedFunction
 
+    from triton_softmax.ops import cross_entropy_kernels as ce_kernels
+
     def kernels(module):
         kinds = (JITFunction, InterpretedFunction)
         return [v for v in vars(module).values() if isinstance(v, kinds)]
 
     atomic = re.compile(r"atomic_\w*\(")  # tl.atomic_add(...), tl.atomic_cas(...), ...
     assert not kernels(lce_ops) and not atomic.search(inspect.getsource(lce_ops))
-    assert kernels(ce_ops)
-    for kernel in kernels(ce_ops):
+    assert kernels(ce_kernels)
+    for kernel in kernels(ce_kernels):
         assert not atomic.search(inspect.getsource(kernel.fn)), kernel.fn.__name__
 
 
@@ -410,7 +413,7 @@ def test_chunk_size_from_torchs_options(monkeypatch):
     original = ce_ops.cross_entropy_forward
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["logits"].shape[0])
+        seen.append(args[0].shape[0])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(ce_ops, "cross_entropy_forward", spy)
@@ -531,7 +534,8 @@ def test_opcheck_reduced():
     op = torch.ops.triton_softmax.linear_cross_entropy_reduced.default
     denominator = torch.tensor(7.0, device=DEVICE, dtype=torch.float64)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), target, weight)
-    options = (-100, 0.1, 1e-3, 10.0, denominator, [True, True, True], 8)
+    flat = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=10.0).flat()
+    options = (*flat, denominator, [True, True, True], 8)
     # Without keep_gradients the backward scales the gradients the forward returns in place,
     # which AOT's partitioner refuses ("Node mul was invalid, but is output"): not
     # test_aot_dispatch_dynamic there (keep_gradients=True passes every test).

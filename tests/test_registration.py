@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 import triton_softmax as ts
+from triton_softmax.ops.options import CEOptions
 
 
 class _Classifier(torch.nn.Module):
@@ -50,10 +51,9 @@ def test_torch_export():
 def test_opcheck_inplace_backward_op():
     x = torch.randn(5, 8, device=DEVICE)
     target = torch.tensor([0, 7, -100, 2, 2], device=DEVICE)
-    _, _, stats = torch.ops.triton_softmax.cross_entropy.default(
-        x, target, None, -100, 0.1, 0.0, 0.0, False
-    )
-    args = (torch.rand(5, device=DEVICE), None, x.clone(), target, None, stats, -100, 0.1, 0.0, 0.0)
+    options = CEOptions(label_smoothing=0.1).flat()
+    _, _, stats = torch.ops.triton_softmax.cross_entropy.default(x, target, None, *options)
+    args = (torch.rand(5, device=DEVICE), None, x.clone(), target, None, stats, *options)
     torch.library.opcheck(torch.ops.triton_softmax.cross_entropy_backward_.default, args)
 
 

@@ -42,7 +42,7 @@ def _check(ours_fn, torch_fn, x: torch.Tensor, dim: int = -1) -> None:
     torch.testing.assert_close(x_ours.grad.double(), grad_ref, **tol, equal_nan=True)
 
 
-# Shapes through the launch tables of triton_softmax/ops/softmax.py (rows held whole up to
+# Shapes through the launch tables of triton_softmax/ops/tiles.py (rows held whole up to
 # 32768 columns, 8192 in fp64, longer ones streamed; several short rows per program);
 # tests/test_tiles.py covers the tables' own boundaries.
 SHAPES = [

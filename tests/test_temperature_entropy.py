@@ -17,6 +17,7 @@ from conftest import DEVICE, TOLERANCES
 import triton_softmax as ts
 from triton_softmax import functional as ts_functional
 from triton_softmax.ops import cross_entropy as ce_ops
+from triton_softmax.ops.options import CEOptions
 
 F64 = TOLERANCES[torch.float64]
 
@@ -160,10 +161,10 @@ def test_ops_streamed_rows_and_masked_logits(block_n):
     x[2, 5] = float("-inf")
     target = torch.tensor([22, 3, -100, 26], device=DEVICE)
     entropy = torch.empty(4, dtype=torch.float64, device=DEVICE)
+    options = CEOptions(softcap=2.5, temperature=0.9)
     loss, lse, stats = ce_ops.cross_entropy_forward(
-        x, target, None, -100, 0.0, 0.0, 2.5, temperature=0.9, entropy_out=entropy,
-        block_n=block_n,
-    )  # fmt: skip
+        x, target, None, options, entropy_out=entropy, block_n=block_n
+    )
     ref_x = x.clone().requires_grad_()
     u = 2.5 * torch.tanh(ref_x / 2.5) / 0.9
     p, log_p = u.softmax(1), u.log_softmax(1)
@@ -173,8 +174,8 @@ def test_ops_streamed_rows_and_masked_logits(block_n):
     g_h = torch.randn(4, dtype=torch.float64, device=DEVICE)
     zero = torch.zeros(4, dtype=torch.float64, device=DEVICE)
     grad = ce_ops.cross_entropy_backward(
-        zero, None, x, target, None, stats, -100, 0.0, 0.0, 2.5, temperature=0.9,
-        grad_entropy=g_h, entropy=entropy, block_n=block_n,
+        zero, None, x, target, None, stats, options, grad_entropy=g_h, entropy=entropy,
+        block_n=block_n,
     )  # fmt: skip
     (ref_entropy * g_h).sum().backward()
     torch.testing.assert_close(grad, ref_x.grad, **F64)
@@ -284,16 +285,16 @@ def test_opcheck_cross_entropy_ops_with_temperature_and_entropy(kind):
     """Every cross-entropy op at a temperature other than 1, the entropy op and the backward
     ops with the entropy's upstream gradient: every opcheck test, except where stated."""
     x, target, weight = _problem(kind, weighted=True)
-    options = (-100, 0.1, 1e-3, 4.0)  # ignore_index, label_smoothing, z_loss, softcap
+    options = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, temperature=0.7).flat()
     x.requires_grad_()
     for name in ("cross_entropy", "cross_entropy_with_entropy"):
         op = getattr(torch.ops.triton_softmax, name).default
-        torch.library.opcheck(op, (x, target, weight, *options, False, 0, 0.7))
+        torch.library.opcheck(op, (x, target, weight, *options, False))
     loss, lse, entropy, stats = torch.ops.triton_softmax.cross_entropy_with_entropy(
-        x.detach(), target, weight, *options, False, 0, 0.7
+        x.detach(), target, weight, *options, False
     )
     grads = (torch.rand(6, dtype=torch.float64, device=DEVICE), torch.randn_like(lse))
-    extra = (0, 0.7, torch.randn_like(entropy), entropy)  # total_classes, T, grad_H, H
+    extra = (torch.randn_like(entropy), entropy)  # grad_H, H
     torch.library.opcheck(
         torch.ops.triton_softmax.cross_entropy_backward.default,
         (*grads, x.detach(), target, weight, stats, *options, *extra),
@@ -308,12 +309,12 @@ def test_opcheck_cross_entropy_ops_with_temperature_and_entropy(kind):
     # test_reduced_compiles_fullgraph compiles the functional API over it instead).
     torch.library.opcheck(
         torch.ops.triton_softmax.cross_entropy_reduced.default,
-        (x, target, weight, *options, "mean", 0.7),
+        (x, target, weight, *options, "mean"),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
     torch.library.opcheck(
         torch.ops.triton_softmax.cross_entropy_reduced_.default,
-        (x.detach().clone(), target, weight, *options, "sum", 0.7),
+        (x.detach().clone(), target, weight, *options, "sum"),
     )
 
 
@@ -326,18 +327,19 @@ def test_opcheck_linear_cross_entropy_ops_with_temperature_and_entropy():
     b = torch.randn(v, dtype=torch.float64, device=DEVICE, requires_grad=True)
     target = torch.tensor([0, 5, -100, 3, 3], device=DEVICE)
     weight = torch.rand(v, dtype=torch.float64, device=DEVICE) + 0.5
-    options = (-100, 0.1, 1e-3, 4.0, 0, 2)  # ..., softcap, total_classes, chunk_rows
+    options = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, temperature=0.7).flat()
+    chunk_rows = 2
     for name in ("linear_cross_entropy", "linear_cross_entropy_with_entropy"):
         op = getattr(torch.ops.triton_softmax, name).default
-        torch.library.opcheck(op, (x, w, b, target, weight, *options, 0.7))
+        torch.library.opcheck(op, (x, w, b, target, weight, *options, chunk_rows))
     tensors = (x.detach(), w.detach(), b.detach(), target, weight)
     _, lse, entropy, stats = torch.ops.triton_softmax.linear_cross_entropy_with_entropy(
-        *tensors, *options, 0.7
+        *tensors, *options, chunk_rows
     )
     grads = (torch.rand(n, dtype=torch.float64, device=DEVICE), torch.randn_like(lse))
     torch.library.opcheck(
         torch.ops.triton_softmax.linear_cross_entropy_backward.default,
-        (*grads, *tensors, stats, *options[:5], [True, True, True], 2, 0.7,
+        (*grads, *tensors, stats, *options, [True, True, True], chunk_rows,
          torch.randn_like(entropy), entropy),
     )  # fmt: skip
     # As cross_entropy_reduced: without keep_gradients the backward scales the gradients the
@@ -345,13 +347,13 @@ def test_opcheck_linear_cross_entropy_ops_with_temperature_and_entropy():
     # is output"), so not test_aot_dispatch_dynamic there.
     denominator = torch.tensor(4.0, dtype=torch.float64, device=DEVICE)
     reduced = torch.ops.triton_softmax.linear_cross_entropy_reduced.default
-    args = (x, w, b, target, weight, *options[:4], denominator, [True, True, True], 2)
+    args = (x, w, b, target, weight, *options, denominator, [True, True, True], chunk_rows)
     torch.library.opcheck(
         reduced,
-        (*args, False, 0.7),
+        (*args, False),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
-    torch.library.opcheck(reduced, (*args, True, 0.7))
+    torch.library.opcheck(reduced, (*args, True))
 
 
 def test_double_backward_with_sharded_classes_raises():
@@ -361,10 +363,11 @@ def test_double_backward_with_sharded_classes_raises():
     w = torch.randn(5, 5, dtype=torch.float64, device=DEVICE)  # 5 of 8 classes, 5 features
     target = torch.tensor([0, 4, 7], device=DEVICE)  # 7: a class of another shard
     ops = torch.ops.triton_softmax
+    sharded = CEOptions(label_smoothing=0.1, temperature=0.7, total_classes=8).flat()
     for call, what in (
-        (lambda: ops.cross_entropy(x, target, None, -100, 0.1, 0.0, 0.0, False, 8, 0.7),
+        (lambda: ops.cross_entropy(x, target, None, *sharded, False),
          "cross_entropy with sharded classes"),
-        (lambda: ops.linear_cross_entropy(x, w, None, target, None, -100, 0.1, 0.0, 0.0, 8),
+        (lambda: ops.linear_cross_entropy(x, w, None, target, None, *sharded),
          "linear_cross_entropy with a sharded head"),
     ):  # fmt: skip
         loss = call()[0].sum()

@@ -12,26 +12,44 @@ from conftest import DEVICE, TOLERANCES
 
 from triton_softmax.ops import cross_entropy as ce_ops
 from triton_softmax.ops import softmax as softmax_ops
-from triton_softmax.ops._common import (
+from triton_softmax.ops import tiles
+from triton_softmax.ops.options import CEOptions
+from triton_softmax.ops.tiles import (
     TILE_ELEMENTS,
     UNBOUNDED,
+    SplitRule,
     Tile,
     pick_tile,
     selectable_tiles,
     triton_aligned,
 )
 
-TABLES = {
-    "softmax forward": softmax_ops.FORWARD_TILES,
-    "softmax backward": softmax_ops.BACKWARD_TILES,
-    "cross-entropy forward": ce_ops.FORWARD_TILES,
-    "cross-entropy backward": ce_ops.BACKWARD_TILES,
-}
+#: The launch tables of TileRules (the split kernels' tables hold one SplitRule a size).
+TABLES = [name for name, launch in tiles.LAUNCHES.items() if "split" not in name]
+SOFTMAX_FORWARD = tiles.table("softmax.forward")
+SOFTMAX_BACKWARD = tiles.table("softmax.backward")
+CE_FORWARD = tiles.table("cross_entropy.forward")
+CE_BACKWARD = tiles.table("cross_entropy.backward")
+
+
+def test_the_registry_names_each_kernel_it_sizes():
+    for name, launch in tiles.LAUNCHES.items():
+        module = __import__(launch.module, fromlist=[launch.function])
+        assert hasattr(module, launch.function), name
+        split = "split" in name
+        assert all(isinstance(rule, SplitRule) == split for rule in launch.table.values()), name
+
+
+def test_replaced_swaps_a_table_for_the_block_only():
+    one_rule = {size: rules[-1:] for size, rules in CE_FORWARD.items()}
+    with tiles.replaced("cross_entropy.forward", one_rule):
+        assert tiles.table("cross_entropy.forward") is one_rule
+    assert tiles.table("cross_entropy.forward") is CE_FORWARD
 
 
 @pytest.mark.parametrize("name", TABLES)
 def test_tables_are_well_formed(name):
-    for size, rules in TABLES[name].items():
+    for size, rules in tiles.table(name).items():
         assert size in (2, 4, 8)
         bounds = [r.max_cols for r in rules]
         assert bounds == sorted(bounds) and bounds[-1] == UNBOUNDED, (size, bounds)
@@ -50,7 +68,7 @@ def _tile(table, n_cols, size=4, aligned=True, interpreted=False):
 
 
 def test_rows_up_to_32768_columns_are_held_in_one_block_with_32_warps():
-    fwd, bwd = softmax_ops.FORWARD_TILES, softmax_ops.BACKWARD_TILES
+    fwd, bwd = SOFTMAX_FORWARD, SOFTMAX_BACKWARD
     for size in (2, 4):
         assert _tile(fwd, 32768, size) == Tile(1, 32768, 32, True)
         assert _tile(fwd, 32768, size, aligned=False) == Tile(1, 32768, 32, True)
@@ -68,26 +86,26 @@ def test_rows_up_to_32768_columns_are_held_in_one_block_with_32_warps():
 def test_short_rows_share_a_program_up_to_the_cap_compiled_and_more_interpreted():
     # Compiled: the rule's BLOCK_M cap (per-row state costs registers); interpreted: up to
     # TILE_ELEMENTS per program, as each program instance costs ~5 ms there.
-    assert _tile(ce_ops.FORWARD_TILES, 10) == Tile(32, 16, 4, True)
-    assert _tile(ce_ops.FORWARD_TILES, 10, interpreted=True) == Tile(128, 16, 4, True)
-    assert _tile(ce_ops.FORWARD_TILES, 300, interpreted=True).block_m == TILE_ELEMENTS // 512
-    assert _tile(softmax_ops.FORWARD_TILES, 100) == Tile(16, 128, 4, True)
-    forced = pick_tile(ce_ops.FORWARD_TILES, 100, 4, aligned=True, block_n=16)
+    assert _tile(CE_FORWARD, 10) == Tile(32, 16, 4, True)
+    assert _tile(CE_FORWARD, 10, interpreted=True) == Tile(128, 16, 4, True)
+    assert _tile(CE_FORWARD, 300, interpreted=True).block_m == TILE_ELEMENTS // 512
+    assert _tile(SOFTMAX_FORWARD, 100) == Tile(16, 128, 4, True)
+    forced = pick_tile(CE_FORWARD, 100, 4, aligned=True, block_n=16)
     assert forced == Tile(2, 16, 4, False)  # the tests' block_n=16: the rule's warps and cap
     # Cross-entropy streams long rows in 4096-class blocks forward (the per-lane online state
     # spills at 8192 x 32 warps on sm_90) and backward.
-    assert _tile(ce_ops.FORWARD_TILES, 50257) == Tile(1, 4096, 16, False)
-    assert _tile(ce_ops.BACKWARD_TILES, 50257) == Tile(1, 4096, 16, False)
+    assert _tile(CE_FORWARD, 50257) == Tile(1, 4096, 16, False)
+    assert _tile(CE_BACKWARD, 50257) == Tile(1, 4096, 16, False)
 
 
 def test_selectable_tiles_cover_what_launches_pick():
-    found = set(selectable_tiles(softmax_ops.BACKWARD_TILES))
+    found = set(selectable_tiles(SOFTMAX_BACKWARD))
     assert (4, Tile(1, 32768, 32, True), True) in found
     assert (4, Tile(1, 32768, 32, True), False) not in found
     for n_cols in (1, 15, 16, 17, 100, 1000, 5000, 20000, 32768, 40000, 10**6):
         for size in (2, 4, 8):
             for aligned in (False, True) if n_cols % 16 == 0 else (False,):
-                tile = _tile(softmax_ops.BACKWARD_TILES, n_cols, size, aligned)
+                tile = _tile(SOFTMAX_BACKWARD, n_cols, size, aligned)
                 assert (size, tile, aligned) in found, (n_cols, size, aligned)
 
 
@@ -171,7 +189,7 @@ def test_backward_at_32768_columns_aligned_or_not(log):
     base = torch.randn(2, 32768 + 16, device=DEVICE) * 3
     aligned, offset = base[:, :32768], base[:, 1:32769]
     for x in (aligned, offset):
-        tile = pick_tile(softmax_ops.BACKWARD_TILES, 32768, 4, aligned=triton_aligned(32768, x))
+        tile = pick_tile(SOFTMAX_BACKWARD, 32768, 4, aligned=triton_aligned(32768, x))
         assert tile.single_block == (x is aligned)
         _softmax_both_ways(x, log)
 
@@ -194,8 +212,8 @@ def test_cross_entropy_class_blocks(dtype, n_classes, kind):
         target = torch.tensor([0, n_classes - 1, -100], device=DEVICE)
     else:
         target = torch.softmax(torch.randn(n, n_classes, device=DEVICE), -1).to(dtype)
-    options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3)
-    loss, lse, stats = ce_ops.cross_entropy_forward(x, target, None, **options)
+    options = CEOptions(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3)
+    loss, lse, stats = ce_ops.cross_entropy_forward(x, target, None, options)
     x_ref = x.double().requires_grad_()
     ref_target = target if kind == "index" else target.double()
     loss_ref = torch.nn.functional.cross_entropy(
@@ -210,6 +228,6 @@ def test_cross_entropy_class_blocks(dtype, n_classes, kind):
     torch.testing.assert_close(loss.double(), loss_ref.detach(), **tol)
     torch.testing.assert_close(lse.double(), lse_ref.detach(), **tol)
     upstream = torch.rand(n, device=DEVICE, dtype=loss.dtype)
-    grad = ce_ops.cross_entropy_backward(upstream, None, x, target, None, stats, **options)
+    grad = ce_ops.cross_entropy_backward(upstream, None, x, target, None, stats, options)
     loss_ref.backward(upstream.double())
     torch.testing.assert_close(grad.double(), x_ref.grad, **tol)

@@ -48,7 +48,7 @@ def test_smoke_sweep_writes_tables_timings_and_a_snippet(tmp_path):
                     assert 0 < length["best_ms"] <= length["current_ms"]
     md = md_path.read_text()
     assert "speed-up" in md and "human step" in md and "TileRule(" in md
-    assert "FORWARD_TILES: TileTable = {" in done.stdout
+    assert 'LAUNCHES["softmax.forward"]' in done.stdout and "TABLE: TileTable = {" in done.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -26,7 +26,7 @@ _LAZY = {
     "LogSoftmax": "triton_softmax.nn",
     "CrossEntropyLoss": "triton_softmax.nn",
     "LinearCrossEntropyLoss": "triton_softmax.nn",
-    "kernel_path": "triton_softmax.ops._common",
+    "kernel_path": "triton_softmax.ops._device",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -51,11 +51,14 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from triton_softmax.ops._common import accumulator_dtype
+from triton_softmax.ops import _torch_math
+from triton_softmax.ops._device import accumulator_dtype, class_dim_last
+from triton_softmax.ops.options import CEOptions
 
 #: What the single-device op on a shard sees for a row the caller ignores, and for a target
 #: class held by another rank: both negative, so neither can be a local class index (the
@@ -113,9 +116,8 @@ def _bits(weight: torch.Tensor) -> torch.Tensor:
 
 def check_ranks(
     group, *, function: str, batch_shape, features: int, dtype: torch.dtype,
-    local_classes: int, target: torch.Tensor, weight, ignore_index: int, reduction: str,
-    label_smoothing: float, z_loss: float, softcap: float, check_targets: bool,
-    device: torch.device, temperature: float = 1.0, return_entropy: bool = False,
+    local_classes: int, target: torch.Tensor, weight, options: CEOptions, reduction: str,
+    check_targets: bool, device: torch.device, return_entropy: bool = False,
 ) -> tuple[int, int]:  # fmt: skip
     """Gather what every rank must agree on, with its shard size, in one all_gather; raise
     the same error on every rank where they do not agree.
@@ -137,8 +139,8 @@ def check_ranks(
         dtype: the logits' (linear_cross_entropy: the input's) dtype.
         local_classes: this rank's class count (0 allowed).
         target: global class indices (int64, one per row) or this rank's probabilities.
-        weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature,
-            return_entropy: the options.
+        weight, options, reduction, return_entropy: the options (``options.total_classes``
+            is not read: it is what this call finds out).
         check_targets: also compare checksums of the targets and class weights.
         device: where the gathered tensor lives (the group's backend must accept it).
     Returns:
@@ -150,6 +152,7 @@ def check_ranks(
         IndexError: a counted class index outside [0, V) on any rank.
     """
     is_index = not target.is_floating_point()
+    ignore_index = options.ignore_index
     rows = math.prod(batch_shape)
     weight_shape = "none" if weight is None else str(tuple(weight.shape))
     agreed = [  # (what, code, how to show a code)
@@ -161,10 +164,10 @@ def check_ranks(
         ("the target's dtype", _encode_text(str(target.dtype)), _show_dtype),
         ("ignore_index", ignore_index, str),
         ("reduction", _encode_text(reduction), _choices("none", "mean", "sum")),
-        ("label_smoothing", _encode_float(label_smoothing), _decode_float),
-        ("z_loss", _encode_float(z_loss), _decode_float),
-        ("softcap", _encode_float(softcap), _decode_float),
-        ("temperature", _encode_float(temperature), _decode_float),
+        ("label_smoothing", _encode_float(options.label_smoothing), _decode_float),
+        ("z_loss", _encode_float(options.z_loss), _decode_float),
+        ("softcap", _encode_float(options.softcap), _decode_float),
+        ("temperature", _encode_float(options.temperature), _decode_float),
         ("return_entropy", int(return_entropy), lambda c: str(bool(c))),
         ("the class weights' shape", _encode_text(weight_shape), None),
         ("check_targets", int(check_targets), lambda c: str(bool(c))),
@@ -267,9 +270,7 @@ def finish_entropy(entropy: list[torch.Tensor], target, ignore_index):
     return torch.where(target != ignore_index, entropy[0], 0.0)
 
 
-def merged_rows(
-    ops, args, local_classes, rows, target, ignore_index, z_loss, group, return_entropy
-):  # fmt: skip
+def merged_rows(ops, args, local_classes, rows, target, options: CEOptions, group, return_entropy):
     """The full problem's per-row (loss, lse, S, entropy or None) from this rank's shard.
 
     Args:
@@ -277,7 +278,7 @@ def merged_rows(
         args: their arguments for this rank's shard (z-loss 0: it is added on the merged lse).
         local_classes: the classes this rank holds; 0 runs no op (``empty_shard``).
         rows: a tensor with the problem's rows in dim 0, in the logits' dtype and device.
-        target, ignore_index, z_loss: the full problem's.
+        target, options: the full problem's.
         group: the process group to merge over (one ``all_gather``).
         return_entropy: whether to form and merge the entropy too.
     Returns:
@@ -293,8 +294,8 @@ def merged_rows(
         loss_r, lse_r, stats_r = ops[0].default(*args)
         local = torch.stack([loss_r, lse_r, stats_r[2]])
     loss, lse, mass, *entropy = merge_shards(local, group)
-    loss = finish_rows(loss, lse, target, ignore_index, z_loss)
-    return loss, lse, mass, finish_entropy(entropy, target, ignore_index)
+    loss = finish_rows(loss, lse, target, options.ignore_index, options.z_loss)
+    return loss, lse, mass, finish_entropy(entropy, target, options.ignore_index)
 
 
 def global_stats(lse: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -318,31 +319,35 @@ def local_weight(weight, start: int, local_classes: int):
     return None if weight is None else weight[start : start + local_classes]
 
 
+def _shard_options(options: CEOptions, total: int) -> CEOptions:
+    """The options of the op on a shard: the shard's view of ignored rows and the full class
+    count. Its forward runs without the z-loss (``replace(..., z_loss=0.0)``): that is added on
+    the merged lse, and the backward takes it on the merged lse too."""
+    return replace(options, ignore_index=LOCAL_IGNORED, total_classes=total)
+
+
 class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-row (loss, lse) of logits sharded by class over ``group``; gradients for the
-    local logits only, with no collective in the backward. ``layout`` = (start, total) from
-    ``check_ranks``."""
+    """Per-row (loss, lse, entropy or None) of logits sharded by class over ``group``;
+    gradients for the local logits only, with no collective in the backward. ``layout`` =
+    (start, total) from ``check_ranks``."""
 
     @staticmethod
-    def forward(
-        ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, group,
-        layout, temperature=1.0, return_entropy=False,
-    ):  # fmt: skip
+    def forward(ctx, logits, target, weight, options: CEOptions, group, layout, return_entropy):
         start, total = layout
         local_classes = logits.shape[1]
-        local_t = local_target(target, start, start + local_classes, ignore_index)
+        local_t = local_target(target, start, start + local_classes, options.ignore_index)
         local_w = local_weight(weight, start, local_classes)
-        args = (logits, local_t, local_w, LOCAL_IGNORED, label_smoothing, 0.0, softcap, False,
-                total, temperature)  # fmt: skip
+        shard = _shard_options(options, total)
+        args = (logits, local_t, local_w, *replace(shard, z_loss=0.0).flat(), False)
         ops = (
             torch.ops.triton_softmax.cross_entropy,
             torch.ops.triton_softmax.cross_entropy_with_entropy,
         )
         loss, lse, mass, entropy = merged_rows(
-            ops, args, local_classes, logits, target, ignore_index, z_loss, group, return_entropy
+            ops, args, local_classes, logits, target, options, group, return_entropy
         )
         ctx.save_for_backward(logits, local_t, local_w, global_stats(lse, mass), entropy)
-        ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total, temperature)
+        ctx.options = shard
         ctx.set_materialize_grads(False)
         return loss, lse, entropy
 
@@ -356,38 +361,39 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
                 grad_loss = torch.zeros_like(stats[0])
             extra = () if grad_entropy is None else (grad_entropy, entropy)
             grad = torch.ops.triton_softmax.cross_entropy_backward.default(
-                grad_loss, grad_lse, logits, local_t, local_w, stats, *ctx.options, *extra
+                grad_loss, grad_lse, logits, local_t, local_w, stats, *ctx.options.flat(), *extra
             )
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 class VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """Per-row (loss, lse) of ``input @ linear_weight.T + linear_bias`` with the head sharded by
-    class over ``group``; the input's gradient is all-reduced, the head's stays local."""
+    """Per-row (loss, lse, entropy or None) of ``input @ linear_weight.T + linear_bias`` with
+    the head sharded by class over ``group``; the input's gradient is all-reduced, the head's
+    stays local."""
 
     @staticmethod
     def forward(
-        ctx, input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-        z_loss, softcap, group, layout, temperature=1.0, return_entropy=False,
+        ctx, input, linear_weight, linear_bias, target, weight, options: CEOptions, group,
+        layout, return_entropy,
     ):  # fmt: skip
         start, total = layout
         local_classes = linear_weight.shape[0]
-        local_t = local_target(target, start, start + local_classes, ignore_index)
+        local_t = local_target(target, start, start + local_classes, options.ignore_index)
         local_w = local_weight(weight, start, local_classes)
-        args = (input, linear_weight, linear_bias, local_t, local_w, LOCAL_IGNORED,
-                label_smoothing, 0.0, softcap, total, 0, temperature)  # fmt: skip
+        shard = _shard_options(options, total)
+        args = (input, linear_weight, linear_bias, local_t, local_w)
+        args = (*args, *replace(shard, z_loss=0.0).flat(), 0)
         ops = (
             torch.ops.triton_softmax.linear_cross_entropy,
             torch.ops.triton_softmax.linear_cross_entropy_with_entropy,
         )
         loss, lse, mass, entropy = merged_rows(
-            ops, args, local_classes, input, target, ignore_index, z_loss, group, return_entropy
+            ops, args, local_classes, input, target, options, group, return_entropy
         )
         ctx.save_for_backward(
             input, linear_weight, linear_bias, local_t, local_w, global_stats(lse, mass), entropy
         )
-        ctx.options = (LOCAL_IGNORED, label_smoothing, z_loss, softcap, total)
-        ctx.temperature = temperature
+        ctx.options = shard
         ctx.group = group
         ctx.set_materialize_grads(False)
         return loss, lse, entropy
@@ -407,7 +413,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = (
                 torch.ops.triton_softmax.linear_cross_entropy_backward.default(
                     grad_loss, grad_lse, input, linear_weight, linear_bias, local_t, local_w,
-                    stats, *ctx.options, needs, 0, ctx.temperature, grad_entropy,
+                    stats, *ctx.options.flat(), needs, 0, grad_entropy,
                     None if grad_entropy is None else entropy,
                 )
             )  # fmt: skip
@@ -416,5 +422,81 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_input if ctx.needs_input_grad[0] else None,
             grad_weight if needs[1] else None,
             grad_bias if needs[2] else None,
-            None, None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Entry points of the functional API (``process_group=``): check the ranks, run the shard,
+# reduce the merged per-row losses as torch would.
+# --------------------------------------------------------------------------------------
+
+
+def _reduced_outputs(
+    loss, lse, entropy, target, weight, reduction, options, total, batch_shape, out_dtype,
+    return_lse,
+):  # fmt: skip
+    """The merged per-row (loss, lse, entropy) reduced and shaped as the functional API
+    returns them."""
+    loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
+    target = target.reshape(batch_shape) if not target.is_floating_point() else target
+    out = _torch_math.reduce(loss, target, weight, reduction, total, options).to(out_dtype)
+    if entropy is not None:
+        entropy = _torch_math.reduce_entropy(
+            entropy.reshape(batch_shape), target, options.ignore_index, reduction
+        ).to(out_dtype)
+    return _torch_math.outputs(out, lse, entropy, return_lse)
+
+
+def cross_entropy(
+    input, target, weight, reduction: str, options: CEOptions, group, check_targets: bool,
+    return_lse: bool, return_entropy: bool,
+):  # fmt: skip
+    """``triton_softmax.cross_entropy(..., process_group=group)`` on validated arguments:
+    ``input`` is this rank's logits in any of torch's layouts."""
+    is_index = not target.is_floating_point()
+    batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    out_dtype = _torch_math.loss_dtype(input, target)
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+        input.device.type
+    ):  # torch's autocast runs cross_entropy in float32
+        input = input.float()
+        if not is_index and target.dtype in (torch.float16, torch.bfloat16):
+            target = target.float()
+    logits = class_dim_last(input)
+    target = target.reshape(-1) if is_index else class_dim_last(target)
+    layout = check_ranks(
+        group, function="cross_entropy", batch_shape=batch_shape, features=0,
+        dtype=logits.dtype, local_classes=logits.shape[1], target=target, weight=weight,
+        options=options, reduction=reduction, check_targets=check_targets,
+        device=logits.device, return_entropy=return_entropy,
+    )  # fmt: skip
+    loss, lse, entropy = VocabParallelCrossEntropy.apply(
+        logits, target, weight, options, group, layout, return_entropy
+    )
+    return _reduced_outputs(
+        loss, lse, entropy, target, weight, reduction, options, layout[1], batch_shape,
+        out_dtype, return_lse,
+    )  # fmt: skip
+
+
+def linear_cross_entropy(
+    x, linear_weight, linear_bias, target, weight, reduction: str, options: CEOptions, group,
+    check_targets: bool, return_lse: bool, return_entropy: bool, batch_shape, out_dtype,
+):  # fmt: skip
+    """``triton_softmax.linear_cross_entropy(..., process_group=group)`` on validated
+    arguments: ``x`` [N, H], this rank's ``linear_weight`` [V_r, H] (and bias), ``target`` [N]
+    or this rank's [N, V_r] probabilities."""
+    layout = check_ranks(
+        group, function="linear_cross_entropy", batch_shape=batch_shape, features=x.shape[1],
+        dtype=x.dtype, local_classes=linear_weight.shape[0], target=target, weight=weight,
+        options=options, reduction=reduction, check_targets=check_targets, device=x.device,
+        return_entropy=return_entropy,
+    )  # fmt: skip
+    loss, lse, entropy = VocabParallelLinearCrossEntropy.apply(
+        x, linear_weight, linear_bias, target, weight, options, group, layout, return_entropy
+    )
+    return _reduced_outputs(
+        loss, lse, entropy, target, weight, reduction, options, layout[1], batch_shape,
+        out_dtype, return_lse,
+    )  # fmt: skip

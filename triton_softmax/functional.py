@@ -14,7 +14,6 @@ Same signatures and results as torch; extras are keyword-only. These functions h
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import warnings
 
@@ -23,29 +22,28 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.nn import _reduction
 
-from triton_softmax.ops import cross_entropy as _ce
-from triton_softmax.ops._common import (
-    accumulator_dtype,
+from triton_softmax.ops import _torch_math
+from triton_softmax.ops._checks import (
+    check_class_indices,
     check_floating,
+    checked_options,
+    require_tensor,
+    rows_writable,
+)
+from triton_softmax.ops._device import (
+    accumulator_dtype,
+    class_dim_last,
     kernel_path,
     kernels_interpreted,
 )
+from triton_softmax.ops.cross_entropy_reduced import ReducedInplace
+from triton_softmax.ops.options import CEOptions
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "linear_cross_entropy"]
-
-_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 #: Ops that torch's autocast runs in float32, by device type (torch's autocast op lists:
 #: CUDA runs softmax, log_softmax and cross_entropy in float32; the CPU only cross_entropy).
 _AUTOCAST_FLOAT32 = {"cuda": ("softmax", "log_softmax", "cross_entropy"), "cpu": ("cross_entropy",)}
-
-
-def _require_tensor(value, function: str, argument: str) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"{function}(): argument '{argument}' must be a torch.Tensor, got "
-            f"{type(value).__name__} (convert it with torch.as_tensor)"
-        )
 
 
 def _with_torch(input: torch.Tensor) -> bool:
@@ -111,7 +109,7 @@ def _over_dim(op, input: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _softmax_like(name: str, log: bool, input, dim, stacklevel: int, dtype) -> torch.Tensor:
-    _require_tensor(input, name, "input")
+    require_tensor(input, name, "input")
     dim = _checked_dim(name, dim, input.dim(), stacklevel + 1)
     check_floating(dtype or input.dtype, f"{name} input")
     if _with_torch(input):
@@ -248,54 +246,65 @@ def cross_entropy(
             requires grad.
         IndexError: a class index outside [0, C) that is not ``ignore_index``.
     """
-    _require_tensor(input, "cross_entropy", "input")
+    require_tensor(input, "cross_entropy", "input")
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     check_floating(input, "cross_entropy input")
     if input.dim() == 0:
         raise ValueError("cross_entropy input must have a class dimension, got a 0-d tensor")
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     if input.dim() == 1 and isinstance(target, torch.Tensor) and target.shape == (1,):
         if not target.is_floating_point():
             target = target.reshape(())  # torch accepts (C,) logits with a (1,) target
-    target, weight, reduction, label_smoothing, ignore_index, softcap = _checked_options(
+    target, weight, reduction, options = checked_options(
         "cross_entropy", target, weight, reduction, label_smoothing, ignore_index, softcap,
-        batch_shape, input.shape,
+        z_loss, temperature, batch_shape, input.shape,
     )  # fmt: skip
-    z_loss = checked_z_loss(z_loss)
-    temperature = checked_temperature(temperature)
     return_entropy = bool(return_entropy)
-    is_index = not target.is_floating_point()
     if inplace_backward and _is_leaf_requiring_grad(input):
         raise ValueError(
             "inplace_backward=True would write the gradient over the input, which is (a view "
             "of) a leaf tensor that requires grad, such as a parameter; only intermediate "
             "logits (a layer's output) can be consumed. Pass inplace_backward=False."
         )
-
     if process_group is not None:
         if inplace_backward:
             raise ValueError("inplace_backward is not supported with process_group")
-        return _sharded(
-            "cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing,
-            z_loss, softcap, return_lse, batch_shape, process_group, check_targets,
-            temperature=temperature, return_entropy=return_entropy,
+        if _under_transforms():
+            raise NotImplementedError(
+                "cross_entropy with process_group under torch.func transforms"
+            )
+        return _vocab_parallel().cross_entropy(
+            input, target, weight, reduction, options, process_group, check_targets,
+            return_lse, return_entropy,
         )  # fmt: skip
     if _with_torch(input):
-        return _torch_cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-            return_lse, temperature, return_entropy,
-        )  # fmt: skip
+        return _torch_math.cross_entropy(
+            input, target, weight, reduction, options, return_lse, return_entropy
+        )
+    return _kernel_cross_entropy(
+        input, target, weight, reduction, options, return_lse, inplace_backward, check_targets,
+        return_entropy,
+    )  # fmt: skip
 
+
+def _kernel_cross_entropy(
+    input, target, weight, reduction: str, options: CEOptions, return_lse, inplace_backward,
+    check_targets, return_entropy,
+):  # fmt: skip
+    """cross_entropy on the registered ops (compiled or interpreted kernels)."""
+    out_dtype = _torch_math.loss_dtype(input, target)
+    is_index = not target.is_floating_point()
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     input = _autocast_float32("cross_entropy", input)
     if not is_index:
         target = _autocast_float32("cross_entropy", target)
     if is_index and check_targets and target.device.type != "cpu":  # CPU: always checked
-        _check_targets_eagerly(target, n_classes, ignore_index)
-    logits = _class_dim_last(input)
-    target_rows = target.reshape(-1) if is_index else _class_dim_last(target)
-    in_place = inplace_backward and _ce.rows_writable(logits)
+        _check_targets_eagerly(target, n_classes, options.ignore_index)
+    logits = class_dim_last(input)
+    target_rows = target.reshape(-1) if is_index else class_dim_last(target)
+    in_place = inplace_backward and rows_writable(logits)
     if (
         reduction != "none"
         and not return_lse
@@ -309,174 +318,35 @@ def cross_entropy(
         and not (in_place and logits._base is not None)
     ):
         # Two passes: the forward forms the reduced loss's gradient, the backward rescales it.
-        options = (
-            weight, ignore_index, label_smoothing, float(z_loss), softcap, reduction, temperature
-        )  # fmt: skip
         if in_place:
-            out, _, _ = _ce.ReducedInplace.apply(logits, target_rows, *options)
+            out, _, _ = ReducedInplace.apply(logits, target_rows, weight, options, reduction)
         else:
             out, _, _ = torch.ops.triton_softmax.cross_entropy_reduced.default(
-                logits, target_rows, *options
+                logits, target_rows, weight, *options.flat(), reduction
             )
-        return out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
-    args = (
-        logits, target_rows, weight, ignore_index, label_smoothing, float(z_loss), softcap,
-        in_place, 0, temperature,
-    )  # fmt: skip
+        return out.to(out_dtype)
+    args = (logits, target_rows, weight, *options.flat(), in_place)
     entropy = None
     if return_entropy:
         loss, lse, entropy, _ = torch.ops.triton_softmax.cross_entropy_with_entropy.default(*args)
     else:
         loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(*args)
-    out = _reduce(
-        loss.reshape(batch_shape), target, weight, ignore_index, reduction, n_classes, z_loss
-    )
-    out = out.to(input.dtype if is_index else torch.promote_types(input.dtype, target.dtype))
+    out = _torch_math.reduce(
+        loss.reshape(batch_shape), target, weight, reduction, n_classes, options
+    ).to(out_dtype)
     if entropy is not None:
-        entropy = _reduce_entropy(entropy.reshape(batch_shape), target, ignore_index, reduction)
-        entropy = entropy.to(out.dtype)
-    return _outputs(out, lse.reshape(batch_shape), entropy, return_lse)
+        entropy = _torch_math.reduce_entropy(
+            entropy.reshape(batch_shape), target, options.ignore_index, reduction
+        ).to(out_dtype)
+    return _torch_math.outputs(out, lse.reshape(batch_shape), entropy, return_lse)
 
 
-def _outputs(loss, lse, entropy, return_lse: bool):
-    """loss, (loss, lse), (loss, entropy) or (loss, lse, entropy): what was asked for."""
-    if entropy is None:
-        return (loss, lse) if return_lse else loss
-    return (loss, lse, entropy) if return_lse else (loss, entropy)
+def _vocab_parallel():
+    """``triton_softmax.distributed``, imported on first use (torch.distributed is not needed
+    otherwise)."""
+    from triton_softmax import distributed
 
-
-def _reduce_entropy(entropy, target, ignore_index, reduction):
-    """Per-row entropies (0 for ignored rows) reduced over the counted rows, unweighted."""
-    if reduction == "none":
-        return entropy
-    if reduction == "sum":
-        return entropy.sum()
-    if target.is_floating_point():
-        return entropy.mean()
-    return entropy.sum() / (target != ignore_index).sum()
-
-
-def checked_temperature(temperature) -> float:
-    """``temperature`` as a float.
-
-    Raises:
-        ValueError: unless it is a positive finite real number (not a bool): 0 or a negative
-            value would divide by 0 or flip the distribution, NaN / inf make every loss NaN.
-    """
-    return _checked_number(
-        temperature,
-        "temperature must be a positive finite real number (the logits are divided by it)",
-        zero_allowed=False,
-        type_error=ValueError,
-    )
-
-
-def _checked_number(value, requirement: str, *, zero_allowed: bool, type_error) -> float:
-    """``value`` as a float if it is a finite real number (not a bool) above 0, or at least 0
-    with ``zero_allowed``; else ``type_error`` (not a real number) or ValueError, each with
-    ``requirement`` ("NAME must be ...") and the value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise type_error(f"{requirement}, got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not ((number >= 0.0 if zero_allowed else number > 0.0) and number < math.inf):
-        raise ValueError(f"{requirement}, got {value!r}")  # NaN fails both comparisons
-    return number
-
-
-def _checked_options(
-    function, target, weight, reduction, label_smoothing, ignore_index, softcap, batch_shape,
-    logits_shape,
-):  # fmt: skip
-    """Validate what cross_entropy and linear_cross_entropy share, in torch's terms.
-
-    Returns (target, weight, reduction, label_smoothing, ignore_index, softcap) normalised:
-    class indices as int64 of ``batch_shape``, or probabilities of ``logits_shape``;
-    label_smoothing 0.0 when not > 0 (torch ignores negative and NaN values); softcap 0.0
-    for none.
-    """
-    _require_tensor(target, function, "target")
-    if weight is not None:
-        _require_tensor(weight, function, "weight")
-        check_floating(weight, f"{function} weight")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be at most 1, got {label_smoothing}")
-    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
-    try:
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index={ignore_index} does not fit in int64")
-    softcap = checked_softcap(softcap)
-    if target.is_floating_point():
-        if ignore_index >= 0:
-            raise ValueError(
-                f"ignore_index={ignore_index} is not supported for probability (floating) "
-                "targets; as in torch, only a negative ignore_index (which does nothing) is"
-            )
-        if target.shape != logits_shape:
-            raise ValueError(
-                f"probability target shape {tuple(target.shape)} does not match the logits' "
-                f"shape {tuple(logits_shape)}"
-            )
-    elif target.dtype in _INTEGER_DTYPES:
-        if target.shape != batch_shape:
-            raise ValueError(
-                f"class-index target shape {tuple(target.shape)} does not fit logits of shape "
-                f"{tuple(logits_shape)} (expected {tuple(batch_shape)})"
-            )
-        if target.dtype != torch.int64:
-            target = target.long()
-    else:
-        raise TypeError(
-            f"{function} target must hold class indices (an integer dtype) or class "
-            f"probabilities (a floating dtype), got {target.dtype}"
-        )
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"{function} is not differentiable with respect to weight (as in torch); "
-            "pass weight.detach()"
-        )
-    return target, weight, reduction, label_smoothing, ignore_index, float(softcap)
-
-
-def checked_softcap(softcap) -> float:
-    """``softcap`` as a float, 0.0 for None.
-
-    Raises:
-        TypeError: unless it is None or a real number (a bool is not: ``True`` would mean 1.0).
-        ValueError: unless the number is positive and finite (0 would divide by 0; None, not
-            0, turns capping off).
-    """
-    if softcap is None:
-        return 0.0
-    return _checked_number(
-        softcap,
-        "softcap must be a positive finite real number (the cap c in c * tanh(x / c)) or None "
-        "for no capping",
-        zero_allowed=False,
-        type_error=TypeError,
-    )
-
-
-def checked_z_loss(z_loss) -> float:
-    """``z_loss`` as a float.
-
-    Raises:
-        TypeError: unless it is a real number (not a bool).
-        ValueError: unless it is finite and >= 0 (a negative coefficient rewards a large lse;
-            NaN or inf would make every loss NaN or inf).
-    """
-    return _checked_number(
-        z_loss,
-        "z_loss must be a finite real number >= 0 (the coefficient of lse**2)",
-        zero_allowed=True,
-        type_error=TypeError,
-    )
+    return distributed
 
 
 def linear_cross_entropy(
@@ -547,9 +417,9 @@ def linear_cross_entropy(
     backward (``create_graph=True``) works: that backward recomputes the loss with torch's
     unfused functions, holding the [N, V] logits as they do.
     """
-    _require_tensor(input, "linear_cross_entropy", "input")
-    _require_tensor(linear_weight, "linear_cross_entropy", "linear_weight")
-    _require_tensor(target, "linear_cross_entropy", "target")
+    require_tensor(input, "linear_cross_entropy", "input")
+    require_tensor(linear_weight, "linear_cross_entropy", "linear_weight")
+    require_tensor(target, "linear_cross_entropy", "target")
     check_floating(input, "linear_cross_entropy input")
     kernel_path(input)  # a clear error for devices no path serves (meta, mps, ...)
     if input.dim() == 0 or linear_weight.dim() < 2:
@@ -570,7 +440,7 @@ def linear_cross_entropy(
             f"(N, {n_features}), got {tuple(input.shape)}"
         )
     if linear_bias is not None:
-        _require_tensor(linear_bias, "linear_cross_entropy", "linear_bias")
+        require_tensor(linear_bias, "linear_cross_entropy", "linear_bias")
         if linear_bias.shape != (n_classes, *positions):
             raise ValueError(
                 f"linear_bias must have shape {(n_classes, *positions)}, "
@@ -584,36 +454,49 @@ def linear_cross_entropy(
         raise ValueError(
             "ignore_index cannot be given when target contains probabilities (as in torch)"
         )
-    target, weight, reduction, label_smoothing, ignore_index, softcap = _checked_options(
+    target, weight, reduction, ce_options = checked_options(
         "linear_cross_entropy", target, weight, reduction, label_smoothing,
-        -100 if ignore_index is None else ignore_index, softcap, batch_shape, logits_shape,
+        -100 if ignore_index is None else ignore_index, softcap, z_loss, temperature,
+        batch_shape, logits_shape,
     )  # fmt: skip
-    z_loss = checked_z_loss(z_loss)
-    temperature = checked_temperature(temperature)
     return_entropy = bool(return_entropy)
-    is_index = not target.is_floating_point()
-    out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
+    out_dtype = _torch_math.loss_dtype(input, target)
     if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
         # torch's linear runs in the autocast dtype, its cross_entropy returns float32.
         low = torch.get_autocast_dtype(input.device.type)
         input, linear_weight, linear_bias = (
             None if t is None else t.to(low) for t in (input, linear_weight, linear_bias)
         )
-        out_dtype = torch.promote_types(torch.float32, out_dtype)
-
     x = input.reshape(math.prod(input.shape[:-1]), n_features)
     if process_group is not None:
         if positions:
             raise ValueError("a K-dimensional loss is not supported with process_group")
-        return _sharded(
-            "linear_cross_entropy", (x, linear_weight, linear_bias), target.reshape(
-                x.shape[0], *target.shape[input.dim() - 1 :]
-            ), weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
-            batch_shape, process_group, check_targets, out_dtype, temperature=temperature,
-            return_entropy=return_entropy,
+        if _under_transforms():
+            raise NotImplementedError(
+                "linear_cross_entropy with process_group under torch.func transforms"
+            )
+        target = target.reshape(x.shape[0], *target.shape[input.dim() - 1 :])
+        return _vocab_parallel().linear_cross_entropy(
+            x, linear_weight, linear_bias, target, weight, reduction, ce_options, process_group,
+            check_targets, return_lse, return_entropy, batch_shape, out_dtype,
         )  # fmt: skip
+    return _kernel_linear_cross_entropy(
+        x, linear_weight, linear_bias, target, weight, reduction, ce_options, positions,
+        batch_shape, out_dtype, options, check_targets, return_lse, return_entropy,
+    )  # fmt: skip
+
+
+def _kernel_linear_cross_entropy(
+    x, linear_weight, linear_bias, target, weight, reduction: str, ce_options: CEOptions,
+    positions, batch_shape, out_dtype, options, check_targets, return_lse, return_entropy,
+):  # fmt: skip
+    """linear_cross_entropy on the registered ops (every device: the chunks' GEMMs are the
+    vendor's, their cross-entropy the kernels or the plain-torch math), one fused call per
+    position of a K-dimensional loss; ``x`` is [N, H]."""
+    n_classes, n_features = linear_weight.shape[0], x.shape[1]
+    is_index = not target.is_floating_point()
     if is_index and check_targets and target.device.type != "cpu":  # CPU: always checked
-        _check_targets_eagerly(target, n_classes, ignore_index)
+        _check_targets_eagerly(target, n_classes, ce_options.ignore_index)
     n_positions = math.prod(positions)
     weights = linear_weight.reshape(n_classes, n_positions, n_features)
     biases = None if linear_bias is None else linear_bias.reshape(n_classes, n_positions)
@@ -626,19 +509,19 @@ def linear_cross_entropy(
     needs = [t is not None and t.requires_grad for t in (x, linear_weight, linear_bias)]
     reduced = reduction != "none" and torch.is_grad_enabled() and any(needs) and n_positions > 0
     reduced = reduced and not return_entropy  # per-row entropy gradients: the per-row op
+    flat = ce_options.flat()
     if reduced and not use_composite:  # gradients formed in the forward, scaled in backward
-        denominator = _linear_denominator(target, weight, ignore_index, reduction, n_classes, x)
+        denominator = _linear_denominator(target, weight, reduction, n_classes, x, ce_options)
         total, lses = 0.0, []
         for p in range(n_positions):
             w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
             t_p = targets[:, p] if is_index else targets[:, :, p]
             part, lse, *_ = torch.ops.triton_softmax.linear_cross_entropy_reduced.default(
-                x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss),
-                softcap, denominator, needs, rows, keep, temperature,
-            )  # fmt: skip
+                x, w_p, b_p, t_p, weight, *flat, denominator, needs, rows, keep
+            )
             total = total + part
             lses.append(lse)
-        if z_loss and reduction == "mean":  # as _reduce: no counted weight gives NaN
+        if ce_options.z_loss and reduction == "mean":  # as reduce: no counted weight is NaN
             total = torch.where(denominator != 0, total, math.nan)
         lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
         return (total.to(out_dtype), lse) if return_lse else total.to(out_dtype)
@@ -647,20 +530,16 @@ def linear_cross_entropy(
         w_p, b_p = weights[:, p], None if biases is None else biases[:, p]
         t_p = targets[:, p] if is_index else targets[:, :, p]
         if use_composite:  # the same math with torch's functions, for torch.func / forward AD
-            loss, lse, *entropy = cross_entropy(
-                F.linear(x, w_p, b_p), t_p, weight, ignore_index=ignore_index, reduction="none",
-                label_smoothing=label_smoothing, softcap=softcap or None, z_loss=z_loss,
-                return_lse=True, temperature=temperature, return_entropy=return_entropy,
-            )  # fmt: skip
+            loss, lse, *entropy = _torch_math.cross_entropy(
+                F.linear(x, w_p, b_p), t_p, weight, "none", ce_options, True, return_entropy
+            )
+        elif return_entropy:
+            op = torch.ops.triton_softmax.linear_cross_entropy_with_entropy.default
+            loss, lse, *entropy, _ = op(x, w_p, b_p, t_p, weight, *flat, rows)
         else:
-            args = (x, w_p, b_p, t_p, weight, ignore_index, label_smoothing, float(z_loss),
-                    softcap, 0, rows, temperature)  # fmt: skip
-            if return_entropy:
-                op = torch.ops.triton_softmax.linear_cross_entropy_with_entropy.default
-                loss, lse, *entropy, _ = op(*args)
-            else:
-                loss, lse, _ = torch.ops.triton_softmax.linear_cross_entropy.default(*args)
-                entropy = []
+            op = torch.ops.triton_softmax.linear_cross_entropy.default
+            loss, lse, _ = op(x, w_p, b_p, t_p, weight, *flat, rows)
+            entropy = []
         losses.append(loss)
         lses.append(lse)
         entropies += entropy
@@ -671,14 +550,15 @@ def linear_cross_entropy(
         losses = lses = entropies = [empty.to(accumulator_dtype(x.dtype))]
     loss = (losses[0] if n_positions == 1 else torch.stack(losses, 1)).reshape(batch_shape)
     lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
-    out = _reduce(loss, target, weight, ignore_index, reduction, n_classes, z_loss)
+    out = _torch_math.reduce(loss, target, weight, reduction, n_classes, ce_options)
     out = out.to(out_dtype)
     entropy = None
     if return_entropy:
         entropy = entropies[0] if n_positions == 1 else torch.stack(entropies, 1)
-        entropy = _reduce_entropy(entropy.reshape(batch_shape), target, ignore_index, reduction)
-        entropy = entropy.to(out_dtype)
-    return _outputs(out, lse, entropy, return_lse)
+        entropy = _torch_math.reduce_entropy(
+            entropy.reshape(batch_shape), target, ce_options.ignore_index, reduction
+        ).to(out_dtype)
+    return _torch_math.outputs(out, lse, entropy, return_lse)
 
 
 def _linear_chunking(options, n_rows: int, n_features: int, n_classes: int) -> tuple[int, bool]:
@@ -711,9 +591,9 @@ def _linear_chunking(options, n_rows: int, n_features: int, n_classes: int) -> t
     return rows, bool(options.allow_retain_graph)
 
 
-def _linear_denominator(target, weight, ignore_index, reduction, n_classes, x) -> torch.Tensor:
-    """The divisor of the fused op's summed losses, as :func:`_reduce` forms it: 1 for "sum";
-    for "mean" the counted targets' summed class weights, or the element count of
+def _linear_denominator(target, weight, reduction, n_classes, x, options) -> torch.Tensor:
+    """The divisor of the fused op's summed losses, as ``_torch_math.reduce`` forms it: 1 for
+    "sum"; for "mean" the counted targets' summed class weights, or the element count of
     probability targets' batch."""
     acc = accumulator_dtype(x.dtype)
     if reduction == "sum":
@@ -721,148 +601,17 @@ def _linear_denominator(target, weight, ignore_index, reduction, n_classes, x) -
     if target.is_floating_point():
         rows = target.numel() // max(n_classes, 1)
         return torch.full((), rows, dtype=acc, device=x.device)
-    counted = target != ignore_index
-    if weight is None:
-        return counted.sum().to(acc)
-    safe = target.clamp(0, max(n_classes - 1, 0))
-    return (weight.to(acc)[safe] * counted).sum()
-
-
-def _sharded(
-    function, inputs, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-    softcap, return_lse, batch_shape, group, check_targets, out_dtype=None, *,
-    temperature=1.0, return_entropy=False,
-):  # fmt: skip
-    """cross_entropy (``inputs`` = the logits) or linear_cross_entropy (``inputs`` = (x, W, b))
-    with the classes sharded over ``group``; see ``triton_softmax.distributed``."""
-    from triton_softmax import distributed
-
-    if _under_transforms():
-        raise NotImplementedError(f"{function} with process_group under torch.func transforms")
-    is_index = not target.is_floating_point()
-    if function == "cross_entropy":
-        out_dtype = inputs.dtype if is_index else torch.promote_types(inputs.dtype, target.dtype)
-        inputs = _autocast_float32(function, inputs)
-        if not is_index:
-            target = _autocast_float32(function, target)
-        inputs = (_class_dim_last(inputs),)
-        target = target.reshape(-1) if is_index else _class_dim_last(target)
-        local_classes, features = inputs[0].shape[1], 0
-        apply = distributed.VocabParallelCrossEntropy.apply
-    else:
-        local_classes, features = inputs[1].shape[0], inputs[0].shape[1]
-        apply = distributed.VocabParallelLinearCrossEntropy.apply
-    layout = distributed.check_ranks(
-        group, function=function, batch_shape=batch_shape, features=features,
-        dtype=inputs[0].dtype, local_classes=local_classes, target=target, weight=weight,
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        z_loss=float(z_loss), softcap=softcap, check_targets=check_targets,
-        device=inputs[0].device, temperature=temperature, return_entropy=return_entropy,
-    )  # fmt: skip
-    total = layout[1]
-    loss, lse, entropy = apply(
-        *inputs, target, weight, ignore_index, label_smoothing, float(z_loss), softcap, group,
-        layout, temperature, return_entropy,
-    )  # fmt: skip
-    loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
-    target = target.reshape(batch_shape) if is_index else target
-    out = _reduce(loss, target, weight, ignore_index, reduction, total, z_loss).to(out_dtype)
-    if entropy is not None:
-        entropy = entropy.reshape(batch_shape)
-        entropy = _reduce_entropy(entropy, target, ignore_index, reduction).to(out_dtype)
-    return _outputs(out, lse, entropy, return_lse)
+    return _torch_math.mean_denominator(target, weight, options.ignore_index, n_classes, acc)
 
 
 @torch.compiler.disable
 def _check_targets_eagerly(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """The host-side check of ``check_targets``; under torch.compile a graph break (it reads
     the targets on the host), which ``fullgraph=True`` refuses."""
-    _ce.check_class_indices(target, n_classes, ignore_index)
+    check_class_indices(target, n_classes, ignore_index)
 
 
 def _is_leaf_requiring_grad(t: torch.Tensor) -> bool:
     """Whether ``t`` or the tensor it is a view of is a leaf that requires grad."""
     base = t if t._base is None else t._base
     return base.is_leaf and base.requires_grad
-
-
-def _reduce(per_row, target, weight, ignore_index, reduction, n_classes, z_loss=0.0):
-    """torch's reduction of per-row losses (already weighted by the target's class weight)."""
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if target.is_floating_point():
-        return per_row.mean()
-    counted = target != ignore_index
-    if weight is None:
-        denominator = counted.sum()
-    else:
-        safe = target.clamp(0, max(n_classes - 1, 0))
-        denominator = (weight.to(per_row.dtype)[safe] * counted).sum()
-    mean = per_row.sum() / denominator  # torch's: 0/0 is NaN, x/0 is inf
-    if z_loss:  # no counted weight: undefined (NaN), not the z-loss term alone over 0
-        mean = torch.where(denominator != 0, mean, math.nan)
-    return mean
-
-
-def _torch_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
-    temperature=1.0, return_entropy=False,
-):  # fmt: skip
-    """Cross-entropy with torch's own functions; the extras composed from torch ops."""
-    is_index = not target.is_floating_point()
-    out_dtype = input.dtype if is_index else torch.promote_types(input.dtype, target.dtype)
-    if out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
-        input.device.type
-    ):
-        out_dtype = torch.float32  # torch's autocast policy for cross_entropy
-    if softcap:  # capped in fp32 at least, as the kernels do
-        input = softcap * torch.tanh(input.to(accumulator_dtype(input.dtype)) / softcap)
-    if temperature != 1.0:  # tempered after capping, in fp32 at least
-        input = input.to(accumulator_dtype(input.dtype)) / temperature
-    if weight is not None and weight.dtype != input.dtype:
-        weight = weight.to(input.dtype)  # torch wants them alike; the kernels take any
-    # Positional, in F.cross_entropy's order (weight, size_average, ignore_index, reduce,
-    # reduction, label_smoothing): keyword passing costs a measurable share at 4 x 3.
-    if not z_loss and not return_lse and not return_entropy:
-        out = F.cross_entropy(
-            input, target, weight, None, ignore_index, None, reduction, label_smoothing
-        )
-        return out if out.dtype == out_dtype else out.to(out_dtype)
-    class_dim = 0 if input.dim() == 1 else 1
-    wide = input.to(accumulator_dtype(input.dtype))
-    if wide.shape[class_dim] > 0:
-        # lse = m + lse(x - m), m the row max without a gradient: its backward then takes
-        # exp((x - m) - lse(x - m)) of small numbers, where exp(x - lse) would lose the fp32
-        # ulp of lse (1e-3 at |x| ~ 1e4) in every probability (the z-loss's gradient).
-        shift = wide.detach().amax(dim=class_dim, keepdim=True)
-        shift = torch.where(shift.isfinite(), shift, 0.0)
-        lse = (wide - shift).logsumexp(dim=class_dim) + shift.squeeze(class_dim)
-    else:
-        lse = wide.logsumexp(dim=class_dim)
-    loss = F.cross_entropy(input, target, weight, None, ignore_index, None, "none", label_smoothing)
-    if z_loss and not is_index:
-        loss = loss + z_loss * lse * lse
-    elif z_loss:
-        loss = loss + torch.where(target != ignore_index, z_loss * lse * lse, 0.0)
-    out = _reduce(loss, target, weight, ignore_index, reduction, input.shape[class_dim], z_loss)
-    entropy = None
-    if return_entropy:
-        log_p = input.to(lse.dtype).log_softmax(dim=class_dim)
-        p = log_p.exp()
-        # -sum p log p with 0 log 0 = 0; the where keeps the gradient of a p = 0 class finite.
-        entropy = -(p * torch.where(p == 0, 0.0, log_p)).sum(dim=class_dim)
-        if is_index:
-            entropy = torch.where(target != ignore_index, entropy, 0.0)
-        entropy = _reduce_entropy(entropy, target, ignore_index, reduction).to(out_dtype)
-    return _outputs(out.to(out_dtype), lse, entropy, return_lse)
-
-
-def _class_dim_last(t: torch.Tensor) -> torch.Tensor:
-    """(C,) -> (1, C); (N, C) as is; (N, C, d1, ..., dk) -> (N*d1*...*dk, C)."""
-    if t.dim() == 1:
-        return t.unsqueeze(0)
-    if t.dim() == 2:
-        return t
-    return t.movedim(1, -1).reshape(-1, t.shape[1])

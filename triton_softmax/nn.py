@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import _reduction
 
 from triton_softmax import functional as F
+from triton_softmax.ops._checks import checked_softcap, checked_temperature, checked_z_loss
 
 __all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
@@ -60,14 +61,14 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
         super().__init__(weight, None, ignore_index, None, reduction, label_smoothing)
-        F.checked_softcap(softcap)
+        checked_softcap(softcap)
         self.softcap = softcap
-        self.z_loss = F.checked_z_loss(z_loss)
+        self.z_loss = checked_z_loss(z_loss)
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
         self.check_targets = check_targets
         self.process_group = process_group
-        self.temperature = F.checked_temperature(temperature)
+        self.temperature = checked_temperature(temperature)
         self.return_entropy = return_entropy
 
     def forward(
@@ -140,7 +141,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
         self.return_lse = return_lse
         self.process_group = process_group
-        self.temperature = F.checked_temperature(temperature)
+        self.temperature = checked_temperature(temperature)
         self.return_entropy = return_entropy
         self.linear = nn.Linear(
             in_features,

@@ -46,21 +46,22 @@ whole bf16 logits), which is what the chunking exists to avoid; torch's chunked 
 and Liger (by default) make the same choice. fp32 and fp64 inputs accumulate in their own dtype.
 ``grad_bias`` accumulates in fp32 (V floats).
 
-Registered ops (input [N, H], linear_weight [V, H], linear_bias [V] or None):
+Registered ops (input [N, H], linear_weight [V, H], linear_bias [V] or None; ``*options`` the
+six of ``CEOptions.flat()``: ignore_index, label_smoothing, z_loss, softcap, temperature,
+total_classes):
     torch.ops.triton_softmax.linear_cross_entropy(input, linear_weight, linear_bias, target,
-        weight, ignore_index, label_smoothing, z_loss, softcap, total_classes=0, chunk_rows=0,
-        temperature=1.0)
+        weight, *options, chunk_rows=0)
         -> (loss [N], lse [N], stats [3, N]), fp32 (fp64 for fp64 inputs); its backward
         recomputes each chunk:
     torch.ops.triton_softmax.linear_cross_entropy_with_entropy(same arguments)
         -> (loss, lse, entropy [N], stats), the entropy of softmax(tempered logits) from the
         same pass over each chunk; differentiable, through the same backward
-    torch.ops.triton_softmax.linear_cross_entropy_backward(grad_loss, grad_lse, ..., needs,
-        chunk_rows=0, temperature=1.0, grad_entropy=None, entropy=None)
+    torch.ops.triton_softmax.linear_cross_entropy_backward(grad_loss, grad_lse, input,
+        linear_weight, linear_bias, target, weight, stats, *options, needs, chunk_rows=0,
+        grad_entropy=None, entropy=None)
         -> (grad_input, grad_weight, grad_bias) ((0,)-shaped where not asked for)
     torch.ops.triton_softmax.linear_cross_entropy_reduced(input, linear_weight, linear_bias,
-        target, weight, ignore_index, label_smoothing, z_loss, softcap, denominator, needs,
-        chunk_rows=0, keep_gradients=False, temperature=1.0)
+        target, weight, *options, denominator, needs, chunk_rows=0, keep_gradients=False)
         -> (loss [] = sum of the per-row losses / denominator, lse [N], stats [3, N],
             grad_input, grad_weight, grad_bias): the gradients of that loss, formed in the
         forward; its backward multiplies them by the upstream gradient, in place unless
@@ -77,7 +78,9 @@ import torch
 import torch.nn.functional as F
 
 from triton_softmax.ops import cross_entropy as _ce
-from triton_softmax.ops._common import accumulator_dtype, check_floating
+from triton_softmax.ops._checks import check_class_indices, check_linear_operands
+from triton_softmax.ops._device import accumulator_dtype
+from triton_softmax.ops.options import CEOptions
 
 #: Bytes of one chunk's logits (input dtype) by device type; "cpu" for any other device.
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 4 << 20}
@@ -96,51 +99,14 @@ def chunk_rows(
     return max(1, min(rows, n_rows))
 
 
-def _check_operands(input, linear_weight, linear_bias, target, weight) -> bool:
-    """Validate the op's operands; return whether targets are class indices."""
-    check_floating(input, "linear_cross_entropy input")
-    if input.dim() != 2 or linear_weight.dim() != 2:
-        raise ValueError(
-            "linear_cross_entropy op expects input [N, H] and linear_weight [V, H], got "
-            f"{tuple(input.shape)} and {tuple(linear_weight.shape)}"
-        )
-    n_rows, n_features = input.shape
-    n_classes = linear_weight.shape[0]
-    if linear_weight.shape[1] != n_features:
-        raise ValueError(
-            f"input has {n_features} features but linear_weight {tuple(linear_weight.shape)} "
-            f"expects {linear_weight.shape[1]}"
-        )
-    for name, operand in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if operand is not None and operand.dtype != input.dtype:
-            raise TypeError(
-                f"linear_cross_entropy {name} must have the input's dtype {input.dtype}, "
-                f"got {operand.dtype}"
-            )
-    if linear_bias is not None and linear_bias.shape != (n_classes,):
-        raise ValueError(
-            f"linear_bias must have shape ({n_classes},), got {tuple(linear_bias.shape)}"
-        )
-    for name, operand in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if operand is not None and operand.device != input.device:
-            raise ValueError(
-                f"linear_cross_entropy {name} is on {operand.device} but the input is on "
-                f"{input.device}"
-            )
-    return _ce.check_targets(n_rows, n_classes, input.device, target, weight)
-
-
 class _Chunks:
     """The chunk loop's shared state: the problem, the chunk buffer, and the three GEMMs."""
 
     def __init__(
-        self, input, linear_weight, linear_bias, target, weight, options, rows, temperature=1.0
+        self, input, linear_weight, linear_bias, target, weight, options: CEOptions, rows: int
     ):  # fmt: skip
         self.input, self.linear_weight, self.linear_bias = input, linear_weight, linear_bias
-        self.target, self.weight, self.temperature = target, weight, temperature
-        # (ignore_index, label_smoothing, z_loss, softcap, total_classes)
-        self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = options[:4]
-        self.total_classes = options[4]
+        self.target, self.weight, self.options = target, weight, options
         n_rows, n_classes = input.shape[0], linear_weight.shape[0]
         self.step = chunk_rows(n_rows, n_classes, input.dtype, input.device, rows)
         self.buffer = input.new_empty(self.step, n_classes)  # reused by every chunk
@@ -159,17 +125,12 @@ class _Chunks:
         0-d), also dL/dZ_c written over ``logits`` in the same pass; with ``entropy`` (the
         chunk's rows of an [N] vector), the entropy written into it in the same pass."""
         return _ce.cross_entropy_forward(
-            logits=logits,
-            target=self.target[rows],
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            total_classes=self.total_classes,
+            logits,
+            self.target[rows],
+            self.weight,
+            self.options,
             grad_out=None if grad_scale is None else logits,
             grad_scale=grad_scale,
-            temperature=self.temperature,
             entropy_out=entropy,
         )
 
@@ -178,19 +139,14 @@ class _Chunks:
     ) -> torch.Tensor:
         """dL/dZ_c written over ``logits`` (cross_entropy's in-place backward)."""
         return _ce.cross_entropy_backward(
-            grad_loss=grad_loss,
-            grad_lse=grad_lse,
-            logits=logits,
-            target=self.target[rows],
-            weight=self.weight,
-            stats=stats,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            total_classes=self.total_classes,
+            grad_loss,
+            grad_lse,
+            logits,
+            self.target[rows],
+            self.weight,
+            stats,
+            self.options,
             out=logits,
-            temperature=self.temperature,
             grad_entropy=grad_entropy,
             entropy=entropy,
         )
@@ -232,10 +188,10 @@ def _finish(grads, input) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(input.new_empty(0) if g is None else g for g in (grad_x, grad_w, grad_b))
 
 
-def _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, total_classes):
-    is_index = _check_operands(input, linear_weight, linear_bias, target, weight)
-    if is_index and target.device.type == "cpu" and not total_classes and input.shape[0]:
-        _ce.check_class_indices(target, linear_weight.shape[0], ignore_index)
+def _prepare(input, linear_weight, linear_bias, target, weight, options: CEOptions):
+    is_index = check_linear_operands(input, linear_weight, linear_bias, target, weight)
+    if is_index and target.device.type == "cpu" and not options.total_classes and input.shape[0]:
+        check_class_indices(target, linear_weight.shape[0], options.ignore_index)
 
 
 def linear_cross_entropy_forward(
@@ -244,13 +200,8 @@ def linear_cross_entropy_forward(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    total_classes: int = 0,
+    options: CEOptions,
     chunk_rows: int = 0,
-    temperature: float = 1.0,
     entropy_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of ``input @ linear_weight.T + linear_bias`` (soft-capped when
@@ -260,23 +211,18 @@ def linear_cross_entropy_forward(
     Args:
         input: [N, H] floating; linear_weight: [V, H] and linear_bias: [V] or None, same dtype.
         target: [N] int64 class indices, or [N, V] floating probabilities.
-        weight, ignore_index, label_smoothing, z_loss: as cross_entropy's op.
-        softcap: 0 for none, else c in c tanh(z / c).
-        total_classes: 0, or the full problem's class count when ``linear_weight`` is one
-            rank's shard of the head (as cross_entropy's op).
+        weight: [V] class weights or None.
+        options: as cross_entropy's (:class:`CEOptions`); ``total_classes`` > 0 when
+            ``linear_weight`` is one rank's shard of the head.
         chunk_rows: rows per chunk; 0 picks them from ``CHUNK_BYTES``.
-        temperature: T > 0, as cross_entropy's forward.
         entropy_out: None, or a contiguous [N] tensor of the loss's dtype to write the entropy
             of softmax(tempered logits) into, formed in the same pass as the loss.
     Returns:
         loss [N], lse [N] and stats [3, N] (as cross_entropy's), fp32 (fp64 for fp64 input).
     """
-    _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, total_classes)
+    _prepare(input, linear_weight, linear_bias, target, weight, options)
     loss, lse, stats = _ce.row_outputs(input)
-    options = (ignore_index, label_smoothing, z_loss, softcap, total_classes)
-    chunks = _Chunks(
-        input, linear_weight, linear_bias, target, weight, options, chunk_rows, temperature
-    )
+    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
     for rows in chunks.slices:
         entropy = None if entropy_out is None else entropy_out[rows]
         loss[rows], lse[rows], stats[:, rows] = chunks.forward(
@@ -294,14 +240,9 @@ def linear_cross_entropy_backward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     stats: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    total_classes: int = 0,
+    options: CEOptions,
     needs: tuple[bool, bool, bool] = (True, True, True),
     chunk_rows: int = 0,
-    temperature: float = 1.0,
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,13 +255,12 @@ def linear_cross_entropy_backward(
         stats: [3, N] from the forward; the rest as in the forward.
         needs: which of (input, linear_weight, linear_bias) gradients to compute; the others
             come back as empty (0,) tensors.
-        temperature: as the forward's.
         grad_entropy: [N] upstream gradient of the entropy, or None; entropy: then the
             forward's [N] entropy.
     Returns:
         (grad_input [N, H], grad_weight [V, H], grad_bias [V]) in the input's dtype.
     """
-    _check_operands(input, linear_weight, linear_bias, target, weight)
+    check_linear_operands(input, linear_weight, linear_bias, target, weight)
     n_rows = input.shape[0]
     acc = accumulator_dtype(input.dtype)
     if stats.shape != (3, n_rows) or stats.dtype != acc:
@@ -328,10 +268,7 @@ def linear_cross_entropy_backward(
             f"stats must be the forward's (3, {n_rows}) {acc} tensor, got "
             f"{tuple(stats.shape)} {stats.dtype}"
         )
-    options = (ignore_index, label_smoothing, z_loss, softcap, total_classes)
-    chunks = _Chunks(
-        input, linear_weight, linear_bias, target, weight, options, chunk_rows, temperature
-    )
+    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
     grads = chunks.gradients(needs)
     if grad_entropy is not None and entropy is None:
         raise ValueError("linear_cross_entropy_backward: grad_entropy needs the forward's entropy")
@@ -353,19 +290,17 @@ def linear_cross_entropy_reduced(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
+    options: CEOptions,
     denominator: torch.Tensor,
     needs: tuple[bool, bool, bool] = (True, True, True),
     chunk_rows: int = 0,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
     """The summed per-row losses over ``denominator`` (a mean or a sum) and its gradients, in
     one pass over the chunks: three GEMMs per chunk.
 
     Args:
+        options: as :func:`linear_cross_entropy_forward`'s, with ``total_classes`` 0 (the
+            vocab-parallel path reduces its merged per-row losses itself).
         denominator: a 0-d tensor: the mean's (summed weights of the counted targets, or the
             row count), or 1 for a sum. Each row's upstream gradient is 1 / denominator.
         needs: which of (input, linear_weight, linear_bias) gradients to form.
@@ -375,14 +310,13 @@ def linear_cross_entropy_reduced(
         stats in fp32 (fp64 for fp64 input), the gradients in the input's dtype and (0,)-shaped
         where not asked for.
     """
-    _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, 0)
+    if options.total_classes:
+        raise ValueError("linear_cross_entropy_reduced does not take sharded classes")
+    _prepare(input, linear_weight, linear_bias, target, weight, options)
     if denominator.dim() != 0:
         raise ValueError(f"denominator must be a 0-d tensor, got {tuple(denominator.shape)}")
     loss, lse, stats = _ce.row_outputs(input)
-    options = (ignore_index, label_smoothing, z_loss, softcap, 0)
-    chunks = _Chunks(
-        input, linear_weight, linear_bias, target, weight, options, chunk_rows, temperature
-    )
+    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
     grads = chunks.gradients(needs)
     # Every row's upstream gradient; the chunk's gradient is written in its forward pass.
     scale = 1.0 / denominator.to(loss.dtype) if any(g is not None for g in grads) else None
@@ -400,15 +334,15 @@ def linear_cross_entropy_reduced(
 # --------------------------------------------------------------------------------------
 
 
-def _rows(input, linear_weight, linear_bias, target, weight, options, entropy: bool):
+def _rows(input, linear_weight, linear_bias, target, weight, options, chunk_rows, entropy):
     """``linear_cross_entropy`` and, with ``entropy``, ``linear_cross_entropy_with_entropy``:
     per-row (loss, lse, stats), or (loss, lse, entropy, stats) with the entropy formed in the
-    same pass over each chunk. ``options``: the ops' arguments from ``ignore_index`` on."""
+    same pass over each chunk."""
     entropy_out = None
     if entropy:
         entropy_out = input.new_empty(input.shape[0], dtype=accumulator_dtype(input.dtype))
     loss, lse, stats = linear_cross_entropy_forward(
-        input, linear_weight, linear_bias, target, weight, *options, entropy_out=entropy_out
+        input, linear_weight, linear_bias, target, weight, options, chunk_rows, entropy_out
     )
     return (loss, lse, stats) if entropy_out is None else (loss, lse, entropy_out, stats)
 
@@ -424,15 +358,13 @@ def linear_cross_entropy_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
-    total_classes: int = 0,
+    temperature: float,
+    total_classes: int,
     chunk_rows: int = 0,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, stats) of the fused linear + cross-entropy; see the module docstring."""
-    options = (ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows)
-    return _rows(
-        input, linear_weight, linear_bias, target, weight, (*options, temperature), entropy=False
-    )
+    options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
+    return _rows(input, linear_weight, linear_bias, target, weight, options, chunk_rows, False)
 
 
 @torch.library.custom_op("triton_softmax::linear_cross_entropy_with_entropy", mutates_args=())
@@ -446,27 +378,25 @@ def linear_cross_entropy_with_entropy_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
-    total_classes: int = 0,
+    temperature: float,
+    total_classes: int,
     chunk_rows: int = 0,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse, entropy, stats): ``linear_cross_entropy`` plus the entropy of
     softmax(tempered logits), formed in the same pass over each chunk, differentiable."""
-    options = (ignore_index, label_smoothing, z_loss, softcap, total_classes, chunk_rows)
-    return _rows(
-        input, linear_weight, linear_bias, target, weight, (*options, temperature), entropy=True
-    )
+    options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
+    return _rows(input, linear_weight, linear_bias, target, weight, options, chunk_rows, True)
 
 
 @linear_cross_entropy_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, *options):
-    _check_operands(input, linear_weight, linear_bias, target, weight)
+    check_linear_operands(input, linear_weight, linear_bias, target, weight)
     return _ce.fake_rows(False, input)
 
 
 @linear_cross_entropy_with_entropy_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, *options):
-    _check_operands(input, linear_weight, linear_bias, target, weight)
+    check_linear_operands(input, linear_weight, linear_bias, target, weight)
     return _ce.fake_rows(True, input)
 
 
@@ -484,18 +414,18 @@ def linear_cross_entropy_backward_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    temperature: float,
     total_classes: int,
     needs: list[bool],
     chunk_rows: int = 0,
-    temperature: float = 1.0,
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias); (0,)-shaped where ``needs`` says no."""
+    options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
     return linear_cross_entropy_backward(
-        grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
-        ignore_index, label_smoothing, z_loss, softcap, total_classes, tuple(needs), chunk_rows,
-        temperature, grad_entropy, entropy,
+        grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats, options,
+        tuple(needs), chunk_rows, grad_entropy, entropy,
     )  # fmt: skip
 
 
@@ -509,8 +439,8 @@ def _fake_gradients(input, linear_weight, linear_bias, needs):
 
 
 @linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats, *options):
-    needs = options[5]  # after ignore_index, label_smoothing, z_loss, softcap, total_classes
+def _(grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats, *rest):
+    needs = rest[6]  # after the six options
     return _fake_gradients(input, linear_weight, linear_bias, needs)
 
 
@@ -525,25 +455,26 @@ def linear_cross_entropy_reduced_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    temperature: float,
+    total_classes: int,
     denominator: torch.Tensor,
     needs: list[bool],
     chunk_rows: int = 0,
     keep_gradients: bool = False,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], lse, stats, grad_input, grad_weight, grad_bias) of a mean or sum; see the module
     docstring. ``keep_gradients``: the backward scales copies (a second backward works)."""
+    options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
     return linear_cross_entropy_reduced(
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-        z_loss, softcap, denominator, tuple(needs), chunk_rows, temperature,
+        input, linear_weight, linear_bias, target, weight, options, denominator, tuple(needs),
+        chunk_rows,
     )  # fmt: skip
 
 
 @linear_cross_entropy_reduced_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss,
-      softcap, denominator, needs, chunk_rows=0, keep_gradients=False,
-      temperature=1.0):  # fmt: skip
-    _check_operands(input, linear_weight, linear_bias, target, weight)
+def _(input, linear_weight, linear_bias, target, weight, *rest):
+    check_linear_operands(input, linear_weight, linear_bias, target, weight)
+    needs = rest[7]  # after the six options and the denominator
     loss, lse, stats = _ce.row_outputs(input)
     return (
         loss.new_empty(()),
@@ -572,21 +503,20 @@ def _unfused_gradients(ctx, tensors, grad_rows, grad_lse, grad_entropy=None):
     logits (cross_entropy's :func:`composite_gradients`), as a differentiable graph: the
     double-backward path (``create_graph=True``), which holds the [N, V] logits."""
     input, linear_weight, linear_bias, target, weight = tensors
-    options = (*ctx.options[:5], ctx.options[6])  # without chunk_rows
     return _ce.composite_gradients(
         tensors[:3], ctx.needs_input_grad[:3], F.linear(input, linear_weight, linear_bias),
-        target, weight, options, grad_rows, grad_lse, grad_entropy,
+        target, weight, ctx.options, grad_rows, grad_lse, grad_entropy,
         "linear_cross_entropy with a sharded head",
     )  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, linear_weight, linear_bias, target, weight, *options = inputs
+    input, linear_weight, linear_bias, target, weight, *flat, chunk_rows = inputs
     stats = output[-1]
     entropy = output[2] if len(output) == 4 else None  # linear_cross_entropy_with_entropy
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, entropy)
-    # ignore_index, label_smoothing, z_loss, softcap, total, chunk_rows, temperature
-    ctx.options = options
+    ctx.options = CEOptions(*flat)
+    ctx.chunk_rows = chunk_rows
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
@@ -606,7 +536,7 @@ def _backward(ctx, grad_loss, grad_lse, *grads):
     needs = list(ctx.needs_input_grad[:3])
     grad_input, grad_weight, grad_bias = linear_cross_entropy_backward_op(
         grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
-        *ctx.options[:5], needs, ctx.options[5], ctx.options[6], grad_entropy,
+        *ctx.options.flat(), needs, ctx.chunk_rows, grad_entropy,
         None if grad_entropy is None else entropy,
     )  # fmt: skip
     return (
@@ -623,13 +553,13 @@ linear_cross_entropy_with_entropy_op.register_autograd(_backward, setup_context=
 
 def _reduced_setup_context(ctx, inputs, output) -> None:
     input, linear_weight, linear_bias, target, weight = inputs[:5]
-    ignore_index, label_smoothing, z_loss, softcap, denominator = inputs[5:10]
-    _, chunk_size, keep, temperature = inputs[10:]
+    *flat, denominator, _, chunk_rows, keep = inputs[5:]
     _, _, stats, *grads = output
     ctx.save_for_backward(
         input, linear_weight, linear_bias, target, weight, stats, denominator, *grads
     )
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, 0, chunk_size, temperature)
+    ctx.options = CEOptions(*flat)
+    ctx.chunk_rows = chunk_rows
     ctx.keep_gradients = keep
     ctx.consumed = False
     ctx.mark_non_differentiable(stats, *grads)
@@ -656,7 +586,7 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
         grads = _unfused_gradients(
             ctx, (input, linear_weight, linear_bias, target, weight), grad_rows, grad_lse
         )
-        return (*grads, *[None] * 11)
+        return (*grads, *[None] * 12)
     operands = (input, linear_weight, linear_bias)
     for need, formed_grad, like in zip(needs, formed, operands, strict=True):
         if need and like is not None and formed_grad.shape != like.shape:
@@ -681,10 +611,10 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
     if grad_lse is not None:  # a per-row upstream gradient: recompute the chunks for it
         extra = linear_cross_entropy_backward_op(
             torch.zeros_like(stats[0]), grad_lse, input, linear_weight, linear_bias, target,
-            weight, stats, *ctx.options[:5], list(needs), ctx.options[5], ctx.options[6],
+            weight, stats, *ctx.options.flat(), list(needs), ctx.chunk_rows,
         )  # fmt: skip
         grads = [None if g is None else g + e for g, e in zip(grads, extra, strict=True)]
-    return (*grads, *[None] * 11)
+    return (*grads, *[None] * 12)
 
 
 linear_cross_entropy_reduced_op.register_autograd(
