@@ -115,10 +115,21 @@ def _bits(weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_ranks(
-    group, *, function: str, batch_shape, features: int, dtype: torch.dtype,
-    local_classes: int, target: torch.Tensor, weight, options: CEOptions, reduction: str,
-    check_targets: bool, device: torch.device, return_entropy: bool = False,
-) -> tuple[int, int]:  # fmt: skip
+    group,
+    *,
+    function: str,
+    batch_shape,
+    features: int,
+    dtype: torch.dtype,
+    local_classes: int,
+    target: torch.Tensor,
+    weight,
+    options: CEOptions,
+    reduction: str,
+    check_targets: bool,
+    device: torch.device,
+    return_entropy: bool = False,
+) -> tuple[int, int]:
     """Gather what every rank must agree on, with its shard size, in one all_gather; raise
     the same error on every rank where they do not agree.
 
@@ -194,8 +205,9 @@ def check_ranks(
         values = [row[column] for row in table]
         if any(v != values[0] for v in values):
             each = [f"rank {r} {show(v)}" for r, v in enumerate(values)] if show else []
-            raise ValueError(f"{where}: the ranks disagree on {what}" + ": " * bool(each)
-                             + ", ".join(each))  # fmt: skip
+            raise ValueError(
+                f"{where}: the ranks disagree on {what}" + ": " * bool(each) + ", ".join(each)
+            )
     sizes = [row[0] for row in table]
     rank, total = dist.get_rank(group), sum(sizes)
     if total == 0 and rows > 0:
@@ -373,9 +385,17 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, input, linear_weight, linear_bias, target, weight, options: CEOptions, group,
-        layout, return_entropy,
-    ):  # fmt: skip
+        ctx,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        options: CEOptions,
+        group,
+        layout,
+        return_entropy,
+    ):
         start, total = layout
         local_classes = linear_weight.shape[0]
         local_t = local_target(target, start, start + local_classes, options.ignore_index)
@@ -412,18 +432,33 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             needs[0] = True  # every rank takes part in the all-reduce below
             grad_input, grad_weight, grad_bias = (
                 torch.ops.triton_softmax.linear_cross_entropy_backward.default(
-                    grad_loss, grad_lse, input, linear_weight, linear_bias, local_t, local_w,
-                    stats, *ctx.options.flat(), needs, 0, grad_entropy,
+                    grad_loss,
+                    grad_lse,
+                    input,
+                    linear_weight,
+                    linear_bias,
+                    local_t,
+                    local_w,
+                    stats,
+                    *ctx.options.flat(),
+                    needs,
+                    0,
+                    grad_entropy,
                     None if grad_entropy is None else entropy,
                 )
-            )  # fmt: skip
+            )
         dist.all_reduce(grad_input, group=ctx.group)
         return (
             grad_input if ctx.needs_input_grad[0] else None,
             grad_weight if needs[1] else None,
             grad_bias if needs[2] else None,
-            None, None, None, None, None, None,
-        )  # fmt: skip
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -433,9 +468,18 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
 
 def _reduced_outputs(
-    loss, lse, entropy, target, weight, reduction, options, total, batch_shape, out_dtype,
+    loss,
+    lse,
+    entropy,
+    target,
+    weight,
+    reduction,
+    options,
+    total,
+    batch_shape,
+    out_dtype,
     return_lse,
-):  # fmt: skip
+):
     """The merged per-row (loss, lse, entropy) reduced and shaped as the functional API
     returns them."""
     loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
@@ -449,9 +493,16 @@ def _reduced_outputs(
 
 
 def cross_entropy(
-    input, target, weight, reduction: str, options: CEOptions, group, check_targets: bool,
-    return_lse: bool, return_entropy: bool,
-):  # fmt: skip
+    input,
+    target,
+    weight,
+    reduction: str,
+    options: CEOptions,
+    group,
+    check_targets: bool,
+    return_lse: bool,
+    return_entropy: bool,
+):
     """``triton_softmax.cross_entropy(..., process_group=group)`` on validated arguments:
     ``input`` is this rank's logits in any of torch's layouts."""
     is_index = not target.is_floating_point()
@@ -466,37 +517,84 @@ def cross_entropy(
     logits = class_dim_last(input)
     target = target.reshape(-1) if is_index else class_dim_last(target)
     layout = check_ranks(
-        group, function="cross_entropy", batch_shape=batch_shape, features=0,
-        dtype=logits.dtype, local_classes=logits.shape[1], target=target, weight=weight,
-        options=options, reduction=reduction, check_targets=check_targets,
-        device=logits.device, return_entropy=return_entropy,
-    )  # fmt: skip
+        group,
+        function="cross_entropy",
+        batch_shape=batch_shape,
+        features=0,
+        dtype=logits.dtype,
+        local_classes=logits.shape[1],
+        target=target,
+        weight=weight,
+        options=options,
+        reduction=reduction,
+        check_targets=check_targets,
+        device=logits.device,
+        return_entropy=return_entropy,
+    )
     loss, lse, entropy = VocabParallelCrossEntropy.apply(
         logits, target, weight, options, group, layout, return_entropy
     )
     return _reduced_outputs(
-        loss, lse, entropy, target, weight, reduction, options, layout[1], batch_shape,
-        out_dtype, return_lse,
-    )  # fmt: skip
+        loss,
+        lse,
+        entropy,
+        target,
+        weight,
+        reduction,
+        options,
+        layout[1],
+        batch_shape,
+        out_dtype,
+        return_lse,
+    )
 
 
 def linear_cross_entropy(
-    x, linear_weight, linear_bias, target, weight, reduction: str, options: CEOptions, group,
-    check_targets: bool, return_lse: bool, return_entropy: bool, batch_shape, out_dtype,
-):  # fmt: skip
+    x,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    reduction: str,
+    options: CEOptions,
+    group,
+    check_targets: bool,
+    return_lse: bool,
+    return_entropy: bool,
+    batch_shape,
+    out_dtype,
+):
     """``triton_softmax.linear_cross_entropy(..., process_group=group)`` on validated
     arguments: ``x`` [N, H], this rank's ``linear_weight`` [V_r, H] (and bias), ``target`` [N]
     or this rank's [N, V_r] probabilities."""
     layout = check_ranks(
-        group, function="linear_cross_entropy", batch_shape=batch_shape, features=x.shape[1],
-        dtype=x.dtype, local_classes=linear_weight.shape[0], target=target, weight=weight,
-        options=options, reduction=reduction, check_targets=check_targets, device=x.device,
+        group,
+        function="linear_cross_entropy",
+        batch_shape=batch_shape,
+        features=x.shape[1],
+        dtype=x.dtype,
+        local_classes=linear_weight.shape[0],
+        target=target,
+        weight=weight,
+        options=options,
+        reduction=reduction,
+        check_targets=check_targets,
+        device=x.device,
         return_entropy=return_entropy,
-    )  # fmt: skip
+    )
     loss, lse, entropy = VocabParallelLinearCrossEntropy.apply(
         x, linear_weight, linear_bias, target, weight, options, group, layout, return_entropy
     )
     return _reduced_outputs(
-        loss, lse, entropy, target, weight, reduction, options, layout[1], batch_shape,
-        out_dtype, return_lse,
-    )  # fmt: skip
+        loss,
+        lse,
+        entropy,
+        target,
+        weight,
+        reduction,
+        options,
+        layout[1],
+        batch_shape,
+        out_dtype,
+        return_lse,
+    )

@@ -257,9 +257,18 @@ def cross_entropy(
         if not target.is_floating_point():
             target = target.reshape(())  # torch accepts (C,) logits with a (1,) target
     target, weight, reduction, options = checked_options(
-        "cross_entropy", target, weight, reduction, label_smoothing, ignore_index, softcap,
-        z_loss, temperature, batch_shape, input.shape,
-    )  # fmt: skip
+        "cross_entropy",
+        target,
+        weight,
+        reduction,
+        label_smoothing,
+        ignore_index,
+        softcap,
+        z_loss,
+        temperature,
+        batch_shape,
+        input.shape,
+    )
     return_entropy = bool(return_entropy)
     if inplace_backward and _is_leaf_requiring_grad(input):
         raise ValueError(
@@ -275,23 +284,44 @@ def cross_entropy(
                 "cross_entropy with process_group under torch.func transforms"
             )
         return _vocab_parallel().cross_entropy(
-            input, target, weight, reduction, options, process_group, check_targets,
-            return_lse, return_entropy,
-        )  # fmt: skip
+            input,
+            target,
+            weight,
+            reduction,
+            options,
+            process_group,
+            check_targets,
+            return_lse,
+            return_entropy,
+        )
     if _with_torch(input):
         return _torch_math.cross_entropy(
             input, target, weight, reduction, options, return_lse, return_entropy
         )
     return _kernel_cross_entropy(
-        input, target, weight, reduction, options, return_lse, inplace_backward, check_targets,
+        input,
+        target,
+        weight,
+        reduction,
+        options,
+        return_lse,
+        inplace_backward,
+        check_targets,
         return_entropy,
-    )  # fmt: skip
+    )
 
 
 def _kernel_cross_entropy(
-    input, target, weight, reduction: str, options: CEOptions, return_lse, inplace_backward,
-    check_targets, return_entropy,
-):  # fmt: skip
+    input,
+    target,
+    weight,
+    reduction: str,
+    options: CEOptions,
+    return_lse,
+    inplace_backward,
+    check_targets,
+    return_entropy,
+):
     """cross_entropy on the registered ops (compiled or interpreted kernels)."""
     out_dtype = _torch_math.loss_dtype(input, target)
     is_index = not target.is_floating_point()
@@ -455,10 +485,18 @@ def linear_cross_entropy(
             "ignore_index cannot be given when target contains probabilities (as in torch)"
         )
     target, weight, reduction, ce_options = checked_options(
-        "linear_cross_entropy", target, weight, reduction, label_smoothing,
-        -100 if ignore_index is None else ignore_index, softcap, z_loss, temperature,
-        batch_shape, logits_shape,
-    )  # fmt: skip
+        "linear_cross_entropy",
+        target,
+        weight,
+        reduction,
+        label_smoothing,
+        -100 if ignore_index is None else ignore_index,
+        softcap,
+        z_loss,
+        temperature,
+        batch_shape,
+        logits_shape,
+    )
     return_entropy = bool(return_entropy)
     out_dtype = _torch_math.loss_dtype(input, target)
     if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
@@ -477,19 +515,54 @@ def linear_cross_entropy(
             )
         target = target.reshape(x.shape[0], *target.shape[input.dim() - 1 :])
         return _vocab_parallel().linear_cross_entropy(
-            x, linear_weight, linear_bias, target, weight, reduction, ce_options, process_group,
-            check_targets, return_lse, return_entropy, batch_shape, out_dtype,
-        )  # fmt: skip
+            x,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            reduction,
+            ce_options,
+            process_group,
+            check_targets,
+            return_lse,
+            return_entropy,
+            batch_shape,
+            out_dtype,
+        )
     return _kernel_linear_cross_entropy(
-        x, linear_weight, linear_bias, target, weight, reduction, ce_options, positions,
-        batch_shape, out_dtype, options, check_targets, return_lse, return_entropy,
-    )  # fmt: skip
+        x,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        reduction,
+        ce_options,
+        positions,
+        batch_shape,
+        out_dtype,
+        options,
+        check_targets,
+        return_lse,
+        return_entropy,
+    )
 
 
 def _kernel_linear_cross_entropy(
-    x, linear_weight, linear_bias, target, weight, reduction: str, ce_options: CEOptions,
-    positions, batch_shape, out_dtype, options, check_targets, return_lse, return_entropy,
-):  # fmt: skip
+    x,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    reduction: str,
+    ce_options: CEOptions,
+    positions,
+    batch_shape,
+    out_dtype,
+    options,
+    check_targets,
+    return_lse,
+    return_entropy,
+):
     """linear_cross_entropy on the registered ops (every device: the chunks' GEMMs are the
     vendor's, their cross-entropy the kernels or the plain-torch math), one fused call per
     position of a K-dimensional loss; ``x`` is [N, H]."""

@@ -199,9 +199,18 @@ def checked_number(value, requirement: str, *, zero_allowed: bool, type_error) -
 
 
 def checked_options(
-    function, target, weight, reduction, label_smoothing, ignore_index, softcap, z_loss,
-    temperature, batch_shape, logits_shape,
-) -> tuple[torch.Tensor, torch.Tensor | None, str, CEOptions]:  # fmt: skip
+    function,
+    target,
+    weight,
+    reduction,
+    label_smoothing,
+    ignore_index,
+    softcap,
+    z_loss,
+    temperature,
+    batch_shape,
+    logits_shape,
+) -> tuple[torch.Tensor, torch.Tensor | None, str, CEOptions]:
     """Validate what cross_entropy and linear_cross_entropy share, in torch's terms.
 
     Returns (target, weight, reduction, options) normalised: class indices as int64 of

@@ -127,9 +127,17 @@ def cross_entropy_rows(logits, target, weight, options: CEOptions, loss, lse, st
 
 
 def cross_entropy_gradient(
-    grad_loss, grad_lse, logits, target, weight, stats, options: CEOptions, out,
-    grad_entropy=None, entropy=None,
-):  # fmt: skip
+    grad_loss,
+    grad_lse,
+    logits,
+    target,
+    weight,
+    stats,
+    options: CEOptions,
+    out,
+    grad_entropy=None,
+    entropy=None,
+):
     """The cross-entropy backward kernel: the logits' gradient from the forward's stats,
     written into ``out``."""
     acc = stats.dtype
@@ -184,9 +192,11 @@ def target_gradient(logits, target, weight, stats, options: CEOptions, grad_loss
 def loss_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
     """torch's dtype for a cross-entropy's loss: the logits' (class indices) or the promoted
     dtype of logits and probabilities; float32 for 16-bit logits under torch.autocast."""
-    dtype = input.dtype if not target.is_floating_point() else torch.promote_types(
-        input.dtype, target.dtype
-    )  # fmt: skip
+    dtype = (
+        input.dtype
+        if not target.is_floating_point()
+        else torch.promote_types(input.dtype, target.dtype)
+    )
     if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
         return torch.float32
     return dtype
@@ -242,9 +252,14 @@ def outputs(loss, lse, entropy, return_lse: bool):
 
 
 def cross_entropy(
-    input, target, weight, reduction: str, options: CEOptions, return_lse: bool = False,
+    input,
+    target,
+    weight,
+    reduction: str,
+    options: CEOptions,
+    return_lse: bool = False,
     return_entropy: bool = False,
-):  # fmt: skip
+):
     """``F.cross_entropy`` in torch's layouts ((C,), (N, C), (N, C, d1, ...)), with the
     extras composed from torch ops; differentiable to any order and under torch.func."""
     out_dtype = loss_dtype(input, target)

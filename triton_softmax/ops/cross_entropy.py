@@ -178,13 +178,24 @@ def cross_entropy_forward(
         )
         if grad_out is not None:
             _torch_math.cross_entropy_gradient(
-                grad_scale.reshape(()).expand(n_rows), None, logits, target, weight, stats,
-                options, grad_out,
-            )  # fmt: skip
+                grad_scale.reshape(()).expand(n_rows),
+                None,
+                logits,
+                target,
+                weight,
+                stats,
+                options,
+                grad_out,
+            )
         return loss, lse, stats
     row_max, log_sum, target_mass = stats
     _launch(
-        "forward", logits, target, weight, options, block_n,
+        "forward",
+        logits,
+        target,
+        weight,
+        options,
+        block_n,
         loss_ptr=loss,
         lse_ptr=lse,
         row_max_ptr=row_max,
@@ -196,7 +207,7 @@ def cross_entropy_forward(
         grad_scale_ptr=loss if grad_scale is None else grad_scale,
         grad_logits_row_stride=0 if grad_out is None else grad_out.stride(0),
         WRITE_GRAD=grad_out is not None,
-    )  # fmt: skip
+    )
     return loss, lse, stats
 
 
@@ -238,8 +249,10 @@ def cross_entropy_backward(
             raise ValueError("cross_entropy_backward: grad_entropy needs the forward's entropy")
         check_row_vector(entropy, "entropy", n_rows, acc, logits.device)
     for name, vector in (
-        ("grad_loss", grad_loss), ("grad_lse", grad_lse), ("grad_entropy", grad_entropy)
-    ):  # fmt: skip
+        ("grad_loss", grad_loss),
+        ("grad_lse", grad_lse),
+        ("grad_entropy", grad_entropy),
+    ):
         if vector is not None and (vector.shape != (n_rows,) or vector.device != logits.device):
             raise ValueError(
                 f"{name} must have shape ({n_rows},) on {logits.device}, got "
@@ -260,15 +273,28 @@ def cross_entropy_backward(
         return out
     if kernel_path(logits) == "torch":
         _torch_math.cross_entropy_gradient(
-            grad_loss, grad_lse, logits, target, weight, stats, options, out, grad_entropy,
+            grad_loss,
+            grad_lse,
+            logits,
+            target,
+            weight,
+            stats,
+            options,
+            out,
+            grad_entropy,
             entropy,
-        )  # fmt: skip
+        )
         return out
     lse_pointer = grad_loss if grad_lse is None else grad_lse  # unread without grad_lse
     h_pointer = grad_loss if grad_entropy is None else grad_entropy  # unread without it
     row_max, log_sum, target_mass = stats
     _launch(
-        "backward", logits, target, weight, options, block_n,
+        "backward",
+        logits,
+        target,
+        weight,
+        options,
+        block_n,
         grad_logits_ptr=out,
         grad_loss_ptr=grad_loss,
         grad_lse_ptr=lse_pointer,
@@ -283,7 +309,7 @@ def cross_entropy_backward(
         entropy_ptr=h_pointer if entropy is None else entropy,
         grad_entropy_stride=h_pointer.stride(0),
         HAS_GRAD_ENTROPY=grad_entropy is not None,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -387,9 +413,16 @@ def cross_entropy_backward_op(
     """The logits' gradient as a new tensor."""
     options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
     return cross_entropy_backward(
-        grad_loss, grad_lse, logits, target, weight, stats, options,
-        grad_entropy=grad_entropy, entropy=entropy,
-    )  # fmt: skip
+        grad_loss,
+        grad_lse,
+        logits,
+        target,
+        weight,
+        stats,
+        options,
+        grad_entropy=grad_entropy,
+        entropy=entropy,
+    )
 
 
 @cross_entropy_backward_op.register_fake
@@ -419,9 +452,17 @@ def cross_entropy_backward_inplace_op(
     instead of silently reading the gradient."""
     options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
     cross_entropy_backward(
-        grad_loss, grad_lse, logits, target, weight, stats, options, out=logits,
-        grad_entropy=grad_entropy, entropy=entropy,
-    )  # fmt: skip
+        grad_loss,
+        grad_lse,
+        logits,
+        target,
+        weight,
+        stats,
+        options,
+        out=logits,
+        grad_entropy=grad_entropy,
+        entropy=entropy,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -436,9 +477,17 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def composite_gradients(
-    inputs, needs, logits, target, weight, options: CEOptions, grad_loss, grad_lse, grad_entropy,
+    inputs,
+    needs,
+    logits,
+    target,
+    weight,
+    options: CEOptions,
+    grad_loss,
+    grad_lse,
+    grad_entropy,
     what,
-):  # fmt: skip
+):
     """Gradients by torch's own functions, as a differentiable graph: the double-backward path
     (``create_graph=True``) of the cross-entropy ops and of the fused linear ones.
 
@@ -484,9 +533,17 @@ def _backward(ctx, grad_loss, grad_lse, *grads):
         grad_loss = torch.zeros_like(stats[0])
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
         grads = composite_gradients(
-            (logits, target), ctx.needs_input_grad[:2], logits, target, weight, ctx.options,
-            grad_loss, grad_lse, grad_entropy, "cross_entropy with sharded classes",
-        )  # fmt: skip
+            (logits, target),
+            ctx.needs_input_grad[:2],
+            logits,
+            target,
+            weight,
+            ctx.options,
+            grad_loss,
+            grad_lse,
+            grad_entropy,
+            "cross_entropy with sharded classes",
+        )
         return (*grads, *[None] * 8)
 
     grad_target = None

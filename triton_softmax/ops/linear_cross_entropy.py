@@ -104,7 +104,7 @@ class _Chunks:
 
     def __init__(
         self, input, linear_weight, linear_bias, target, weight, options: CEOptions, rows: int
-    ):  # fmt: skip
+    ):
         self.input, self.linear_weight, self.linear_bias = input, linear_weight, linear_bias
         self.target, self.weight, self.options = target, weight, options
         n_rows, n_classes = input.shape[0], linear_weight.shape[0]
@@ -275,11 +275,14 @@ def linear_cross_entropy_backward(
     if any(g is not None for g in grads):
         for k, rows in enumerate(chunks.slices):
             grad_z = chunks.gradient(
-                chunks.logits(rows), rows, grad_loss[rows],
-                None if grad_lse is None else grad_lse[rows], stats[:, rows].contiguous(),
+                chunks.logits(rows),
+                rows,
+                grad_loss[rows],
+                None if grad_lse is None else grad_lse[rows],
+                stats[:, rows].contiguous(),
                 None if grad_entropy is None else grad_entropy[rows],
                 None if grad_entropy is None else entropy[rows].contiguous(),
-            )  # fmt: skip
+            )
             chunks.accumulate(grad_z, rows, grads, first=k == 0)
     return _finish(grads, input)
 
@@ -424,9 +427,20 @@ def linear_cross_entropy_backward_op(
     """(grad_input, grad_weight, grad_bias); (0,)-shaped where ``needs`` says no."""
     options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
     return linear_cross_entropy_backward(
-        grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats, options,
-        tuple(needs), chunk_rows, grad_entropy, entropy,
-    )  # fmt: skip
+        grad_loss,
+        grad_lse,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        stats,
+        options,
+        tuple(needs),
+        chunk_rows,
+        grad_entropy,
+        entropy,
+    )
 
 
 def _fake_gradients(input, linear_weight, linear_bias, needs):
@@ -466,9 +480,16 @@ def linear_cross_entropy_reduced_op(
     docstring. ``keep_gradients``: the backward scales copies (a second backward works)."""
     options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, temperature, total_classes)
     return linear_cross_entropy_reduced(
-        input, linear_weight, linear_bias, target, weight, options, denominator, tuple(needs),
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        options,
+        denominator,
+        tuple(needs),
         chunk_rows,
-    )  # fmt: skip
+    )
 
 
 @linear_cross_entropy_reduced_op.register_fake
@@ -504,10 +525,17 @@ def _unfused_gradients(ctx, tensors, grad_rows, grad_lse, grad_entropy=None):
     double-backward path (``create_graph=True``), which holds the [N, V] logits."""
     input, linear_weight, linear_bias, target, weight = tensors
     return _ce.composite_gradients(
-        tensors[:3], ctx.needs_input_grad[:3], F.linear(input, linear_weight, linear_bias),
-        target, weight, ctx.options, grad_rows, grad_lse, grad_entropy,
+        tensors[:3],
+        ctx.needs_input_grad[:3],
+        F.linear(input, linear_weight, linear_bias),
+        target,
+        weight,
+        ctx.options,
+        grad_rows,
+        grad_lse,
+        grad_entropy,
         "linear_cross_entropy with a sharded head",
-    )  # fmt: skip
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -529,22 +557,35 @@ def _backward(ctx, grad_loss, grad_lse, *grads):
         grad_loss = torch.zeros_like(stats[0])
     if _creating_graph():
         grads = _unfused_gradients(
-            ctx, (input, linear_weight, linear_bias, target, weight), grad_loss, grad_lse,
+            ctx,
+            (input, linear_weight, linear_bias, target, weight),
+            grad_loss,
+            grad_lse,
             grad_entropy,
-        )  # fmt: skip
+        )
         return (*grads, *[None] * 9)
     needs = list(ctx.needs_input_grad[:3])
     grad_input, grad_weight, grad_bias = linear_cross_entropy_backward_op(
-        grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, stats,
-        *ctx.options.flat(), needs, ctx.chunk_rows, grad_entropy,
+        grad_loss,
+        grad_lse,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        stats,
+        *ctx.options.flat(),
+        needs,
+        ctx.chunk_rows,
+        grad_entropy,
         None if grad_entropy is None else entropy,
-    )  # fmt: skip
+    )
     return (
         grad_input if needs[0] else None,
         grad_weight if needs[1] else None,
         grad_bias if needs[2] else None,
         *[None] * 9,
-    )  # fmt: skip
+    )
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -610,9 +651,18 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
             grads.append(formed_grad * grad_loss)
     if grad_lse is not None:  # a per-row upstream gradient: recompute the chunks for it
         extra = linear_cross_entropy_backward_op(
-            torch.zeros_like(stats[0]), grad_lse, input, linear_weight, linear_bias, target,
-            weight, stats, *ctx.options.flat(), list(needs), ctx.chunk_rows,
-        )  # fmt: skip
+            torch.zeros_like(stats[0]),
+            grad_lse,
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            stats,
+            *ctx.options.flat(),
+            list(needs),
+            ctx.chunk_rows,
+        )
         grads = [None if g is None else g + e for g, e in zip(grads, extra, strict=True)]
     return (*grads, *[None] * 12)
 

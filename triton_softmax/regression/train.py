@@ -376,9 +376,14 @@ def train(
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     kernel = ts.kernel_path(x_train)
     result = fit(
-        model, x_train, y_train, config, loss_fn=SoftmaxRegression.loss, progress=progress,
+        model,
+        x_train,
+        y_train,
+        config,
+        loss_fn=SoftmaxRegression.loss,
+        progress=progress,
         desc="train",
-    )  # fmt: skip
+    )
     metrics: dict[str, Any] = {
         "train_accuracy": accuracy(model, x_train, y_train),
         "test_accuracy": accuracy(model, x_test, y_test),
