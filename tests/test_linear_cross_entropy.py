@@ -445,23 +445,26 @@ def test_chunk_size_from_torchs_options(monkeypatch):
         ts.linear_cross_entropy(x, w, target, options={"batch_chunk_size": 4})
 
 
-def test_retain_graph_needs_allow_retain_graph():
+@pytest.mark.parametrize("allow_retain_graph", [False, True])
+def test_backward_twice_through_a_retained_graph(allow_retain_graph):
+    # The first backward keeps the graph: it scales copies, leaving the formed gradients for
+    # the second, which (the graph then freed) scales them in place, by another upstream
+    # gradient; allow_retain_graph=True makes both scale copies. Either way: torch's results.
     x, w, b, target = _problem("index")
     x.requires_grad_()
-    loss = ts.linear_cross_entropy(x, w, target, linear_bias=b, options=_chunked())
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="allow_retain_graph=True"):
-        loss.backward()
-    x.grad = None
-    options = _chunked(allow_retain_graph=True)
+    w.requires_grad_()
+    options = _chunked(allow_retain_graph=allow_retain_graph)
     loss = ts.linear_cross_entropy(x, w, target, linear_bias=b, options=options)
     loss.backward(retain_graph=True)
-    once = x.grad.clone()
-    loss.backward()
-    torch.testing.assert_close(x.grad, 2 * once)
-    x_ref = x.detach().clone().requires_grad_()
-    F.cross_entropy(F.linear(x_ref, w, b), target).backward()
-    torch.testing.assert_close(once, x_ref.grad)
+    once = x.grad.clone(), w.grad.clone()
+    (3.0 * loss).backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(x_ref, w_ref, b), target).backward()
+    for ours, first, ref in zip((x.grad, w.grad), once, (x_ref.grad, w_ref.grad), strict=True):
+        torch.testing.assert_close(first, ref)
+        torch.testing.assert_close(ours, 4 * ref)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()  # the graph was freed by the last backward, as torch's
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -422,12 +422,14 @@ def linear_cross_entropy(
             the group.
         options: torch's ``LinearCrossEntropyOptions`` or None. Its ``batch_chunk_size``
             (or an explicit ``chunking_method="aspect_ratio[:k]"``, torch's formula) sets the
-            rows per chunk; ``allow_retain_graph=True`` keeps the gradients formed in the
-            forward of a mean / sum so that a second backward through the same graph works.
-            Without it (or with ``None``) the chunks hold about 256 MiB of logits on CUDA
-            (>= 1024 rows up to 131072 classes in 16-bit) and 4 MiB on the CPU. ``acc_policy``
-            and ``acc_dtype`` are not read: ``grad_weight`` always accumulates in the input's
-            dtype (``triton_softmax.ops.linear_cross_entropy`` says why).
+            rows per chunk; ``allow_retain_graph=True`` has every backward of a mean / sum
+            scale copies of the gradients formed in the forward (without it, only a backward
+            that keeps the graph does: a second backward through the same graph works either
+            way). Without ``batch_chunk_size`` (or with ``None``) the chunks hold about
+            256 MiB of logits on CUDA (>= 1024 rows up to 131072 classes in 16-bit) and 4 MiB
+            on the CPU. ``acc_policy`` and ``acc_dtype`` are not read: ``grad_weight``
+            always accumulates in the input's dtype (``triton_softmax.ops.linear_cross_entropy``
+            says why).
     Returns:
         The loss (a scalar for "mean"/"sum", else the target's batch shape), in the input's
         dtype (float32 under ``torch.autocast``, as torch); with ``return_lse``, also the
@@ -441,11 +443,11 @@ def linear_cross_entropy(
     Rows go in chunks through the vendor's GEMMs (cuBLAS, the CPU's BLAS) and our
     cross-entropy; no atomics, so the gradients are bitwise reproducible run to run. A mean or
     sum with gradients forms them in the forward (three GEMMs) and the backward only scales
-    them: a second backward through the same graph raises unless
-    ``options.allow_retain_graph``. Per-row losses (``reduction="none"``) or a gradient
-    through the returned lse recompute the chunks in the backward (four GEMMs). Double
-    backward (``create_graph=True``) works: that backward recomputes the loss with torch's
-    unfused functions, holding the [N, V] logits as they do.
+    them, in place on the last backward through the graph (not at all when the upstream
+    gradient is 1), on copies when the graph is kept (``retain_graph=True``). Per-row losses
+    (``reduction="none"``) or a gradient through the returned lse recompute the chunks in the
+    backward (four GEMMs). Double backward (``create_graph=True``) works: that backward
+    recomputes the loss with torch's unfused functions, holding the [N, V] logits as they do.
     """
     require_tensor(input, "linear_cross_entropy", "input")
     require_tensor(linear_weight, "linear_cross_entropy", "linear_weight")

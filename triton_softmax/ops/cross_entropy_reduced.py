@@ -165,27 +165,40 @@ def _(grad, applied, scale):
     return None
 
 
+def rescaled(formed, applied: torch.Tensor, grad_loss: torch.Tensor, *, copy: bool = False):
+    """Gradients for the upstream gradient ``grad_loss`` from gradients ``formed`` (a list,
+    None where not formed) for the upstream gradient ``applied``: the backward of every op that
+    forms its gradients in the forward (this module's, and ``linear_cross_entropy_reduced``).
+
+    In place (``cross_entropy_scale_``: nothing read or written when the factor is 1, decided
+    on the device) only by the last backward through the graph, which frees the buffers' other
+    uses. A backward that keeps the graph (``retain_graph=True``, ``create_graph``, gradcheck),
+    ``copy``, or torch.compile (which cannot trace the query; nor can a torch without it,
+    where "keep the graph" is the safe answer) gets new tensors and leaves the buffers as
+    formed, so that any later upstream gradient (0 included) scales them exactly, and a
+    gradient already handed out (which autograd may have made ``.grad``) never changes."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+    if copy or torch.compiler.is_compiling() or keep_graph():
+        factor = grad_loss.to(applied.dtype) / applied
+        return [None if g is None else (g.to(factor.dtype) * factor).to(g.dtype) for g in formed]
+    for k, g in enumerate(formed):
+        if g is not None:  # the op sets applied = grad_loss: each buffer its own
+            cross_entropy_scale_op(
+                g, applied if k == len(formed) - 1 else applied.clone(), grad_loss
+            )
+    return list(formed)
+
+
 def _rescaled(ctx, grad_loss):
     """The logits' gradient for upstream ``grad_loss`` from the forward's buffer (saved as
-    ``(grad, applied)``). Rescaled in place only by the last backward through the graph (no
-    ``retain_graph``, which frees the buffer's other uses): a backward that keeps the graph
-    (``retain_graph=True``, ``create_graph``, gradcheck) gets a new tensor and leaves the
-    buffer as formed, so that any later upstream gradient (0 included) scales it exactly, and
-    a gradient already handed out (which autograd may have made ``.grad``) never changes.
-    Unpacked every time: after the last backward autograd has freed it, and a second one
-    raises torch's own "backward through the graph a second time" error."""
+    ``(grad, applied)``), by :func:`rescaled`. Unpacked every time: after the last backward
+    autograd has freed it, and a second one raises torch's own "backward through the graph a
+    second time" error."""
     _refuse_create_graph()
     grad, applied = ctx.saved_tensors
     if grad_loss is None:  # the loss is unused: no gradient
         return None
-    # Under torch.compile (which cannot trace the query) the functional form, out of place; so
-    # too where this torch lacks the query (private: "keep the graph" is the safe answer).
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
-    if not torch.compiler.is_compiling() and not keep_graph():
-        cross_entropy_scale_op(grad, applied, grad_loss)
-        return grad
-    factor = grad_loss.to(applied.dtype) / applied
-    return (grad.to(factor.dtype) * factor).to(grad.dtype)
+    return rescaled([grad], applied, grad_loss)[0]
 
 
 def _refuse_create_graph() -> None:

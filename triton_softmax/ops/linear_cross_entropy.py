@@ -64,9 +64,10 @@ total_classes):
         target, weight, *options, denominator, needs, chunk_rows=0, keep_gradients=False)
         -> (loss [] = sum of the per-row losses / denominator, lse [N], stats [3, N],
             grad_input, grad_weight, grad_bias): the gradients of that loss, formed in the
-        forward; its backward multiplies them by the upstream gradient, in place unless
-        ``keep_gradients`` (so a second backward through the same graph raises unless it is
-        set), and recomputes the chunks only for a gradient through the returned lse.
+        forward; its backward scales them by the upstream gradient as cross_entropy_reduced's
+        does (``cross_entropy_reduced.rescaled``: in place, and not at all when it is 1, on the
+        last backward through the graph; copies when the graph is kept or ``keep_gradients``),
+        and recomputes the chunks only for a gradient through the returned lse.
 The logits of every op are soft-capped (``softcap`` > 0), then divided by ``temperature``.
 Double backward (``create_graph=True``) is supported by recomputing the loss unfused with torch's
 own functions inside the backward (it holds the [N, V] logits, as torch's reference does).
@@ -78,6 +79,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_softmax.ops import cross_entropy as _ce
+from triton_softmax.ops import cross_entropy_reduced as _ce_reduced
 from triton_softmax.ops._checks import check_class_indices, check_linear_operands
 from triton_softmax.ops._device import accumulator_dtype
 from triton_softmax.ops.options import CEOptions
@@ -602,19 +604,11 @@ def _reduced_setup_context(ctx, inputs, output) -> None:
     ctx.options = CEOptions(*flat)
     ctx.chunk_rows = chunk_rows
     ctx.keep_gradients = keep
-    ctx.consumed = False
     ctx.mark_non_differentiable(stats, *grads)
     ctx.set_materialize_grads(False)
 
 
 def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
-    if ctx.consumed:  # before unpacking: the version check would raise a vaguer error
-        raise RuntimeError(
-            "linear_cross_entropy (reduction 'mean' or 'sum') was differentiated twice "
-            "through the same graph (retain_graph=True): its forward formed the gradients and "
-            "the first backward consumed them. Pass options=torch.nn.LinearCrossEntropyOptions("
-            "allow_retain_graph=True) to keep them (one more gradient-sized buffer)"
-        )
     input, linear_weight, linear_bias, target, weight, stats, denominator, *formed = (
         ctx.saved_tensors
     )
@@ -635,20 +629,11 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
                 "linear_cross_entropy_reduced: a gradient is required that its forward was not "
                 "asked to form (needs); pass needs matching the operands' requires_grad"
             )
-    # In place: the formed gradients become the returned ones (no second buffer); a second
-    # backward is refused above. Copies where the caller keeps them, and under torch.compile.
-    in_place = not ctx.keep_gradients and not torch.compiler.is_compiling()
-    ctx.consumed = in_place
-    grads = []
-    for need, formed_grad in zip(needs, formed, strict=True):
-        if not need:
-            grads.append(None)
-        elif grad_loss is None:
-            grads.append(torch.zeros_like(formed_grad))
-        elif in_place:
-            grads.append(formed_grad.mul_(grad_loss))
-        else:
-            grads.append(formed_grad * grad_loss)
+    grads = [None, None, None]
+    if grad_loss is not None:  # the forward formed them for an upstream gradient of 1
+        wanted = [g if need else None for need, g in zip(needs, formed, strict=True)]
+        applied = torch.ones((), dtype=stats.dtype, device=stats.device)
+        grads = _ce_reduced.rescaled(wanted, applied, grad_loss, copy=ctx.keep_gradients)
     if grad_lse is not None:  # a per-row upstream gradient: recompute the chunks for it
         extra = linear_cross_entropy_backward_op(
             torch.zeros_like(stats[0]),
@@ -663,7 +648,10 @@ def _reduced_backward(ctx, grad_loss, grad_lse, *_unused):
             list(needs),
             ctx.chunk_rows,
         )
-        grads = [None if g is None else g + e for g, e in zip(grads, extra, strict=True)]
+        grads = [
+            None if not need else e if g is None else g + e
+            for need, g, e in zip(needs, grads, extra, strict=True)
+        ]
     return (*grads, *[None] * 12)
 
 
