@@ -362,7 +362,9 @@ def markdown(report: dict) -> str:
         "",
         report["measured"],
         "",
-        "Folding the new tables into the op files is a human step: paste the snippet below, "
+        "Folding the new tables into triton_softmax/ops/tiles.py is a human step: paste each "
+        "table below as its LAUNCHES entry's table (the forward and backward cross-entropy "
+        "tables share their rules there: give each its own tuple where they now differ), "
         "update tests/test_tiles.py, run tests/test_gpu_compile.py.",
     ]
     fmt = lambda r: f"{r[1]} / {r[2]} / {r[3]}"  # noqa: E731
@@ -558,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         pool.shutdown(wait=True, cancel_futures=True)
     write(complete)
     print(snippet(report))
-    print("\nFolding these tables into the op files is a human step (then tests/test_tiles.py).")
+    print(
+        "\nFolding these tables into triton_softmax/ops/tiles.py is a human step (then "
+        "tests/test_tiles.py)."
+    )
     for path in paths:
         print(f"wrote {path}")
     return 0

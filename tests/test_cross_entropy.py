@@ -809,6 +809,60 @@ def test_forward_writes_the_gradient(n_classes, kind, block_n, in_place):
     torch.testing.assert_close(grad_out, x_ref.grad)
 
 
+# The plain-torch path's loss with its gradient (class indices into an fp32 / fp64 buffer take
+# a path of their own, five passes over the rows; probabilities the general one): options on
+# and off, an ignored row holding +inf (its gradient exactly 0), -inf logits, in place or not.
+@pytest.mark.parametrize(
+    "weighted,smoothing,z_loss,softcap,temperature",
+    [
+        (False, 0.0, 0.0, None, 1.0),  # the common case
+        (False, 0.1, 0.0, None, 1.0),
+        (True, 0.0, 0.01, None, 1.0),
+        (True, 0.15, 0.01, 4.0, 0.7),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_plain_path_forms_the_gradient(
+    monkeypatch, weighted, smoothing, z_loss, softcap, temperature, dtype, in_place, kind
+):
+    monkeypatch.setattr(ce_ops, "kernel_path", lambda _: "torch")
+    n, c = 6, 11
+    x = torch.randn(n, c, dtype=torch.float64) * 3
+    x[1, :4] = -math.inf
+    target = torch.randint(0, c, (n,))
+    target[0], target[1] = -100, 7
+    if kind == "probability":  # no ignored row: its +inf would be counted
+        x[0, 3] = 0.0
+        target = torch.softmax(torch.randn(n, c, dtype=torch.float64), 1)
+    weight = torch.rand(c, dtype=torch.float64) + 0.5 if weighted else None
+    options = CEOptions(label_smoothing=smoothing, z_loss=z_loss, softcap=softcap or 0.0,
+                        temperature=temperature)  # fmt: skip
+    logits = x.to(dtype, copy=True)
+    if kind == "index":
+        logits[0, 3] = math.inf  # ignored: the loss and the gradient of its row are 0
+    grad_out = logits if in_place else torch.full_like(logits, math.nan)
+    scale = torch.tensor(0.37, dtype=dtype)
+    loss, lse, _ = ce_ops.cross_entropy_forward(
+        logits, target, weight, options, grad_out=grad_out, grad_scale=scale
+    )
+    x_ref = x.to(dtype).double().requires_grad_()
+    u = x_ref if softcap is None else softcap * torch.tanh(x_ref / softcap)
+    u = u / temperature
+    loss_ref = F.cross_entropy(
+        u, target, weight=weight, reduction="none", label_smoothing=smoothing
+    )
+    counted = (target != -100) if kind == "index" else torch.ones(n, dtype=torch.bool)
+    loss_ref = loss_ref + z_loss * u.logsumexp(1) ** 2 * counted
+    (loss_ref.sum() * 0.37).backward()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), loss_ref.detach(), **tol)
+    torch.testing.assert_close(lse[1:].double(), u.logsumexp(1)[1:].detach(), **tol)
+    torch.testing.assert_close(grad_out.double(), x_ref.grad, **tol)
+    assert kind == "probability" or (grad_out[0] == 0).all()
+
+
 @pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", ["index", "probability"])

@@ -131,7 +131,31 @@ def _entropy_rank(rank: int, world: int) -> None:
     sizes = [0, 20, 17][:world] if world == 3 else [0, 37]
     _check_case(rank, sizes, ENTROPY_CASES[0][0], extra=dict(temperature=0.7,
                 return_entropy=True))  # fmt: skip
+    _check_autocast_dtypes(rank, world)
     dist.barrier()
+
+
+def _check_autocast_dtypes(rank: int, world: int) -> None:
+    """Under torch.autocast, 16-bit logits give a float32 loss and entropy, sharded or not, as
+    torch's cross_entropy does."""
+    import torch
+    import torch.distributed as dist
+
+    import triton_softmax as ts
+
+    sizes = _shards(37, world)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 37, generator=g).bfloat16()
+    target = torch.randint(0, 37, (7,), generator=g)
+    options = dict(reduction="sum", label_smoothing=0.1, temperature=0.5, return_entropy=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = ts.cross_entropy(x, target, **options)
+        out = ts.cross_entropy(x[:, start:stop], target, process_group=dist.group.WORLD, **options)
+    assert [t.dtype for t in ref] == [torch.float32] * 2, [t.dtype for t in ref]
+    assert [t.dtype for t in out] == [torch.float32] * 2, [t.dtype for t in out]
+    for ours, theirs in zip(out, ref, strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 def _check_case(rank, sizes, case, *, n=7, h=9, target=None, ignore_index=-100, extra=None) -> None:

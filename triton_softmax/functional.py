@@ -426,7 +426,7 @@ def linear_cross_entropy(
             scale copies of the gradients formed in the forward (without it, only a backward
             that keeps the graph does: a second backward through the same graph works either
             way). Without ``batch_chunk_size`` (or with ``None``) the chunks hold about
-            256 MiB of logits on CUDA (>= 1024 rows up to 131072 classes in 16-bit) and 4 MiB
+            256 MiB of logits on CUDA (>= 1024 rows up to 131072 classes in 16-bit) and 32 MiB
             on the CPU. ``acc_policy`` and ``acc_dtype`` are not read: ``grad_weight``
             always accumulates in the input's dtype (``triton_softmax.ops.linear_cross_entropy``
             says why).

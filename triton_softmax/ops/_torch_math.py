@@ -141,6 +141,20 @@ def cross_entropy_gradient(
     """The cross-entropy backward kernel: the logits' gradient from the forward's stats,
     written into ``out``."""
     acc = stats.dtype
+    if target.dtype == torch.int64 and out.dtype == acc and grad_entropy is None:
+        # In place in ``out``, no [M, C] temporary: p = exp((u - m) - log d), then one scale.
+        m, log_d, mass = stats
+        u, t = transformed(logits, options)
+        p = torch.sub(u, m[:, None], out=out).sub_(log_d[:, None]).exp_()
+        counted = target != options.ignore_index
+        g = torch.where(counted, grad_loss.to(acc), 0.0) / options.temperature
+        factor = torch.where(counted, g * (mass + 2.0 * options.z_loss * (m + log_d)), 0.0)
+        if grad_lse is not None:
+            factor = factor + grad_lse.to(acc) / options.temperature
+        _index_gradient_in_place(
+            p, factor, g, target, weight, options, t, zero_ignored=grad_lse is None
+        )
+        return
     n_classes = logits.shape[1]
     m, log_d, mass = stats
     w = None if weight is None else weight.to(acc)
@@ -173,6 +187,80 @@ def cross_entropy_gradient(
     if grad_lse is None:
         grad = torch.where(counted[:, None], grad, 0.0)
     out.copy_(grad)
+
+
+def cross_entropy_rows_and_gradient(
+    logits, target, weight, options: CEOptions, loss, lse, stats, grad_out, grad_scale
+):
+    """:func:`cross_entropy_rows`, and the gradient of ``grad_scale * sum(loss)`` (a 0-d
+    tensor) written into ``grad_out``, which may be ``logits`` itself: the forward kernel with
+    WRITE_GRAD.
+
+    Class indices into an accumulator-dtype ``grad_out`` (what the fused linear chunks and
+    fp32 / fp64 logits give) take five passes over the logits and no [M, C] temporary: the row
+    max, exp(u - m) written into ``grad_out``, its row sums, one scale by g S / d, and the
+    smoothing's subtraction (only with smoothing); the target's -g w_t is one element a row.
+    The general forward then backward reads and writes the rows about a dozen times;
+    everything else takes it.
+    """
+    n_rows, n_classes = logits.shape
+    acc = loss.dtype
+    if target.dtype != torch.int64 or grad_out.dtype != acc:
+        cross_entropy_rows(logits, target, weight, options, loss, lse, stats)
+        upstream = grad_scale.reshape(()).expand(n_rows)
+        cross_entropy_gradient(upstream, None, logits, target, weight, stats, options, grad_out)
+        return
+    u, t = transformed(logits, options)
+    counted = target != options.ignore_index
+    w = None if weight is None else weight.to(acc)
+    here, safe, hot = target_terms(target, w, counted, n_classes, options, acc)
+    m = u.amax(dim=1)
+    m_shift = torch.where(m == -math.inf, 0.0, m)
+    u_target = u.gather(1, safe[:, None]).squeeze(1)
+    smooth = options.smoothing_per_class(n_classes)
+    if smooth:  # sum_j w_j u_j and sum_j w_j, before u may be overwritten
+        u_sum = u.sum(1) if w is None else torch.mv(u, w)
+        w_sum = torch.tensor(float(n_classes), dtype=acc) if w is None else w.sum()
+    e = torch.sub(u, m_shift[:, None], out=grad_out).exp_()  # grad_out may be u itself
+    d = e.sum(1)
+    log_d = d.log()
+    lse.copy_(m_shift + log_d)
+    per_row = torch.where(here, hot * (log_d - (u_target - m_shift)), 0.0)
+    mass = hot
+    if smooth:  # smooth * sum_j w_j (lse - u_j)
+        per_row = per_row + smooth * (w_sum * (log_d + m_shift) - u_sum)
+        mass = mass + smooth * w_sum
+    if options.z_loss != 0:
+        per_row = per_row + options.z_loss * lse * lse
+    loss.copy_(torch.where(counted, per_row, 0.0))
+    mass = torch.where(counted, mass, 0.0)
+    stats[0], stats[1], stats[2] = m, log_d, mass
+    g = torch.where(counted, grad_scale.reshape(()).to(acc), 0.0) / options.temperature
+    factor = g * (mass + 2.0 * options.z_loss * (m + log_d)) / d  # p = e / d
+    _index_gradient_in_place(e, factor, g, target, weight, options, t, zero_ignored=True)
+
+
+def _index_gradient_in_place(p, factor, g, target, weight, options: CEOptions, t, zero_ignored):
+    """Class indices: the gradient dL/dz = (p factor - g r) (1 - t^2) written over ``p``
+    ([M, C], the probabilities up to a per-row factor), r = (1 - eps) w_t [j == t] + eps / C w_j;
+    ``factor`` and ``g`` per row, with 1 / T folded in; ``t`` the cap's tanh or None; rows whose
+    target is ignore_index exactly 0 with ``zero_ignored`` (even where the row gives NaN)."""
+    n_classes = p.shape[1]
+    w = None if weight is None else weight.to(p.dtype)
+    counted = target != options.ignore_index
+    _, safe, hot = target_terms(target, w, counted, n_classes, options, p.dtype)
+    p.mul_(factor[:, None])
+    p.scatter_add_(1, safe[:, None], (-g * hot)[:, None])
+    smooth = options.smoothing_per_class(n_classes)
+    if smooth and w is None:
+        p.sub_(g[:, None] * smooth)
+    elif smooth:
+        p.addcmul_(g[:, None], w[None, :], value=-smooth)
+    if t is not None:
+        p.mul_(1.0 - t * t)
+    ignored = ~counted
+    if zero_ignored and bool(ignored.any()):
+        p[ignored] = 0.0
 
 
 def target_gradient(logits, target, weight, stats, options: CEOptions, grad_loss):

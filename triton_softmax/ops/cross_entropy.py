@@ -173,19 +173,13 @@ def cross_entropy_forward(
         if not options.total_classes:  # sharded: the caller checks against the full problem
             check_class_indices(target, n_classes, options.ignore_index)
     if kernel_path(logits) == "torch":
-        _torch_math.cross_entropy_rows(
-            logits, target, weight, options, loss, lse, stats, entropy_out
-        )
-        if grad_out is not None:
-            _torch_math.cross_entropy_gradient(
-                grad_scale.reshape(()).expand(n_rows),
-                None,
-                logits,
-                target,
-                weight,
-                stats,
-                options,
-                grad_out,
+        if grad_out is None:
+            _torch_math.cross_entropy_rows(
+                logits, target, weight, options, loss, lse, stats, entropy_out
+            )
+        else:
+            _torch_math.cross_entropy_rows_and_gradient(
+                logits, target, weight, options, loss, lse, stats, grad_out, grad_scale
             )
         return loss, lse, stats
     row_max, log_sum, target_mass = stats

@@ -150,7 +150,8 @@ def cross_entropy_scale_op(grad: torch.Tensor, applied: torch.Tensor, scale: tor
     factor = (scale.to(applied.dtype) / applied).reshape(())
     if grad.numel() > 0:
         if kernel_path(grad) == "torch":
-            grad.copy_(grad.to(factor.dtype) * factor)
+            if bool(factor != 1.0):  # a CPU tensor: read on the host for free
+                grad.copy_(grad.to(factor.dtype) * factor)
         else:
             block = _kernels.SCALE_BLOCK
             with launching_on(grad):
