@@ -3,8 +3,8 @@
 A tiny-width Llama (1 layer, hidden 256) with a vocabulary where the logits dominate
 (V = 32768) takes one training step (forward with labels, backward, SGD step) on a few hundred
 tokens, on the CPU path (no TRITON_INTERPRET, no GPU: the fused op runs plain torch over row
-chunks of about 2M logits). Unpatched, HF's forward builds the (tokens x V) float32 logits, and
-its loss and backward more of that size; patched
+chunks of 32 MiB of logits, ``linear_cross_entropy.CHUNK_BYTES``). Unpatched, HF's forward
+builds the (tokens x V) float32 logits, and its loss and backward more of that size; patched
 (``triton_softmax.integrations.transformers.patch``), the loss comes from the hidden states.
 
 Each variant runs in a fresh process, which builds the model, warms up with one short step,
