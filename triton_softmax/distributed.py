@@ -508,12 +508,9 @@ def cross_entropy(
     is_index = not target.is_floating_point()
     batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     out_dtype = _torch_math.loss_dtype(input, target)
-    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
-        input.device.type
-    ):  # torch's autocast runs cross_entropy in float32
-        input = input.float()
-        if not is_index and target.dtype in (torch.float16, torch.bfloat16):
-            target = target.float()
+    input = _torch_math.autocast_float32("cross_entropy", input)
+    if not is_index:
+        target = _torch_math.autocast_float32("cross_entropy", target)
     logits = class_dim_last(input)
     target = target.reshape(-1) if is_index else class_dim_last(target)
     layout = check_ranks(

@@ -41,10 +41,6 @@ from triton_softmax.ops.options import CEOptions
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "linear_cross_entropy"]
 
-#: Ops that torch's autocast runs in float32, by device type (torch's autocast op lists:
-#: CUDA runs softmax, log_softmax and cross_entropy in float32; the CPU only cross_entropy).
-_AUTOCAST_FLOAT32 = {"cuda": ("softmax", "log_softmax", "cross_entropy"), "cpu": ("cross_entropy",)}
-
 
 def _with_torch(input: torch.Tensor) -> bool:
     """Whether torch's own functions compute this call instead of the registered ops: on the
@@ -59,17 +55,6 @@ def _under_transforms() -> bool:
     """Whether a torch.func transform or forward-mode AD is active (also while torch.compile
     traces one): the registered ops would give a silent zero tangent there."""
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-
-
-def _autocast_float32(name: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 where torch's autocast would compute op ``name`` in float32."""
-    if (
-        t.dtype in (torch.float16, torch.bfloat16)
-        and name in _AUTOCAST_FLOAT32.get(t.device.type, ())
-        and torch.is_autocast_enabled(t.device.type)
-    ):
-        return t.float()
-    return t
 
 
 def _checked_dim(name: str, dim, ndim: int, stacklevel: int) -> int:
@@ -114,7 +99,7 @@ def _softmax_like(name: str, log: bool, input, dim, stacklevel: int, dtype) -> t
     check_floating(dtype or input.dtype, f"{name} input")
     if _with_torch(input):
         return (torch.log_softmax if log else torch.softmax)(input, dim, dtype=dtype)
-    input = input.to(dtype) if dtype is not None else _autocast_float32(name, input)
+    input = input.to(dtype) if dtype is not None else _torch_math.autocast_float32(name, input)
     op = torch.ops.triton_softmax.log_softmax if log else torch.ops.triton_softmax.softmax
     return _over_dim(op.default, input, dim)
 
@@ -327,9 +312,9 @@ def _kernel_cross_entropy(
     is_index = not target.is_floating_point()
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    input = _autocast_float32("cross_entropy", input)
+    input = _torch_math.autocast_float32("cross_entropy", input)
     if not is_index:
-        target = _autocast_float32("cross_entropy", target)
+        target = _torch_math.autocast_float32("cross_entropy", target)
     if is_index and check_targets and target.device.type != "cpu":  # CPU: always checked
         _check_targets_eagerly(target, n_classes, options.ignore_index)
     logits = class_dim_last(input)

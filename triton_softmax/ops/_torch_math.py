@@ -148,7 +148,7 @@ def cross_entropy_gradient(
         p = torch.sub(u, m[:, None], out=out).sub_(log_d[:, None]).exp_()
         counted = target != options.ignore_index
         g = torch.where(counted, grad_loss.to(acc), 0.0) / options.temperature
-        factor = torch.where(counted, g * (mass + 2.0 * options.z_loss * (m + log_d)), 0.0)
+        factor = row_scale(g, counted, mass, m, log_d, options)
         if grad_lse is not None:
             factor = factor + grad_lse.to(acc) / options.temperature
         _index_gradient_in_place(
@@ -162,7 +162,7 @@ def cross_entropy_gradient(
     is_index = target.dtype == torch.int64
     counted = target != options.ignore_index if is_index else torch.ones_like(m, dtype=torch.bool)
     g = torch.where(counted, grad_loss.to(acc), 0.0)
-    p_scale = torch.where(counted, g * (mass + 2.0 * options.z_loss * (m + log_d)), 0.0)
+    p_scale = row_scale(g, counted, mass, m, log_d, options)
     if grad_lse is not None:
         p_scale = p_scale + grad_lse.to(acc)
     x, t = transformed(logits, options)
@@ -236,7 +236,7 @@ def cross_entropy_rows_and_gradient(
     mass = torch.where(counted, mass, 0.0)
     stats[0], stats[1], stats[2] = m, log_d, mass
     g = torch.where(counted, grad_scale.reshape(()).to(acc), 0.0) / options.temperature
-    factor = g * (mass + 2.0 * options.z_loss * (m + log_d)) / d  # p = e / d
+    factor = row_scale(g, counted, mass, m, log_d, options) / d  # p = e / d
     _index_gradient_in_place(e, factor, g, target, weight, options, t, zero_ignored=True)
 
 
@@ -277,17 +277,39 @@ def target_gradient(logits, target, weight, stats, options: CEOptions, grad_loss
 # --------------------------------------------------------------------------------------
 
 
+#: Ops that torch's autocast runs in float32, by device type (torch's autocast op lists:
+#: CUDA runs softmax, log_softmax and cross_entropy in float32; the CPU only cross_entropy).
+AUTOCAST_FLOAT32 = {"cuda": ("softmax", "log_softmax", "cross_entropy"), "cpu": ("cross_entropy",)}
+
+
+def runs_in_float32(name: str, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether torch's autocast (enabled now on ``device_type``) computes op ``name`` of a
+    16-bit ``dtype`` in float32."""
+    return (
+        dtype in (torch.float16, torch.bfloat16)
+        and name in AUTOCAST_FLOAT32.get(device_type, ())
+        and torch.is_autocast_enabled(device_type)
+    )
+
+
+def autocast_float32(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 where torch's autocast would compute op ``name`` in float32."""
+    return t.float() if runs_in_float32(name, t.dtype, t.device.type) else t
+
+
 def loss_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
     """torch's dtype for a cross-entropy's loss: the logits' (class indices) or the promoted
-    dtype of logits and probabilities; float32 for 16-bit logits under torch.autocast."""
-    dtype = (
-        input.dtype
-        if not target.is_floating_point()
-        else torch.promote_types(input.dtype, target.dtype)
-    )
-    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
-        return torch.float32
-    return dtype
+    dtype of logits and probabilities; float32 for 16-bit ones under torch.autocast."""
+    dtype = input.dtype
+    if target.is_floating_point():
+        dtype = torch.promote_types(dtype, target.dtype)
+    return torch.float32 if runs_in_float32("cross_entropy", dtype, input.device.type) else dtype
+
+
+def row_scale(g, counted, mass, m, log_d, options: CEOptions) -> torch.Tensor:
+    """The factor of p in a row's gradient, g (S + 2 z lse), 0 for rows that do not count
+    (the kernels' ``_row_scale``)."""
+    return torch.where(counted, g * (mass + 2.0 * options.z_loss * (m + log_d)), 0.0)
 
 
 def mean_denominator(target, weight, ignore_index: int, n_classes: int, dtype) -> torch.Tensor:
