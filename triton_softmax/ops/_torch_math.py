@@ -218,17 +218,18 @@ def cross_entropy_rows_and_gradient(
     m_shift = torch.where(m == -math.inf, 0.0, m)
     u_target = u.gather(1, safe[:, None]).squeeze(1)
     smooth = options.smoothing_per_class(n_classes)
-    if smooth:  # sum_j w_j u_j and sum_j w_j, before u may be overwritten
-        u_sum = u.sum(1) if w is None else torch.mv(u, w)
+    shifted = torch.sub(u, m_shift[:, None], out=grad_out)  # grad_out may be u itself
+    if smooth:  # sum_j w_j (u_j - m) (no large terms cancel) and sum_j w_j
+        shifted_sum = shifted.sum(1) if w is None else torch.mv(shifted, w)
         w_sum = torch.tensor(float(n_classes), dtype=acc) if w is None else w.sum()
-    e = torch.sub(u, m_shift[:, None], out=grad_out).exp_()  # grad_out may be u itself
+    e = shifted.exp_()
     d = e.sum(1)
     log_d = d.log()
     lse.copy_(m_shift + log_d)
     per_row = torch.where(here, hot * (log_d - (u_target - m_shift)), 0.0)
     mass = hot
-    if smooth:  # smooth * sum_j w_j (lse - u_j)
-        per_row = per_row + smooth * (w_sum * (log_d + m_shift) - u_sum)
+    if smooth:  # smooth * sum_j w_j (lse - u_j) = smooth (W log d - sum_j w_j (u_j - m))
+        per_row = per_row + smooth * (w_sum * log_d - shifted_sum)
         mass = mass + smooth * w_sum
     if options.z_loss != 0:
         per_row = per_row + options.z_loss * lse * lse
