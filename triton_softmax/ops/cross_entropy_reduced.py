@@ -182,11 +182,9 @@ def rescaled(formed, applied: torch.Tensor, grad_loss: torch.Tensor, *, copy: bo
     if copy or torch.compiler.is_compiling() or keep_graph():
         factor = grad_loss.to(applied.dtype) / applied
         return [None if g is None else (g.to(factor.dtype) * factor).to(g.dtype) for g in formed]
-    for k, g in enumerate(formed):
-        if g is not None:  # the op sets applied = grad_loss: each buffer its own
-            cross_entropy_scale_op(
-                g, applied if k == len(formed) - 1 else applied.clone(), grad_loss
-            )
+    for g in formed:
+        if g is not None:  # each buffer its own applied: the op sets it to grad_loss
+            cross_entropy_scale_op(g, applied.clone(), grad_loss)
     return list(formed)
 
 
