@@ -863,6 +863,20 @@ def test_plain_path_forms_the_gradient(
     assert kind == "probability" or (grad_out[0] == 0).all()
 
 
+def test_plain_path_infinite_class_weight_with_smoothing_as_torch(monkeypatch):
+    # The in-place path sums w_j (u_j - m), where an infinite weight on the row's largest
+    # logit would meet a 0 (NaN); torch's per-class form gives inf, and so must the loss here.
+    monkeypatch.setattr(ce_ops, "kernel_path", lambda _: "torch")
+    z = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.5, 0.0]])
+    target, weight = torch.tensor([0, 2]), torch.tensor([1.0, math.inf, 1.0])
+    options = CEOptions(label_smoothing=0.1)
+    loss, _, _ = ce_ops.cross_entropy_forward(
+        z.clone(), target, weight, options, grad_out=torch.empty_like(z), grad_scale=torch.ones(())
+    )
+    ref = F.cross_entropy(z, target, weight=weight, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref)
+
+
 @pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", ["index", "probability"])

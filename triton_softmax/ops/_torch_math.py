@@ -205,7 +205,10 @@ def cross_entropy_rows_and_gradient(
     """
     n_rows, n_classes = logits.shape
     acc = loss.dtype
-    if target.dtype != torch.int64 or grad_out.dtype != acc:
+    general = target.dtype != torch.int64 or grad_out.dtype != acc
+    # An infinite class weight meets a 0 of u - m in the smoothing's sum here: inf * 0 = NaN
+    # where torch's per-class form gives inf.
+    if general or (weight is not None and not bool(weight.isfinite().all())):
         cross_entropy_rows(logits, target, weight, options, loss, lse, stats)
         upstream = grad_scale.reshape(()).expand(n_rows)
         cross_entropy_gradient(upstream, None, logits, target, weight, stats, options, grad_out)
