@@ -1109,6 +1109,22 @@ def test_reduced_compiles_fullgraph(inplace_backward):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+def test_reduced_op_refuses_a_target_that_requires_grad():
+    # Its backward forms only the logits' gradient: a target's would be silently missing.
+    x = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    q = _probabilities((4, 6)).requires_grad_()
+    loss, _, _ = torch.ops.triton_softmax.cross_entropy_reduced(
+        x, q, None, *CEOptions().flat(), "mean"
+    )
+    with pytest.raises(NotImplementedError, match="per-row op"):
+        loss.backward()
+    loss = ts.cross_entropy(x, q)  # the functional API routes it to the per-row op
+    loss.backward()
+    x_ref, q_ref = x.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    F.cross_entropy(x_ref, q_ref).backward()
+    torch.testing.assert_close(q.grad, q_ref.grad)
+
+
 def test_scale_op_rescales_by_the_ratio():
     grad = torch.randn(3, 5, device=DEVICE, dtype=torch.float64)
     original = grad.clone()

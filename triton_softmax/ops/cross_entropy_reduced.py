@@ -194,6 +194,11 @@ def _rescaled(ctx, grad_loss):
     autograd has freed it, and a second one raises torch's own "backward through the graph a
     second time" error."""
     _refuse_create_graph()
+    if ctx.needs_input_grad[1]:  # the functional API takes the per-row op there
+        raise NotImplementedError(
+            "cross_entropy_reduced forms only the logits' gradient: probability targets that "
+            "require grad need the per-row op (torch.ops.triton_softmax.cross_entropy)"
+        )
     grad, applied = ctx.saved_tensors
     if grad_loss is None:  # the loss is unused: no gradient
         return None
