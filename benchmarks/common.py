@@ -28,9 +28,12 @@ RESULTS_PAGE = REPO / "benchmarks" / "RESULTS.md"
 REFUSAL_EXIT, MISMATCH_EXIT = 2, 3
 
 
-def parser(module: str, doc: str, smoke: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    module: str, doc: str, smoke: str | None = None, out: bool = True
+) -> argparse.ArgumentParser:
     """``python -m benchmarks.<module>``'s parser, ``doc`` as its help, with ``--out`` (default
-    ``benchmarks/results``) and, where ``smoke`` gives its help, ``--smoke``."""
+    ``benchmarks/results``) unless ``out`` is False and, where ``smoke`` gives its help,
+    ``--smoke``."""
     ap = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{module}",
         description=doc,
@@ -38,7 +41,8 @@ def parser(module: str, doc: str, smoke: str | None = None) -> argparse.Argument
     )
     if smoke:
         ap.add_argument("--smoke", action="store_true", help=smoke)
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    if out:
+        ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     return ap
 
 

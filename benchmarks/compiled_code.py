@@ -31,7 +31,6 @@ specialisations with every option on and off.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -42,10 +41,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from itertools import product
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks import common
+
+REPO = common.REPO
 
 #: Dtypes by element size; the representative set takes the first of each size.
 DTYPES_BY_SIZE = {2: ("bf16", "fp16"), 4: ("fp32",), 8: ("fp64",)}
@@ -164,51 +167,60 @@ def _kernels(family: str) -> dict[str, object]:
     }
 
 
-def _tables(family: str) -> dict[str, tuple[str, dict]]:
-    """kernel function name -> (kernel name, launch table) for the family's entries of
-    ``tiles.LAUNCHES`` ("<family>.<kernel name>")."""
+def _launches(family: str, module, kernels: dict, complete: bool) -> list[tuple]:
+    """(function, kernel name, the (element size, tile, aligned) it launches, its sets of
+    constexprs) per kernel of the family: its entries of ``tiles.LAUNCHES`` ("<family>.<kernel
+    name>"), then those of :data:`UNTABLED`."""
     from triton_softmax.ops import tiles
 
-    kernels = _kernels(family)
-    module = FAMILIES[family].module
-    found = {}
+    found = []
     for key, launch in tiles.LAUNCHES.items():
         owner, _, kernel = key.partition(".")
         if owner != family:
             continue
-        if launch.module != module or launch.function not in kernels:
+        if launch.module != module.__name__ or launch.function not in kernels:
             raise LookupError(
                 f"tiles.LAUNCHES[{key!r}] names {launch.module}.{launch.function}, which is "
-                f"not a kernel of {module}"
+                f"not a kernel of {module.__name__}"
             )
-        found[launch.function] = (kernel, launch.table)
-    missing = set(kernels) - set(found) - {f for fam, f in UNTABLED if fam == family}
+        names = list(kernels[launch.function].arg_names)
+        table_tiles = _table_tiles(launch.table, held="SINGLE_BLOCK" in names)
+        metas = _constexpr_sets(module, names, complete)
+        found.append((launch.function, kernel, table_tiles, metas))
+    for (owner, function), (constexprs, num_warps) in UNTABLED.items():
+        if owner != family:
+            continue
+        meta = {k: getattr(module, v) if isinstance(v, str) else v for k, v in constexprs.items()}
+        block_n = max(v for v in meta.values() if isinstance(v, int))
+        tile = tiles.Tile(1, block_n, num_warps, False)
+        kernel = function.removeprefix(f"{family}_").removesuffix("_kernel")
+        found.append((function, kernel, [(s, tile, True) for s in DTYPES_BY_SIZE], [meta]))
+    missing = set(kernels) - {function for function, *_ in found}
     if missing:
         raise LookupError(
-            f"{module}: kernels {sorted(missing)} have no launch table: add an entry to "
+            f"{module.__name__}: kernels {sorted(missing)} have no launch table: add an entry to "
             "tiles.LAUNCHES, or the launch to UNTABLED in benchmarks/compiled_code.py"
         )
     return found
 
 
-def _one_rule(table: dict) -> bool:
-    """Whether a launch table has one rule per element size (a split kernel's slice)."""
-    return all(hasattr(rule, "block_n") for rule in table.values())
-
-
-def _table_tiles(table: dict) -> list[tuple[int, object, bool]]:
-    """(element size, tile, aligned) a table can launch: ``selectable_tiles`` of a TileTable;
-    for one rule per size (a split kernel: one program per slice of ``block_n``, held in
-    registers), that slice in both specialisations."""
+def _table_tiles(table: dict, held: bool) -> list[tuple[int, object, bool]]:
+    """(element size, tile, aligned) a table can launch: ``selectable_tiles`` of a TileTable
+    (streamed where the kernel cannot hold a row whole, ``held`` False); for one rule per size
+    (a split kernel: one program per slice of ``block_n``, held in registers), that slice in
+    both specialisations."""
     from triton_softmax.ops.tiles import Tile, selectable_tiles
 
-    if not _one_rule(table):
-        return selectable_tiles(table)
-    return [
-        (size, Tile(1, rule.block_n, rule.num_warps, True), aligned)
-        for size, rule in table.items()
-        for aligned in (False, True)
-    ]
+    if all(hasattr(rule, "block_n") for rule in table.values()):
+        return [
+            (size, Tile(1, rule.block_n, rule.num_warps, True), aligned)
+            for size, rule in table.items()
+            for aligned in (False, True)
+        ]
+    found = selectable_tiles(table)
+    if held:
+        return found
+    return list(dict.fromkeys((s, t._replace(single_block=False), a) for s, t, a in found))
 
 
 def _pick(found: list[tuple[int, object, bool]]) -> list[tuple[int, object, bool]]:
@@ -216,18 +228,17 @@ def _pick(found: list[tuple[int, object, bool]]) -> list[tuple[int, object, bool
     a row whole (not aligned if launches use it so: element-wise loads, the costlier in
     registers) and the streamed tile in both specialisations (aligned: the 128-bit loads
     checked in its loop; not aligned: its registers)."""
+
+    def widest(tiles: list) -> list:
+        most = max((t.block_n for _, t, _ in tiles), default=None)
+        return [x for x in tiles if x[1].block_n == most]
+
     picked = []
     for size in sorted({s for s, _, _ in found}):
-        tiles = [(s, t, a) for s, t, a in found if s == size]
-        held = [x for x in tiles if x[1].single_block]
-        if held:
-            widest = max(x[1].block_n for x in held)
-            held = [x for x in held if x[1].block_n == widest]
-            picked.append(min(held, key=lambda x: x[2]))  # unaligned first
-        streamed = [x for x in tiles if not x[1].single_block]
-        if streamed:
-            widest = max(x[1].block_n for x in streamed)
-            picked += [x for x in streamed if x[1].block_n == widest]
+        tiles = [x for x in found if x[0] == size]
+        held = widest([x for x in tiles if x[1].single_block])
+        picked += [min(held, key=lambda x: x[2])] if held else []  # unaligned first
+        picked += widest([x for x in tiles if not x[1].single_block])
     return picked
 
 
@@ -287,88 +298,33 @@ def _pointers(family: str, names: list[str], dtype: str, constexprs: dict) -> di
 
 
 def jobs(complete: bool = False) -> list[Job]:
-    """The specialisations to compile.
-
-    Args:
-        complete: every tile each launch table can select, in each alignment specialisation
-            it is launched with, in every dtype, with every option on and every option off.
-            Otherwise the representative set: per kernel, one dtype of each element size,
-            the widest held-whole tile and the streamed tile (see :func:`_pick`), every
-            switch in :data:`VARIANTS`, every option on.
-    Returns:
-        The jobs, in a stable order.
-    """
+    """The specialisations to compile, in a stable order: with ``complete``, every tile each
+    launch table can select, in each alignment specialisation it is launched with, in every
+    dtype, with every option on and every option off; otherwise the representative set: per
+    kernel, one dtype of each element size, the tiles :func:`_pick` takes, every switch in
+    :data:`VARIANTS`, every option on."""
     import importlib
 
     found: list[Job] = []
-    for family in FAMILIES:
-        module = importlib.import_module(FAMILIES[family].module)
+    for family, spec in FAMILIES.items():
+        module = importlib.import_module(spec.module)
         kernels = _kernels(family)
-        for function, (kernel, table) in _tables(family).items():
-            names = list(kernels[function].arg_names)
-            tiles = _table_tiles(table)
-            if "SINGLE_BLOCK" not in names and not _one_rule(table):
-                # A kernel of a TileTable without SINGLE_BLOCK always loops over column blocks.
-                tiles = list(
-                    dict.fromkeys((s, t._replace(single_block=False), a) for s, t, a in tiles)
-                )
-            if not complete:
-                tiles = _pick(tiles)
-            for size, tile, aligned in tiles:
-                for dtype in DTYPES_BY_SIZE[size] if complete else DTYPES_BY_SIZE[size][:1]:
-                    for meta in _constexpr_sets(module, names, complete):
-                        variant = _variant(meta)
-                        meta = {
-                            **meta,
-                            "ACC_DTYPE": _acc(dtype)[0],
-                            "BLOCK_M": tile.block_m,
-                            "BLOCK_N": tile.block_n,
-                        }
-                        if "SINGLE_BLOCK" in names:
-                            meta["SINGLE_BLOCK"] = tile.single_block
-                        pointers = _pointers(family, names, dtype, meta)
-                        found.append(
-                            Job(
-                                family,
-                                kernel,
-                                module.__name__,
-                                function,
-                                dtype,
-                                variant,
-                                aligned,
-                                *tile,
-                                tuple(pointers.items()),
-                                tuple((k, v) for k, v in meta.items() if k in names),
-                            )
-                        )
-        for (fam, function), (constexprs, num_warps) in UNTABLED.items():
-            if fam != family:
-                continue
-            names = list(kernels[function].arg_names)
-            meta = {
-                k: getattr(module, v) if isinstance(v, str) else v for k, v in constexprs.items()
-            }
-            kernel = function.removeprefix(f"{family}_").removesuffix("_kernel")
-            for dtypes in DTYPES_BY_SIZE.values():
-                for dtype in dtypes if complete else dtypes[:1]:
-                    pointers = _pointers(family, names, dtype, meta)
-                    found.append(
-                        Job(
-                            family,
-                            kernel,
-                            module.__name__,
-                            function,
-                            dtype,
-                            "-",
-                            True,
-                            1,
-                            max(v for v in meta.values() if isinstance(v, int)),
-                            num_warps,
-                            False,
-                            tuple(pointers.items()),
-                            tuple(meta.items()),
-                        )
-                    )
+        for function, kernel, tiles, metas in _launches(family, module, kernels, complete):
+            names = kernels[function].arg_names
+            for size, tile, aligned in tiles if complete else _pick(tiles):
+                for dtype, meta in product(DTYPES_BY_SIZE[size][: None if complete else 1], metas):
+                    full = {
+                        **meta,
+                        "ACC_DTYPE": _acc(dtype)[0],
+                        "BLOCK_M": tile.block_m,
+                        "BLOCK_N": tile.block_n,
+                        "SINGLE_BLOCK": tile.single_block,
+                    }
+                    pointers = tuple(_pointers(family, names, dtype, full).items())
+                    constexprs = tuple((k, v) for k, v in full.items() if k in names)
+                    variant = _variant(meta)
+                    job = (family, kernel, spec.module, function, dtype, variant, aligned, *tile)
+                    found.append(Job(*job, pointers, constexprs))
     return found
 
 
@@ -377,12 +333,13 @@ def jobs(complete: bool = False) -> list[Job]:
 # --------------------------------------------------------------------------------------
 
 _LABEL = re.compile(r"^\s*(\$L__BB\d+_\d+):", re.M)
-_BRANCH = re.compile(r"^\s*(?:@!?%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", re.M)
-_BARRIER = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:bar|barrier)\.(?:cta\.)?(?:sync|red|arrive)\b", re.M)
-_ATOMIC_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[\w.:]+)", re.M)
-_FENCE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:membar|fence)\.[\w.:]+", re.M)
-_GLOBAL = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s", re.M)
-_EX2 = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ex2\.[\w.]+)\s", re.M)
+_PREDICATED = r"^\s*(?:@!?%p\d+\s+)?"  # an instruction, guarded by a predicate or not
+_BRANCH = re.compile(_PREDICATED + r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", re.M)
+_BARRIER = re.compile(_PREDICATED + r"(?:bar|barrier)\.(?:cta\.)?(?:sync|red|arrive)\b", re.M)
+_ATOMIC_OP = re.compile(_PREDICATED + r"((?:atom|red)\.[\w.:]+)", re.M)
+_FENCE = re.compile(_PREDICATED + r"(?:membar|fence)\.[\w.:]+", re.M)
+_GLOBAL = re.compile(_PREDICATED + r"(ld|st)\.global((?:\.[\w:]+)*)\s", re.M)
+_EX2 = re.compile(_PREDICATED + r"(ex2\.[\w.]+)\s", re.M)
 
 
 def _code(ptx: str) -> str:
@@ -465,24 +422,29 @@ def analyse(ptx: str) -> dict:
     A loop is "streamed" when it loads or stores global memory other than by atomics or
     ordered accesses (a loop over column blocks); otherwise it is a wait (a spin on a
     counter)."""
+
+    def widths(code: str, op: str) -> dict[str, int]:
+        return {str(k): v for k, v in sorted(access_bits(code, op).items())}
+
+    def loop(body: str) -> dict:
+        loads, stores = widths(body, "ld"), widths(body, "st")
+        return {
+            "streamed": bool(loads or stores),
+            "barriers": barriers(body),
+            "fences": fences(body),
+            "atomics": dict(atomics(body)),
+            "ordered": ordered_accesses(body),
+            "loads": loads,
+            "stores": stores,
+        }
+
     return {
         "atomics": dict(atomics(ptx)),
         "fences": fences(ptx),
         "ex2": dict(ex2_flavours(ptx)),
-        "loads": {str(k): v for k, v in sorted(access_bits(ptx, "ld").items())},
-        "stores": {str(k): v for k, v in sorted(access_bits(ptx, "st").items())},
-        "loops": [
-            {
-                "streamed": bool(access_bits(body, "ld") or access_bits(body, "st")),
-                "barriers": barriers(body),
-                "fences": fences(body),
-                "atomics": dict(atomics(body)),
-                "ordered": ordered_accesses(body),
-                "loads": {str(k): v for k, v in sorted(access_bits(body, "ld").items())},
-                "stores": {str(k): v for k, v in sorted(access_bits(body, "st").items())},
-            }
-            for body in loops(ptx)
-        ],
+        "loads": widths(ptx, "ld"),
+        "stores": widths(ptx, "st"),
+        "loops": [loop(body) for body in loops(ptx)],
     }
 
 
@@ -592,8 +554,7 @@ def compile_job(job: Job) -> dict:
         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
         attrs=attrs,
     )
-    log = io.StringIO()
-    cpu = time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    log, cpu = io.StringIO(), _cpu_s()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": job.num_warps}
@@ -610,10 +571,13 @@ def compile_job(job: Job) -> dict:
         "spill_loads": int(spills.group(2)),
         "shared_bytes": int(compiled.metadata.shared),
         **analyse(compiled.asm["ptx"]),
-        "cpu_s": round(
-            time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - cpu, 2
-        ),
+        "cpu_s": round(_cpu_s() - cpu, 2),
     }
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its children waited for (ptxas)."""
+    return time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
 
 
 def compile_all(n_jobs: int = DEFAULT_JOBS, complete: bool = False) -> list[dict]:
@@ -625,10 +589,8 @@ def compile_all(n_jobs: int = DEFAULT_JOBS, complete: bool = False) -> list[dict
     order = sorted(range(len(todo)), key=lambda i: -todo[i].block_m * todo[i].block_n)
     with multiprocessing.get_context("fork").Pool(n_jobs) as pool:
         done = pool.map(compile_job, [todo[i] for i in order], chunksize=1)
-    results = [None] * len(todo)
-    for i, result in zip(order, done, strict=True):
-        results[i] = result
-    return results
+    by_index = dict(zip(order, done, strict=True))
+    return [by_index[i] for i in range(len(todo))]
 
 
 def versions() -> str:
@@ -649,44 +611,48 @@ def _widths(counts: dict) -> str:
     return " ".join(f"{k}x{v}" for k, v in sorted(counts.items(), key=lambda kv: -int(kv[0])))
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 _EX2_NAMES = {"ex2.approx.ftz.f32": "ftz", "ex2.approx.f32": "non-ftz"}
+#: The tables' order of compiled kernels.
+_ORDER = itemgetter("family", "kernel", "dtype", "block_n", "block_m", "variant", "aligned")
 
 
-def _loop_barriers(loop: dict) -> str:
-    return str(loop["barriers"]) if loop["streamed"] else f"{loop['barriers']} (wait)"
-
-
-def _atomics(kinds: dict) -> str:
-    return " ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "0"
-
-
-def _order(r: dict) -> tuple:
-    return (
-        r["family"],
-        r["kernel"],
-        r["dtype"],
-        r["block_n"],
-        r["block_m"],
-        r["variant"],
-        r["aligned"],
-    )
-
-
-def compiled_markdown(results: list[dict], seconds: float, command: str) -> str:
-    """The table of what each kernel compiles to."""
-    lines = [
-        "# What each kernel compiles to, sm_90a (no GPU needed)",
+def _head(title: str, command: str, what: str, results: list[dict], seconds: float) -> list[str]:
+    """A table page's title, how it was generated (``what``: the rest of that paragraph), the
+    versions and the compile time."""
+    return [
+        f"# {title}",
         "",
-        f"Generated by `{command}` (benchmarks/compiled_code.py): each kernel compiled with "
-        "Triton for sm_90a in a process without TRITON_INTERPRET, assembled by ptxas "
-        "(registers, spills), its PTX read for loops (a branch back to an earlier label), "
-        "barriers, fences, atomics, global access widths and ex2 flavours. No GPU ran "
-        "these kernels. `tests/test_gpu_compile.py` compiles the representative set and "
-        "asserts `violations()` is empty.",
+        f"Generated by `{command}` (benchmarks/compiled_code.py): {what}",
         "",
         f"{versions()}; {len(results)} kernels compiled in {seconds:.0f} s on "
         f"{os.cpu_count()} cores.",
         "",
+    ]
+
+
+def _named(r: dict) -> str:
+    """A kernel's first table cells: kernel, dtype, variant, aligned."""
+    return f"| {r['family']} {r['kernel']} | {r['dtype']} | {r['variant']} | {_yes(r['aligned'])} |"
+
+
+def compiled_markdown(results: list[dict], seconds: float, command: str) -> str:
+    """The table of what each kernel compiles to."""
+    lines = _head(
+        "What each kernel compiles to, sm_90a (no GPU needed)",
+        command,
+        "each kernel compiled with Triton for sm_90a in a process without TRITON_INTERPRET, "
+        "assembled by ptxas (registers, spills), its PTX read for loops (a branch back to an "
+        "earlier label), barriers, fences, atomics, global access widths and ex2 flavours. No "
+        "GPU ran these kernels. `tests/test_gpu_compile.py` compiles the representative set and "
+        "asserts `violations()` is empty.",
+        results,
+        seconds,
+    )
+    lines += [
         "Columns: **held** the row is held in registers whole (no loop over column blocks); "
         "**aligned** Triton's specialisation for 16-aligned strides and row length; "
         "**smem** shared memory in bytes (Triton's metadata); **loads / stores** global "
@@ -704,63 +670,57 @@ def compiled_markdown(results: list[dict], seconds: float, command: str) -> str:
         "| atomics | ex2 | DRAM by design |",
         "|---|---|---|---|---|---:|---|---:|---:|---:|---|---|---|---|---:|---|---|",
     ]
-    for r in sorted(results, key=_order):
-        ex2 = r["ex2"]
-        flavour = ", ".join(f"{_EX2_NAMES.get(k, k)} {v}" for k, v in sorted(ex2.items()))
-        flavour = flavour or ("f64" if r["dtype"] == "fp64" else "-")
-        loop_loads = Counter()
-        for loop in r["loops"]:
-            if loop["streamed"]:
-                loop_loads.update(loop["loads"])
-        family = FAMILIES[r["family"]].dram
-        dram = family.get((r["kernel"], r["single_block"]), "-")
+    ordered = sorted(results, key=_ORDER)
+    for r in ordered:
+        ex2 = ", ".join(f"{_EX2_NAMES.get(k, k)} {v}" for k, v in sorted(r["ex2"].items()))
+        loop_loads = sum((Counter(x["loads"]) for x in r["loops"] if x["streamed"]), Counter())
+        per_loop = [f"{x['barriers']}{'' if x['streamed'] else ' (wait)'}" for x in r["loops"]]
         lines.append(
-            f"| {r['family']} {r['kernel']} | {r['dtype']} | {r['variant']} | "
-            f"{'yes' if r['aligned'] else 'no'} | {r['block_m']} x {r['block_n']} | "
-            f"{r['num_warps']} | {'yes' if r['single_block'] else 'no'} | {r['registers']} | "
+            f"{_named(r)} {r['block_m']} x {r['block_n']} | {r['num_warps']} | "
+            f"{_yes(r['single_block'])} | {r['registers']} | "
             f"{r['spill_stores'] + r['spill_loads']} | {r['shared_bytes']} | "
             f"{_widths(r['loads'])} | {_widths(r['stores'])} | {_widths(loop_loads) or '-'} | "
-            f"{', '.join(_loop_barriers(loop) for loop in r['loops']) or '-'} | "
-            f"{_atomics(r['atomics'])} | {flavour} | {dram} |"
+            f"{', '.join(per_loop) or '-'} | "
+            f"{' '.join(f'{k} {v}' for k, v in sorted(r['atomics'].items())) or '0'} | "
+            f"{ex2 or ('f64' if r['dtype'] == 'fp64' else '-')} | "
+            f"{FAMILIES[r['family']].dram.get((r['kernel'], r['single_block']), '-')} |"
         )
-    bad = [(r, v) for r in sorted(results, key=_order) for v in violations(r)]
     lines += ["", "## Checks that fail", ""]
-    lines += [f"- {describe(r)}: {v}" for r, v in bad] or ["None."]
+    lines += [f"- {describe(r)}: {v}" for r in ordered for v in violations(r)] or ["None."]
     return "\n".join(lines) + "\n"
 
 
 def registers_markdown(results: list[dict], seconds: float, command: str) -> str:
     """The register table: a summary per kernel and dtype, then every compiled kernel."""
-    lines = [
-        "# Registers and spills per kernel configuration, sm_90 (no GPU needed)",
-        "",
-        f"Generated by `{command}` (benchmarks/compiled_code.py): every tile the launch "
-        "tables can select (`tiles.LAUNCHES` in triton_softmax/ops/tiles.py) in every "
-        "dtype and in each of Triton's alignment specialisations it is launched with, every "
-        "option on and off, compiled with Triton for sm_90a and assembled by ptxas, whose "
-        "report gives the registers per thread and the spill bytes. `tests/test_gpu_compile."
-        "py` compiles a representative set in CI and fails on any spill. No GPU ran these "
-        "kernels; registers say nothing about speed. A thread has at most 255 registers, "
-        "and 65 536 / (32 x num_warps) with more than 8 warps (64 at 32 warps). The other "
-        "properties of the code are in compiled_sm90.md.",
-        "",
-        f"{versions()}; {len(results)} kernels compiled in {seconds:.0f} s on "
-        f"{os.cpu_count()} cores.",
-        "",
+    lines = _head(
+        "Registers and spills per kernel configuration, sm_90 (no GPU needed)",
+        command,
+        "every tile the launch tables can select (`tiles.LAUNCHES` in "
+        "triton_softmax/ops/tiles.py) in every dtype and in each of Triton's alignment "
+        "specialisations it is launched with, every option on and off, compiled with Triton for "
+        "sm_90a and assembled by ptxas, whose report gives the registers per thread and the "
+        "spill bytes. `tests/test_gpu_compile.py` compiles a representative set in CI and fails "
+        "on any spill. No GPU ran these kernels; registers say nothing about speed. A thread "
+        "has at most 255 registers, and 65 536 / (32 x num_warps) with more than 8 warps (64 at "
+        "32 warps). The other properties of the code are in compiled_sm90.md.",
+        results,
+        seconds,
+    )
+    lines += [
         "## Summary",
         "",
         "| kernel | dtype | kernels | registers (min-max) | kernels that spill |",
         "|---|---|---:|---:|---:|",
     ]
+    ordered = sorted(results, key=_ORDER)
     groups: dict[tuple[str, str, str], list[dict]] = {}
-    for r in sorted(results, key=_order):
+    for r in ordered:
         groups.setdefault((r["family"], r["kernel"], r["dtype"]), []).append(r)
     for (family, kernel, dtype), rows in groups.items():
         regs = [r["registers"] for r in rows]
-        spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+        spilled = sum(bool(r["spill_stores"] or r["spill_loads"]) for r in rows)
         lines.append(
-            f"| {family} {kernel} | {dtype} | {len(rows)} | {min(regs)}-{max(regs)} | "
-            f"{len(spilled)} |"
+            f"| {family} {kernel} | {dtype} | {len(rows)} | {min(regs)}-{max(regs)} | {spilled} |"
         )
     lines += [
         "",
@@ -770,19 +730,18 @@ def registers_markdown(results: list[dict], seconds: float, command: str) -> str
         "| registers | spill stores (B) | spill loads (B) |",
         "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for r in sorted(results, key=_order):
-        lines.append(
-            f"| {r['family']} {r['kernel']} | {r['dtype']} | {r['variant']} | "
-            f"{'yes' if r['aligned'] else 'no'} | {r['block_m']} | {r['block_n']} | "
-            f"{r['num_warps']} | {'yes' if r['single_block'] else 'no'} | {r['registers']} | "
-            f"{r['spill_stores']} | {r['spill_loads']} |"
-        )
+    lines += [
+        f"{_named(r)} {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
+        f"{_yes(r['single_block'])} | {r['registers']} | {r['spill_stores']} | "
+        f"{r['spill_loads']} |"
+        for r in ordered
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Compile, print one JSON line per kernel, write the tables; exit 1 when a check fails."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser("compiled_code", __doc__.split("\n\n")[0], out=False)
     parser.add_argument("--table", type=Path, help="write the compiled-code table here")
     parser.add_argument("--registers", type=Path, help="write the register table here")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="parallel processes")
@@ -799,9 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
-    command = "python -m benchmarks.compiled_code " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = f"{parser.prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="triton-sm90-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
