@@ -28,7 +28,6 @@ human step).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import json
@@ -38,7 +37,6 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -89,14 +87,6 @@ def launch_table(name: str):
     from triton_softmax.ops import tiles
 
     return tiles.table(TABLES[name][0])
-
-
-def kernel_module(name: str):
-    """(the module the table's kernel lives in, the kernel's name there)."""
-    from triton_softmax.ops import tiles
-
-    launch = tiles.LAUNCHES[TABLES[name][0]]
-    return importlib.import_module(launch.module), launch.function
 
 
 def rows_for(n: int, smoke: bool) -> int:
@@ -241,7 +231,8 @@ def patched(name: str, size: int, rule, warmup: bool = False):
     from triton_softmax.ops import tiles
 
     key, outputs = TABLES[name]
-    module, function = kernel_module(name)
+    launch = tiles.LAUNCHES[key]
+    module, function = importlib.import_module(launch.module), launch.function
     kernel = getattr(module, function)
     recorder = Recorder(kernel, outputs, warmup)
     setattr(module, function, recorder)
@@ -260,8 +251,13 @@ def precompile(name: str, dtype_name: str, n: int, rule, device: str) -> str | N
         with patched(name, DTYPES[dtype_name].itemsize, rule, warmup=True):
             call()
     except Exception as e:  # noqa: BLE001  (any compiler error disqualifies the candidate)
-        return f"compile error: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        return f"compile error: {_error(e)}"
     return None
+
+
+def _error(e: Exception) -> str:
+    """An exception in one line of at most 200 characters after its type."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def make_timer(smoke: bool):
@@ -277,7 +273,8 @@ def make_timer(smoke: bool):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[1:2] + sorted(times)[0:1] + sorted(times)[2:]
+        low, median, high = sorted(times)
+        return [median, low, high]
 
     return perf_counter
 
@@ -294,16 +291,15 @@ def measure(name, dtype, n, rule, call, reference, x, timer) -> dict:
         (grid, kwargs, compiled), *more = recorder.launches
         assert not more, "the launcher made more than one launch"
     except Exception as e:  # noqa: BLE001  (out of resources, compile errors: not a winner)
-        return {**row, "status": f"error: {type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        return {**row, "status": f"error: {_error(e)}"}
     row["tile"] = [kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]]
     row["regs"] = getattr(compiled, "n_regs", None)
     row["spills"] = getattr(compiled, "n_spills", None)
     bad = mismatch(outs, reference)
     if bad:
         return {**row, "status": bad}
-    kernel = getattr(*kernel_module(name))
     with launching_on(x):
-        ms = timer(lambda: kernel[grid](**kwargs))
+        ms = timer(lambda: recorder.kernel[grid](**kwargs))
     row.update(ms=ms[0], ms_p20=ms[1], ms_p80=ms[2])
     row["gbps_min"] = BYTES_PER_ELEMENT[name] * x.numel() * size / (ms[0] * 1e-3) / 1e9
     row["status"] = f"spills ({row['spills']})" if row["spills"] else "ok"
@@ -454,19 +450,47 @@ def record(entry: dict, unit, results: dict, min_gain: float, smoke: bool) -> bo
     return done
 
 
+def new_report(args, device: str, budget: float | None) -> dict:
+    """The report before the sweep: every table as its current rules, nothing measured."""
+    report = {
+        "device": device,
+        "versions": common.versions(["torch", "triton"]),
+        "commit": common.git_commit(),
+        "smoke": args.smoke,
+        "timer": "perf_counter x 3 (smoke: the times mean nothing)"
+        if args.smoke
+        else "triton.testing.do_bench(warmup=5, rep=20), median",
+        "measured": "softmax (LOG=False; log-softmax shares the tables); cross-entropy with int64 "
+        "targets, no weight / smoothing / z-loss / softcap; bf16 stands for fp16 too. Rows: at "
+        "least 4096 and 2**22 elements, at most 2**27 elements (smoke: 4). Rules as (max_cols, "
+        "BLOCK_N, num_warps, max BLOCK_M, aligned_only), max_cols 2**62 = UNBOUNDED.",
+        "time_budget_s": budget,
+        "min_gain": args.min_gain,
+        "compile_workers": args.jobs,
+        "precompiled": 0,
+        "tables": {},
+    }
+    for dtype_name in args.dtype:  # every table starts as the current one
+        for name in args.only:
+            size = DTYPES[dtype_name].itemsize
+            current = [list(r) for r in launch_table(name)[size]]
+            report["tables"].setdefault(name, {})[size] = {
+                "dtype": dtype_name,
+                "status": "not measured",
+                "current_rules": current,
+                "rules": [*current],
+                "per_rule": [{"status": "not measured", "lengths": []} for _ in current],
+            }
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.tune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    ap = common.parser("tune", __doc__, smoke="CPU, interpreter, tiny rows, seconds")
     ap.add_argument("--only", nargs="+", choices=list(TABLES), default=list(TABLES))
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     ap.add_argument("--time-budget", type=float, help="seconds of sweeping (120; smoke: none)")
     ap.add_argument("--min-gain", type=float, default=0.03, help="to replace a tile (0.03)")
     ap.add_argument("--jobs", type=int, help="compile workers (CPUs - 4, at most 12; smoke: 1)")
-    ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny rows, seconds")
     args = ap.parse_args(argv)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if not args.smoke and (interpret or not torch.cuda.is_available()):
@@ -486,52 +510,23 @@ def main(argv: list[str] | None = None) -> int:
         return NO_GPU_EXIT
     args.device = "cpu" if args.smoke else "cuda"
     budget = args.time_budget if args.time_budget is not None else (None if args.smoke else 120.0)
-    jobs = min(12, common.cpu_count() - 4) if args.jobs is None else args.jobs
-    jobs = 1 if args.smoke and args.jobs is None else jobs
+    if args.jobs is None:
+        args.jobs = 1 if args.smoke else min(12, common.cpu_count() - 4)
     start = time.monotonic()
     deadline = math.inf if budget is None else start + budget
     where = f"{common.cpu_model()} (interpreter)" if args.smoke else torch.cuda.get_device_name()
-    stem = f"tiles-smoke_{common.slug(common.cpu_model())}" if args.smoke else "tiles_"
-    stem += "" if args.smoke else common.slug(where)
+    stem = common.stem("tiles", smoke=True) if args.smoke else f"tiles_{common.slug(where)}"
     args.out.mkdir(parents=True, exist_ok=True)
 
     units, pool, futures = plan(args), None, {}
-    if jobs > 0:  # compiles run ahead of the timing loop, in the plan's order
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    if args.jobs > 0:  # compiles run ahead of the timing loop, in the plan's order
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
         for name, dtype_name, _, lengths, cands in units:
             for n, c in ((n, c) for n in lengths for c in cands):
                 futures[(name, dtype_name, n, tuple(c))] = pool.submit(
                     precompile, name, dtype_name, n, c, args.device
                 )
-    report = {
-        "device": where,
-        "versions": common.versions(["torch", "triton"]),
-        "commit": common.git_commit(),
-        "smoke": args.smoke,
-        "timer": "perf_counter x 3 (smoke: the times mean nothing)"
-        if args.smoke
-        else "triton.testing.do_bench(warmup=5, rep=20), median",
-        "measured": "softmax (LOG=False; log-softmax shares the tables); cross-entropy with int64 "
-        "targets, no weight / smoothing / z-loss / softcap; bf16 stands for fp16 too. Rows: at "
-        "least 4096 and 2**22 elements, at most 2**27 elements (smoke: 4). Rules as (max_cols, "
-        "BLOCK_N, num_warps, max BLOCK_M, aligned_only), max_cols 2**62 = UNBOUNDED.",
-        "time_budget_s": budget,
-        "min_gain": args.min_gain,
-        "compile_workers": jobs,
-        "precompiled": 0,
-        "tables": {},
-    }
-    for dtype_name in args.dtype:  # every table starts as the current one
-        for name in args.only:
-            size = DTYPES[dtype_name].itemsize
-            current = [list(r) for r in launch_table(name)[size]]
-            report["tables"].setdefault(name, {})[size] = {
-                "dtype": dtype_name,
-                "status": "not measured",
-                "current_rules": current,
-                "rules": [*current],
-                "per_rule": [{"status": "not measured", "lengths": []} for _ in current],
-            }
+    report = new_report(args, where, budget)
     paths = args.out / f"{stem}.json", args.out / f"{stem}.md"
 
     def write(complete: bool) -> None:
