@@ -467,31 +467,6 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _reduced_outputs(
-    loss,
-    lse,
-    entropy,
-    target,
-    weight,
-    reduction,
-    options,
-    total,
-    batch_shape,
-    out_dtype,
-    return_lse,
-):
-    """The merged per-row (loss, lse, entropy) reduced and shaped as the functional API
-    returns them."""
-    loss, lse = loss.reshape(batch_shape), lse.reshape(batch_shape)
-    target = target.reshape(batch_shape) if not target.is_floating_point() else target
-    out = _torch_math.reduce(loss, target, weight, reduction, total, options).to(out_dtype)
-    if entropy is not None:
-        entropy = _torch_math.reduce_entropy(
-            entropy.reshape(batch_shape), target, options.ignore_index, reduction
-        ).to(out_dtype)
-    return _torch_math.outputs(out, lse, entropy, return_lse)
-
-
 def cross_entropy(
     input,
     target,
@@ -531,19 +506,12 @@ def cross_entropy(
     loss, lse, entropy = VocabParallelCrossEntropy.apply(
         logits, target, weight, options, group, layout, return_entropy
     )
-    return _reduced_outputs(
-        loss,
-        lse,
-        entropy,
-        target,
-        weight,
-        reduction,
-        options,
-        layout[1],
-        batch_shape,
-        out_dtype,
-        return_lse,
-    )
+    if not target.is_floating_point():
+        target = target.reshape(batch_shape)
+    return _torch_math.reduced_outputs(
+        loss, lse, entropy, target, weight, reduction, layout[1], options, batch_shape,
+        out_dtype, return_lse,
+    )  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -582,16 +550,9 @@ def linear_cross_entropy(
     loss, lse, entropy = VocabParallelLinearCrossEntropy.apply(
         x, linear_weight, linear_bias, target, weight, options, group, layout, return_entropy
     )
-    return _reduced_outputs(
-        loss,
-        lse,
-        entropy,
-        target,
-        weight,
-        reduction,
-        options,
-        layout[1],
-        batch_shape,
-        out_dtype,
-        return_lse,
-    )
+    if not target.is_floating_point():
+        target = target.reshape(batch_shape)
+    return _torch_math.reduced_outputs(
+        loss, lse, entropy, target, weight, reduction, layout[1], options, batch_shape,
+        out_dtype, return_lse,
+    )  # fmt: skip

@@ -346,14 +346,10 @@ def _kernel_cross_entropy(
         loss, lse, entropy, _ = torch.ops.triton_softmax.cross_entropy_with_entropy.default(*args)
     else:
         loss, lse, _ = torch.ops.triton_softmax.cross_entropy.default(*args)
-    out = _torch_math.reduce(
-        loss.reshape(batch_shape), target, weight, reduction, n_classes, options
-    ).to(out_dtype)
-    if entropy is not None:
-        entropy = _torch_math.reduce_entropy(
-            entropy.reshape(batch_shape), target, options.ignore_index, reduction
-        ).to(out_dtype)
-    return _torch_math.outputs(out, lse.reshape(batch_shape), entropy, return_lse)
+    return _torch_math.reduced_outputs(
+        loss, lse, entropy, target, weight, reduction, n_classes, options, batch_shape,
+        out_dtype, return_lse,
+    )  # fmt: skip
 
 
 def _vocab_parallel():
@@ -608,17 +604,15 @@ def _kernel_linear_cross_entropy(
         bias = None if biases is None else biases.reshape(0)
         empty = F.linear(x, weights.reshape(0, n_features), bias)
         losses = lses = entropies = [empty.to(accumulator_dtype(x.dtype))]
-    loss = (losses[0] if n_positions == 1 else torch.stack(losses, 1)).reshape(batch_shape)
-    lse = (lses[0] if n_positions == 1 else torch.stack(lses, 1)).reshape(batch_shape)
-    out = _torch_math.reduce(loss, target, weight, reduction, n_classes, ce_options)
-    out = out.to(out_dtype)
-    entropy = None
-    if return_entropy:
-        entropy = entropies[0] if n_positions == 1 else torch.stack(entropies, 1)
-        entropy = _torch_math.reduce_entropy(
-            entropy.reshape(batch_shape), target, ce_options.ignore_index, reduction
-        ).to(out_dtype)
-    return _torch_math.outputs(out, lse, entropy, return_lse)
+
+    def joined(rows):  # the positions of a K-dimensional loss side by side
+        return rows[0] if n_positions == 1 else torch.stack(rows, 1)
+
+    entropy = joined(entropies) if return_entropy else None
+    return _torch_math.reduced_outputs(
+        joined(losses), joined(lses), entropy, target, weight, reduction, n_classes, ce_options,
+        batch_shape, out_dtype, return_lse,
+    )  # fmt: skip
 
 
 def _linear_chunking(options, n_rows: int, n_features: int, n_classes: int) -> tuple[int, bool]:

@@ -353,6 +353,21 @@ def reduce_entropy(entropy, target, ignore_index: int, reduction: str):
     return entropy.sum() / (target != ignore_index).sum()
 
 
+def reduced_outputs(
+    loss, lse, entropy, target, weight, reduction, n_classes, options, batch_shape, out_dtype,
+    return_lse,
+):  # fmt: skip
+    """Per-row (loss, lse, entropy or None) shaped to ``batch_shape``, the loss and entropy
+    reduced as torch would and cast to ``out_dtype``: what the functional API returns.
+    ``target`` has the batch shape (class indices) or the logits' (probabilities)."""
+    out = reduce(loss.reshape(batch_shape), target, weight, reduction, n_classes, options)
+    if entropy is not None:
+        entropy = reduce_entropy(
+            entropy.reshape(batch_shape), target, options.ignore_index, reduction
+        ).to(out_dtype)
+    return outputs(out.to(out_dtype), lse.reshape(batch_shape), entropy, return_lse)
+
+
 def outputs(loss, lse, entropy, return_lse: bool):
     """loss, (loss, lse), (loss, entropy) or (loss, lse, entropy): what was asked for."""
     if entropy is None:
